@@ -1,0 +1,213 @@
+"""Typed configuration of a CaOPD job: one dataclass per concern, one root that holds them all.
+
+Design decisions:
+- Plain dataclasses are the single source of truth for keys, types and defaults; YAML files and
+  NeMo/Hydra-style command-line overrides are validated against them (see ``config/loader.py``), so an
+  unknown key or a wrong type fails at start-up and names the key and the file.
+- Defaults are the embedded CPU default (a tiny Llama-style model on a synthetic task); cluster jobs override
+  them from ``examples/configs/*.yaml`` and the command line.
+- Sections follow the pipeline: model/parallel/teacher build the networks; data/task feed prompts;
+  rollout -> calibration (grade + rewrite) -> distill -> evaluation are the phases; optim, checkpoint,
+  logging and run are the cross-cutting parts. ``warmup`` is the supervised warm-up that the embedded default
+  needs to turn a random model into one that answers and states a confidence.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class ModelConfig:
+    """A Llama-style megatron-core GPTModel (RMSNorm, SwiGLU, RoPE, GQA)."""
+
+    num_layers: int = 3
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None  # None = multi-head attention (no GQA)
+    ffn_hidden_size: Optional[int] = None  # None = 4 * hidden_size
+    kv_channels: Optional[int] = None  # None = hidden_size // num_attention_heads
+    vocab_size: Optional[int] = None  # real vocabulary; None = the tokenizer's
+    make_vocab_size_divisible_by: int = 128  # padded vocab is a multiple of this times TP
+    max_position_embeddings: int = 256
+    rotary_base: float = 10000.0
+    rope_scaling: bool = False  # Llama-3.x rope scaling
+    rope_scaling_factor: float = 8.0
+    tie_embeddings: bool = False
+    norm_epsilon: float = 1e-5
+    add_qkv_bias: bool = False  # Qwen2
+    qk_layernorm: bool = False  # Qwen3
+    init_method_std: float = 0.02
+    params_dtype: str = "float32"  # float32 | bfloat16 | float16
+    transformer_impl: str = "auto"  # auto | local | transformer_engine
+    fp8: Optional[str] = None  # None | e4m3 | hybrid (Transformer Engine only)
+    tokenizer: Optional[str] = None  # tokenizer.json or a folder holding it; None = the synthetic one
+    checkpoint: Optional[str] = None  # initial weights (a caopd checkpoint directory)
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    backend: str = "auto"  # auto (nccl with CUDA, gloo without) | nccl | gloo
+
+
+@dataclass
+class TeacherConfig:
+    """Who scores the revised responses with the privileged context."""
+
+    mode: str = "ema"  # ema (the paper's) | frozen (copy of the initial student) | separate (another checkpoint)
+    ema_rate: float = 0.01  # teacher <- (1 - rate) * teacher + rate * student, per optimizer step
+    replay_fraction: float = 0.0  # share of each step spent on teacher-format replay rows (keeps an EMA teacher able to read notes)
+    checkpoint: Optional[str] = None  # separate mode: the teacher's checkpoint
+    model: Optional[ModelConfig] = None  # separate mode: the teacher's architecture (None = same as student)
+    use_shared_vocab: bool = False  # allow different padded vocab sizes; only the shared real vocab counts
+
+
+@dataclass
+class DataConfig:
+    train_prompts: Optional[str] = None  # JSONL in the prompt schema; None = the synthetic task
+    eval_prompts: Optional[str] = None
+    on_bad_row: str = "fatal"  # fatal | skip
+    student_template: str = "Q {question} ="
+    teacher_template: str = "Reference: {demonstration} {note} Q {question} ="
+
+
+@dataclass
+class TaskConfig:
+    """The embedded default's synthetic task: sum of n digits mod 10, n drawn from [min_digits, max_digits]."""
+
+    name: str = "digit_sum"
+    min_digits: int = 1
+    max_digits: int = 5
+    n_train: int = 20000
+    n_eval: int = 2000
+
+
+@dataclass
+class WarmupConfig:
+    """Supervised warm-up (SFT) that makes a random model answer, state a confidence and read a privileged context."""
+
+    steps: int = 600
+    batch_size: int = 256
+    lr: float = 2e-3
+    teacher_format_fraction: float = 0.5  # rows in the teacher's template (demonstration + note)
+    wrong_demo_fraction: float = 0.3  # teacher rows whose demonstration carries a wrong answer
+    note_fraction: float = 0.5  # teacher rows that carry a confidence note
+    soft_target_sigma: float = 1.0  # width (in confidence steps) of the Gaussian target over confidence tokens
+
+
+@dataclass
+class RolloutConfig:
+    samples_per_prompt: int = 8
+    prompts_per_step: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 8
+    seed: int = 1234
+    batch_size: int = 256  # sequences per generation batch
+    output_format: str = "jsonl"  # jsonl | parquet
+
+
+@dataclass
+class CalibrationConfig:
+    rewrite: bool = True  # False = the OPD/SDFT baseline (responses and privileged context left as sampled)
+    precision: int = 2  # decimals of the rewritten confidence
+    marker: str = "Confidence:"
+    note_template: Optional[str] = "Note: {confidence}"
+
+
+@dataclass
+class DistillConfig:
+    loss: str = "reverse_kl"  # reverse_kl | forward_kl | jsd
+    beta: float = 0.5  # JSD interpolation
+    temperature: float = 1.0
+    skip_first_tokens: int = 0  # mask the first n response tokens out of the loss
+    fused: bool = False  # fused chunked loss from hidden states and output weights
+    chunk_size: int = 1024
+    micro_batch_size: int = 128
+    steps: int = 600  # optimizer steps per training job (one rollout + rewrite per step)
+    grad_clip: float = 1.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 20
+    schedule: str = "cosine"  # cosine | constant
+
+
+@dataclass
+class EvaluationConfig:
+    max_new_tokens: int = 8
+    batch_size: int = 512
+    n_bins: int = 10
+
+
+@dataclass
+class CheckpointConfig:
+    save_interval: int = 200  # optimizer steps between saves; 0 = only at the end
+    keep_last: int = 2
+    resume: bool = True  # resume from the latest checkpoint in the run directory if there is one
+
+
+@dataclass
+class LoggingConfig:
+    level: str = "INFO"
+    log_interval: int = 25
+    progress: bool = True
+    wandb: bool = False
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/default"
+    seed: int = 1234
+    threads: int = 0  # torch intra-op threads; 0 = leave torch's default
+
+
+@dataclass
+class CaOPDConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# Choices checked after loading (OmegaConf checks types, these check values).
+CHOICES = {
+    "model.params_dtype": ("float32", "bfloat16", "float16"),
+    "model.transformer_impl": ("auto", "local", "transformer_engine"),
+    "model.fp8": (None, "e4m3", "hybrid"),
+    "parallel.backend": ("auto", "nccl", "gloo"),
+    "teacher.mode": ("ema", "frozen", "separate"),
+    "data.on_bad_row": ("fatal", "skip"),
+    "rollout.output_format": ("jsonl", "parquet"),
+    "distill.loss": ("reverse_kl", "forward_kl", "jsd"),
+    "optim.schedule": ("cosine", "constant"),
+    "logging.level": ("DEBUG", "INFO", "WARNING", "ERROR"),
+}
+
+# NeMo puts the parallel sizes under ``model.``; accept those spellings as aliases of ``parallel.``.
+ALIASES = {
+    "model.tensor_model_parallel_size": "parallel.tensor_model_parallel_size",
+    "model.pipeline_model_parallel_size": "parallel.pipeline_model_parallel_size",
+    "model.sequence_parallel": "parallel.sequence_parallel",
+}

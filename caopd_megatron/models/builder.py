@@ -1,0 +1,157 @@
+"""Build Llama-style megatron-core ``GPTModel``s (student or teacher) from a ``ModelConfig``.
+
+Design decisions:
+- One builder for every family the project serves: RMSNorm, SwiGLU (gated linear unit with SiLU), RoPE
+  (optionally Llama-3 scaled), GQA, optional QKV bias (Qwen2) and QK norm (Qwen3), tied or untied
+  embeddings. The converters in ``checkpointing/hf`` map HF configs onto the same ``ModelConfig``.
+- Layer spec: Transformer Engine's when TE is usable (and asked for or ``auto``), megatron-core's local
+  spec otherwise; ``transformer_impl=transformer_engine`` without a usable TE is an error, not a silent
+  fallback. FP8 requires TE.
+- The padded vocabulary is a multiple of ``make_vocab_size_divisible_by * TP`` (megatron-LM's rule), so
+  each TP rank holds an equal shard; the real size is kept so losses and sampling ignore padded rows.
+- Fusions that need CUDA kernels (bias-dropout, masked softmax, RoPE, gradient-accumulation) are off on
+  CPU; dropout is 0 (distillation fine-tuning of a pretrained model does not use it).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from caopd_megatron.config.schema import ModelConfig, ParallelConfig
+from caopd_megatron.runtime.backend import Backend, BackendError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelConfigError(ValueError):
+    """The model configuration cannot be built; the message names the field."""
+
+
+def padded_vocab_size(real_vocab_size: int, divisible_by: int, tp_size: int) -> int:
+    """Smallest multiple of ``divisible_by * tp_size`` that holds ``real_vocab_size`` entries."""
+    multiple = max(1, divisible_by) * tp_size
+    return int(math.ceil(real_vocab_size / multiple) * multiple)
+
+
+@dataclass(frozen=True)
+class VocabInfo:
+    real: int  # entries that are real tokens
+    padded: int  # rows of the embedding / output layer (all TP shards together)
+
+
+def resolve_vocab(model: ModelConfig, tokenizer_vocab_size: int, tp_size: int) -> VocabInfo:
+    real = model.vocab_size or tokenizer_vocab_size
+    if real < tokenizer_vocab_size:
+        raise ModelConfigError(f"model.vocab_size={real} is smaller than the tokenizer's vocabulary ({tokenizer_vocab_size})")
+    return VocabInfo(real=real, padded=padded_vocab_size(real, model.make_vocab_size_divisible_by, tp_size))
+
+
+def use_transformer_engine(model: ModelConfig, backend: Backend) -> bool:
+    if model.transformer_impl == "transformer_engine" and not backend.transformer_engine:
+        raise BackendError("model.transformer_impl=transformer_engine but Transformer Engine is not usable here "
+                           "(no CUDA or TE not installed); use model.transformer_impl=auto or local")
+    if model.fp8 and not backend.transformer_engine:
+        raise BackendError(f"model.fp8={model.fp8} needs Transformer Engine on a GPU; set model.fp8=null on this machine")
+    return model.transformer_impl != "local" and backend.transformer_engine
+
+
+def transformer_config(model: ModelConfig, parallel: ParallelConfig, backend: Backend):
+    """megatron-core ``TransformerConfig`` for this model under this parallel layout."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    if model.hidden_size % model.num_attention_heads and model.kv_channels is None:
+        raise ModelConfigError(f"model.hidden_size={model.hidden_size} is not divisible by "
+                               f"model.num_attention_heads={model.num_attention_heads}; set model.kv_channels")
+    groups = model.num_query_groups or model.num_attention_heads
+    if model.num_attention_heads % groups:
+        raise ModelConfigError(f"model.num_attention_heads={model.num_attention_heads} is not divisible by "
+                               f"model.num_query_groups={groups}")
+    on_gpu = backend.device == "cuda"
+    dtype = DTYPES[model.params_dtype]
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        ffn_hidden_size=model.ffn_hidden_size or 4 * model.hidden_size,
+        kv_channels=model.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=model.add_qkv_bias,
+        qk_layernorm=model.qk_layernorm,
+        init_method_std=model.init_method_std,
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        sequence_parallel=parallel.sequence_parallel and parallel.tensor_model_parallel_size > 1,
+        params_dtype=dtype,
+        bf16=dtype is torch.bfloat16,
+        fp16=dtype is torch.float16,
+        pipeline_dtype=dtype,
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=True,
+        bias_activation_fusion=on_gpu,
+        bias_dropout_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu,
+        persist_layer_norm=on_gpu,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        fp8=model.fp8,
+    )
+
+
+def layer_spec(model: ModelConfig, backend: Backend):
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    if use_transformer_engine(model, backend):
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
+    return get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization="RMSNorm")
+
+
+def build_gpt_model(model: ModelConfig, parallel: ParallelConfig, vocab: VocabInfo, backend: Backend,
+                    pre_process: bool | None = None, post_process: bool | None = None):
+    """The GPTModel stage owned by this rank (all of it without pipeline parallelism).
+
+    Parameters live on this rank's TP shard; the output layer holds ``[padded/tp, h]`` of the vocabulary.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage()
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage()
+    cfg = transformer_config(model, parallel, backend)
+    gpt = GPTModel(
+        config=cfg,
+        transformer_layer_spec=layer_spec(model, backend),
+        vocab_size=vocab.padded,
+        max_sequence_length=model.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=model.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(model.rotary_base),
+        rope_scaling=model.rope_scaling,
+        rope_scaling_factor=model.rope_scaling_factor,
+    )
+    if backend.device == "cuda":
+        gpt = gpt.cuda()
+    return gpt
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,101 @@
+"""Everything a phase needs before it starts: backend, distributed groups, tokenizer, prompts, models.
+
+Design decisions:
+- Each CLI phase and the embedded default build their world through ``open_session`` so start-up checks
+  (backend, layout, vocab compatibility, config validity) happen once, in one place, with clear errors.
+- The session logs which backend and fallbacks are active, and saves the resolved config in the run dir.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from caopd_megatron.config.loader import save_config
+from caopd_megatron.config.schema import CaOPDConfig, ModelConfig
+from caopd_megatron.data.prompts import PromptRecord, load_prompts
+from caopd_megatron.data.tasks.digit_sum import make_digit_sum_records
+from caopd_megatron.data.tokenizer import TextTokenizer, build_synthetic_tokenizer
+from caopd_megatron.models.builder import VocabInfo, build_gpt_model, count_parameters, resolve_vocab
+from caopd_megatron.models.teacher import check_vocab_compatible, copy_weights, freeze
+from caopd_megatron.runtime import distributed
+from caopd_megatron.runtime.backend import Backend, detect_backend
+from caopd_megatron.runtime.progress import set_progress, setup_logging
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Session:
+    cfg: CaOPDConfig
+    backend: Backend
+    tokenizer: TextTokenizer
+    vocab: VocabInfo
+    run_dir: Path
+
+
+def open_session(cfg: CaOPDConfig, run_dir: str | Path | None = None) -> Session:
+    run_dir = Path(run_dir or cfg.run.output_dir)
+    setup_logging(cfg.logging.level, run_dir if distributed.is_main_rank() else None)
+    set_progress(cfg.logging.progress)
+    if cfg.run.threads > 0:
+        torch.set_num_threads(cfg.run.threads)
+    backend = detect_backend()
+    log.info("backend: %s", backend.describe())
+    distributed.check_layout(distributed.read_env().world_size, cfg.parallel, cfg.model.num_layers,
+                             cfg.model.num_attention_heads, cfg.model.num_query_groups)
+    distributed.initialize(cfg.parallel, cfg.run.seed)
+    tokenizer = TextTokenizer.from_file(cfg.model.tokenizer) if cfg.model.tokenizer else build_synthetic_tokenizer()
+    vocab = resolve_vocab(cfg.model, tokenizer.vocab_size, cfg.parallel.tensor_model_parallel_size)
+    if distributed.is_main_rank():
+        save_config(cfg, run_dir / "config.yaml")
+        tokenizer.save(run_dir / "tokenizer")
+    log.info("tokenizer: %d tokens (padded vocab %d)", vocab.real, vocab.padded)
+    return Session(cfg, backend, tokenizer, vocab, run_dir)
+
+
+def build_student(s: Session):
+    model = build_gpt_model(s.cfg.model, s.cfg.parallel, s.vocab, s.backend)
+    log.info("student: %s parameters on this rank", f"{count_parameters(model):,}")
+    return model
+
+
+def build_teacher(s: Session, student) -> torch.nn.Module:
+    """Teacher per ``teacher.mode``: a frozen copy of the student's current weights (ema, frozen) or another model."""
+    t = s.cfg.teacher
+    if t.mode == "separate":
+        model_cfg: ModelConfig = t.model or s.cfg.model
+        vocab = resolve_vocab(model_cfg, s.tokenizer.vocab_size, s.cfg.parallel.tensor_model_parallel_size)
+        check_vocab_compatible(s.vocab, vocab, t)
+        teacher = build_gpt_model(model_cfg, s.cfg.parallel, vocab, s.backend)
+        if t.checkpoint:
+            from caopd_megatron.checkpointing.hf import load_megatron_checkpoint
+
+            load_megatron_checkpoint(t.checkpoint, teacher)
+        else:
+            log.warning("teacher.mode=separate without teacher.checkpoint: the teacher is randomly initialised")
+        return freeze(teacher)
+    teacher = build_gpt_model(s.cfg.model, s.cfg.parallel, s.vocab, s.backend)
+    copy_weights(teacher, student)
+    return freeze(teacher)
+
+
+def train_prompts(s: Session) -> list[PromptRecord]:
+    cfg = s.cfg
+    if cfg.data.train_prompts:
+        records, report = load_prompts(cfg.data.train_prompts, on_error=cfg.data.on_bad_row)
+        if report.n_skipped:
+            log.warning("%s: skipped %d bad rows: %s", cfg.data.train_prompts, report.n_skipped, report.errors[:3])
+        return records
+    return make_digit_sum_records(cfg.task.n_train, cfg.run.seed, cfg.task.min_digits, cfg.task.max_digits, "train")
+
+
+def eval_prompts(s: Session) -> list[PromptRecord]:
+    cfg = s.cfg
+    if cfg.data.eval_prompts:
+        records, _ = load_prompts(cfg.data.eval_prompts, on_error=cfg.data.on_bad_row)
+        return records
+    return make_digit_sum_records(cfg.task.n_eval, cfg.run.seed + 7919, cfg.task.min_digits, cfg.task.max_digits,
+                                  "eval")

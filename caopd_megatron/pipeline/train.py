@@ -1,0 +1,132 @@
+"""The on-policy training loop: rollout -> grade + rewrite -> distill -> teacher update, step after step.
+
+Design decisions:
+- One loop serves OPD and CaOPD: the only difference is ``calibration.rewrite``.
+- Prompts are visited in a shuffled order per epoch (seeded); the cursor is part of the data position that
+  checkpoints save, so a resumed run sees exactly the prompts an uninterrupted run would.
+- ``teacher.replay_fraction`` > 0 (useful with an EMA teacher): the student also takes a supervised step on
+  teacher-format rows, so the EMA of it keeps reading privileged notes (the student otherwise never sees
+  privileged prompts and an EMA teacher forgets how to use them).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from caopd_megatron.calibration.revise import revise
+from caopd_megatron.config.schema import CaOPDConfig
+from caopd_megatron.data.prompts import PromptRecord
+from caopd_megatron.distill.optim import build_optimizer, build_scheduler
+from caopd_megatron.distill.step import distill_step
+from caopd_megatron.models.teacher import ema_update
+from caopd_megatron.rollout.engine import rollout
+from caopd_megatron.runtime.progress import progress
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PromptCursor:
+    """Deterministic epoch-shuffled iteration over prompt indices; its state is checkpointable."""
+
+    n: int
+    seed: int
+    epoch: int = 0
+    pos: int = 0
+    _order: list[int] = field(default_factory=list, repr=False)
+
+    def _shuffle(self) -> None:
+        self._order = list(range(self.n))
+        random.Random(self.seed + self.epoch).shuffle(self._order)
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if not self._order:
+                self._shuffle()
+            if self.pos >= self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._shuffle()
+            out.append(self._order[self.pos])
+            self.pos += 1
+        return out
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load(self, state: dict) -> None:
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self._shuffle()
+
+
+@dataclass
+class StepLog:
+    step: int
+    loss: float
+    grad_norm: float
+    lr: float
+    accuracy: float  # rollout accuracy of this step's samples
+    stated_confidence: float  # mean confidence the student stated (missing = 0)
+    empirical_confidence: float  # mean p over the step's prompts
+
+
+class Trainer:
+    def __init__(self, cfg: CaOPDConfig, student, teacher, tokenizer, real_vocab_size: int,
+                 prompts: list[PromptRecord], run_dir: Path, replay: Callable | None = None) -> None:
+        self.cfg, self.student, self.teacher, self.tok = cfg, student, teacher, tokenizer
+        self.real_vocab = real_vocab_size
+        self.prompts = prompts
+        self.by_id = {p.id: p for p in prompts}
+        self.run_dir = Path(run_dir)
+        self.replay = replay
+        self.optimizer = build_optimizer(student.parameters(), cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.distill.steps)
+        self.cursor = PromptCursor(len(prompts), cfg.run.seed)
+        self.step = 0
+        self.history: list[StepLog] = []
+
+    def train_step(self) -> StepLog:
+        cfg = self.cfg
+        batch = [self.prompts[i] for i in self.cursor.take(cfg.rollout.prompts_per_step)]
+        rolls = rollout(self.student, batch, self.tok, cfg, self.real_vocab, step=self.step)
+        examples = revise(rolls, self.by_id, self.tok, cfg.data, cfg.calibration)
+        stats = distill_step(self.student, self.teacher, self.optimizer, self.scheduler, examples, cfg.distill,
+                             self.tok.pad_id, self.real_vocab)
+        if self.replay is not None and cfg.teacher.replay_fraction > 0:
+            self.replay(self.student, cfg.teacher.replay_fraction)
+        if cfg.teacher.mode == "ema":
+            ema_update(self.teacher, self.student, cfg.teacher.ema_rate)
+        n = max(1, len(examples))
+        entry = StepLog(
+            step=self.step, loss=stats.loss, grad_norm=stats.grad_norm, lr=stats.lr,
+            accuracy=sum(e.correct for e in examples) / n,
+            stated_confidence=sum((e.stated_confidence or 0.0) for e in examples) / n,
+            empirical_confidence=sum(e.empirical_confidence for e in examples) / n)
+        self.step += 1
+        self.history.append(entry)
+        return entry
+
+    def train(self, steps: int | None = None, desc: str = "distill") -> list[StepLog]:
+        steps = self.cfg.distill.steps if steps is None else steps
+        bar = progress(range(steps), desc=desc, unit="step")
+        for _ in bar:
+            e = self.train_step()
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{e.loss:.3f}", acc=f"{e.accuracy:.2f}", conf=f"{e.stated_confidence:.2f}")
+            if self.cfg.logging.log_interval and e.step % self.cfg.logging.log_interval == 0:
+                log.info("%s step %d: loss %.4f acc %.3f stated conf %.3f empirical %.3f lr %.2e", desc, e.step,
+                         e.loss, e.accuracy, e.stated_confidence, e.empirical_confidence, e.lr)
+        self.write_history()
+        return self.history
+
+    def write_history(self) -> Path:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / "train_log.jsonl"
+        with open(path, "w") as f:
+            for e in self.history:
+                f.write(json.dumps(asdict(e)) + "\n")
+        return path

@@ -1,0 +1,166 @@
+"""Supervised warm-up of the embedded default: make a random tiny model a usable CaOPD student and teacher.
+
+A pretrained LLM already answers, states a confidence when asked, and follows a privileged context. A
+random-init model does none of that, so the embedded default first teaches it, with two kinds of rows:
+- plain rows (student template): question -> correct answer, ``Confidence: 1.0``. The model learns the task
+  as far as its capacity allows (easy questions well, hard ones poorly) and learns to always claim
+  certainty: the over-confident starting point that self-distillation inherits.
+- teacher rows (teacher template): demonstration ``a Confidence: c`` (+ optional note ``Note: c``) ->
+  response ``a Confidence: c``. The model learns to copy the demonstration's answer and its confidence.
+
+Design decisions (each one mattered in the prototype; see README "What we learned"):
+- Teacher rows' demonstrations carry a wrong answer ``wrong_demo_fraction`` of the time, so the teacher's
+  confidence follows the note/demonstration, not whether it can verify the answer.
+- The confidence target of teacher rows is soft (a Gaussian over the confidence tokens, ``soft_target_sigma``
+  steps wide): with one-hot copying, reverse KL later pushed greedy outputs off the confidence tokens.
+- The soft cross entropy is computed on vocabulary shards (max/sum-exp reduced over the TP group), like the
+  distillation loss, so the warm-up runs under tensor parallelism too.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+
+from caopd_megatron.calibration.confidence import format_confidence
+from caopd_megatron.calibration.revise import render
+from caopd_megatron.config.schema import CaOPDConfig
+from caopd_megatron.data.prompts import PromptRecord
+from caopd_megatron.data.tokenizer import CONFIDENCE_TOKENS
+from caopd_megatron.distill.batching import gather_positions, pack
+from caopd_megatron.distill.optim import build_optimizer, build_scheduler, clip_grad_norm
+from caopd_megatron.runtime.progress import progress
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WarmupRow:
+    prompt: list[int]
+    response: list[int]
+    soft_conf_at: int  # index into response of the confidence token with a soft target; -1 = none
+    conf_index: int  # which confidence value (0..10) the soft target centres on
+
+
+class WarmupData:
+    """Draws warm-up rows from the train records (deterministic for a seed)."""
+
+    def __init__(self, records: list[PromptRecord], tokenizer, cfg: CaOPDConfig, seed: int) -> None:
+        self.records, self.tok, self.cfg = records, tokenizer, cfg
+        self.rng = random.Random(seed)
+        self.marker = cfg.calibration.marker
+        self.conf_ids = [tokenizer.token_to_id(t) for t in CONFIDENCE_TOKENS]
+        if any(i is None for i in self.conf_ids):
+            raise ValueError("the warm-up needs a tokenizer with the confidence tokens 0.0 .. 1.0")
+
+    def _response(self, answer: str, conf_index: int) -> tuple[list[int], int]:
+        text = f"{answer} {self.marker} {CONFIDENCE_TOKENS[conf_index]}"
+        ids = self.tok.encode(text) + [self.tok.eos_id]
+        return ids, ids.index(self.conf_ids[conf_index])
+
+    def row(self) -> WarmupRow:
+        w, rec = self.cfg.warmup, self.rng.choice(self.records)
+        if self.rng.random() >= w.teacher_format_fraction:
+            prompt = render(self.cfg.data.student_template, question=rec.question)
+            resp, _ = self._response(rec.reference, len(CONFIDENCE_TOKENS) - 1)
+            return WarmupRow(self.tok.encode(prompt), resp, -1, 10)
+        answer = rec.reference
+        if self.rng.random() < w.wrong_demo_fraction:
+            answer = self.rng.choice([d for d in "0123456789" if d != rec.reference])
+        k = self.rng.randrange(len(CONFIDENCE_TOKENS))
+        conf = CONFIDENCE_TOKENS[k]
+        note = ""
+        if self.rng.random() < w.note_fraction and self.cfg.calibration.note_template:
+            note = self.cfg.calibration.note_template.format(confidence=format_confidence(k / 10, 1))
+        prompt = render(self.cfg.data.teacher_template, question=rec.question,
+                        demonstration=f"{answer} {self.marker} {conf}", note=note)
+        resp, at = self._response(answer, k)
+        return WarmupRow(self.tok.encode(prompt), resp, at, k)
+
+    def batch(self, n: int) -> list[WarmupRow]:
+        return [self.row() for _ in range(n)]
+
+
+def soft_targets(rows: list[WarmupRow], conf_ids: list[int], sigma: float, R: int, vocab_shard: tuple[int, int],
+                 pad_targets: torch.Tensor) -> torch.Tensor:
+    """Target distribution ``[b, R, V/tp]`` on this rank's vocabulary shard ``[lo, hi)``."""
+    lo, hi = vocab_shard
+    b = len(rows)
+    t = torch.zeros(b, R, hi - lo)
+    onehot = pad_targets.clone()
+    in_shard = (onehot >= lo) & (onehot < hi)
+    t.scatter_(-1, (onehot - lo).clamp(0, hi - lo - 1).unsqueeze(-1), in_shard.unsqueeze(-1).float())
+    ks = torch.arange(len(conf_ids), dtype=torch.float32)
+    for i, r in enumerate(rows):
+        if r.soft_conf_at < 0:
+            continue
+        w = torch.exp(-0.5 * ((ks - r.conf_index) / max(sigma, 1e-6)) ** 2)
+        w = w / w.sum()
+        t[i, r.soft_conf_at] = 0.0
+        for k, tok in enumerate(conf_ids):
+            if lo <= tok < hi:
+                t[i, r.soft_conf_at, tok - lo] = w[k]
+    return t
+
+
+def vocab_parallel_soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, real_vocab_size: int,
+                                      vocab_start: int, tp_group) -> torch.Tensor:
+    """Per-token ``-sum_v t_v log softmax(z)_v`` for ``[..., V/tp]`` shards on ``tp_group``; targets sum to 1."""
+    from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+
+    z = logits.float()
+    col = torch.arange(vocab_start, vocab_start + z.size(-1), device=z.device)
+    z = z.masked_fill(col >= real_vocab_size, float("-inf"))
+    m = z.detach().amax(dim=-1, keepdim=True)
+    if tp_group is not None:
+        torch.distributed.all_reduce(m, op=torch.distributed.ReduceOp.MAX, group=tp_group)
+    sum_exp = (z - m).exp().sum(-1)
+    dot = (targets * torch.where(torch.isfinite(z), z - m, torch.zeros_like(z))).sum(-1)
+    if tp_group is not None:
+        # Differentiable sums over the vocabulary shards (identity in backward, as each rank owns its shard).
+        sum_exp = reduce_from_tensor_model_parallel_region(sum_exp)
+        dot = reduce_from_tensor_model_parallel_region(dot)
+    return sum_exp.log() - dot
+
+
+def run_warmup(model, data: WarmupData, cfg: CaOPDConfig, real_vocab_size: int, pad_id: int) -> list[float]:
+    """Train ``model`` in place for ``cfg.warmup.steps`` steps; returns the loss per step."""
+    from megatron.core import parallel_state
+
+    w = cfg.warmup
+    opt = build_optimizer(model.parameters(), cfg.optim, lr=w.lr)
+    sched_cfg = type(cfg.optim)(**{**cfg.optim.__dict__, "min_lr": w.lr * 0.1, "warmup_steps": min(50, w.steps // 10)})
+    sched = build_scheduler(opt, sched_cfg, w.steps)
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    group = parallel_state.get_tensor_model_parallel_group() if tp > 1 else None
+    device = next(model.parameters()).device
+    losses: list[float] = []
+    model.train()
+    bar = progress(range(w.steps), desc="warm-up (SFT)", unit="step")
+    for step in bar:
+        rows = data.batch(w.batch_size)
+        batch = pack([r.prompt for r in rows], [r.response for r in rows], pad_id)
+        shard = model.output_layer.weight.size(0) if not model.share_embeddings_and_output_weights else \
+            model.shared_embedding_or_output_weight().size(0)
+        lo = parallel_state.get_tensor_model_parallel_rank() * shard
+        targets = soft_targets(rows, data.conf_ids, w.soft_target_sigma, batch.index.size(1), (lo, lo + shard),
+                               batch.targets).to(device)
+        batch = batch.to(device)
+        logits = gather_positions(model(batch.tokens, batch.positions, attention_mask=None), batch.index)
+        per_tok = vocab_parallel_soft_cross_entropy(logits, targets, real_vocab_size, lo, group)
+        loss = (per_tok * batch.mask).sum() / batch.mask.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        clip_grad_norm([p for p in model.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss))
+        if hasattr(bar, "set_postfix") and step % 10 == 0:
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if math.isnan(losses[-1]):
+            raise FloatingPointError(f"warm-up loss became NaN at step {step}")
+    log.info("warm-up done: %d steps, final loss %.4f", w.steps, sum(losses[-20:]) / max(1, len(losses[-20:])))
+    return losses

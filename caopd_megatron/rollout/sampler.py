@@ -1,0 +1,164 @@
+"""Batched autoregressive sampling from a megatron-core GPTModel with a KV cache.
+
+Design decisions:
+- The KV cache is megatron-core's own ``StaticInferenceContext``, so the same attention code path serves
+  training and generation (and a TE model on GPU gets its fused kernels).
+- Prompts of different lengths share a batch without padding: the batch is prefilled up to the shortest
+  prompt, then decoded one position at a time; a row still inside its prompt is fed its next prompt token
+  instead of the sample (megatron's static engine does the same). Nothing is ever attended through padding,
+  so no attention mask is needed and outputs equal an unbatched run.
+- Padded vocabulary rows (>= the real vocab size) are set to -inf before sampling: they can never be drawn.
+- Randomness comes from one ``torch.Generator`` seeded per call, so a rollout is reproducible from its seed
+  and every tensor-parallel rank draws the same tokens (logits are gathered over TP for the last position
+  only, which megatron-core requires in inference mode).
+- ``logprobs`` are the model's log-probabilities (temperature 1, untruncated) of the emitted tokens: what
+  the sampled-token estimator and importance weights need, independent of the sampling knobs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from caopd_megatron.runtime.progress import progress
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 8
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+
+@dataclass
+class Generation:
+    prompt_ids: list[int]
+    response_ids: list[int]  # includes the EOS token when one was emitted
+    logprobs: list[float] = field(default_factory=list)  # one per response token
+    finished: bool = False  # emitted EOS within max_new_tokens
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Top-k then nucleus filtering on ``[b, V]`` logits (returns a new tensor; -inf marks removed tokens)."""
+    out = logits.clone()
+    if top_k > 0 and top_k < out.size(-1):
+        kth = torch.topk(out, top_k, dim=-1).values[..., -1:]
+        out[out < kth] = float("-inf")
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(out, dim=-1, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        # Drop a token when the mass before it already reaches top_p (the top token always survives).
+        drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        out[drop] = float("-inf")
+    return out
+
+
+def _sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> torch.Tensor:
+    if params.temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(filter_logits(logits / params.temperature, params.top_k, params.top_p), dim=-1)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+@torch.no_grad()
+def _generate_batch(model, prompts: Sequence[Sequence[int]], params: SamplingParams, eos_id: int,
+                    real_vocab_size: int, gen: torch.Generator, device: torch.device) -> list[Generation]:
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    b = len(prompts)
+    lens = torch.tensor([len(p) for p in prompts], device=device)
+    if int(lens.min()) < 1:
+        raise ValueError("every prompt needs at least one token")
+    total = int(lens.max()) + params.max_new_tokens
+    tokens = torch.zeros(b, total, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
+    positions = torch.arange(total, device=device).unsqueeze(0).expand(b, -1)
+    logprobs = torch.zeros(b, total, device=device)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    end = lens + params.max_new_tokens  # exclusive end of each row's response window
+    finished = torch.zeros(b, dtype=torch.bool, device=device)
+
+    ctx = StaticInferenceContext(b, total)
+    start = int(lens.min())
+    cur = 0
+    for t in range(start, total):
+        # Feed what the cache has not seen yet: the shared prompt prefix first, then one token per step.
+        logits = model(tokens[:, cur:t], positions[:, cur:t], attention_mask=None, inference_context=ctx,
+                       runtime_gather_output=True)
+        ctx.increment_sequence_len_offset(t - cur)
+        if cur == 0:
+            ctx.enable_decode_mode()
+        cur = t
+        last = logits[:, -1, :].float()
+        last[:, real_vocab_size:] = float("-inf")
+        nxt = _sample(last, params, gen)
+        in_prompt = t < lens
+        nxt = torch.where(in_prompt, tokens[:, t], nxt)
+        active = ~in_prompt & ~done & (t < end)
+        lp = torch.log_softmax(last, dim=-1).gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
+        logprobs[:, t] = torch.where(active, lp, torch.zeros_like(lp))
+        tokens[:, t] = torch.where(in_prompt | active, nxt, torch.full_like(nxt, eos_id))
+        hit_eos = active & (nxt == eos_id)
+        finished |= hit_eos
+        done |= hit_eos | (~in_prompt & (t + 1 >= end))
+        if bool(done.all()):
+            break
+
+    out = []
+    for i, p in enumerate(prompts):
+        n = len(p)
+        resp = tokens[i, n: int(end[i])].tolist()
+        lps = logprobs[i, n: int(end[i])].tolist()
+        if eos_id in resp:  # cut after the first EOS
+            k = resp.index(eos_id) + 1
+            resp, lps = resp[:k], lps[:k]
+        out.append(Generation(list(p), resp, lps, bool(finished[i])))
+    return out
+
+
+def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams, *, eos_id: int, real_vocab_size: int,
+             batch_size: int = 256, desc: str | None = None) -> list[Generation]:
+    """Sample one response per prompt (repeat a prompt K times for K samples).
+
+    Args:
+        model: a megatron-core GPTModel holding the whole pipeline (PP=1); any TP size (all TP ranks must
+            call with the same arguments and draw identical tokens).
+        prompts: token ids per prompt.
+        batch_size: sequences per forward; prompts are sorted by length so batches stay homogeneous.
+    Returns: generations in the order of ``prompts``.
+    """
+    if not prompts:
+        return []
+    device = next(model.parameters()).device
+    gen = torch.Generator(device="cpu").manual_seed(params.seed)
+    if device.type != "cpu":
+        gen = torch.Generator(device=device).manual_seed(params.seed)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    results: list[Generation | None] = [None] * len(prompts)
+    was_training = model.training
+    model.eval()
+    try:
+        starts = list(range(0, len(order), batch_size))
+        for s in progress(starts, desc=desc, unit="batch"):
+            idx = order[s: s + batch_size]
+            batch = _generate_batch(model, [prompts[i] for i in idx], params, eos_id, real_vocab_size, gen, device)
+            for i, g in zip(idx, batch):
+                results[i] = g
+    finally:
+        model.train(was_training)
+    return results  # type: ignore[return-value]

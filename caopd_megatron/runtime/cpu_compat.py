@@ -1,0 +1,177 @@
+"""Let megatron-core run on a machine without CUDA (laptops, CI), and do nothing where CUDA exists.
+
+Design decisions:
+- megatron-core assumes CUDA in a handful of places. Rather than forking it, this module patches exactly
+  those places, once, and only when ``torch.cuda.is_available()`` is False. On a GPU node it is a no-op, so
+  the same project code runs unmodified on H100s.
+- The places (verified on megatron-core 0.16.1):
+  1. ``torch.cuda.current_device()`` is used as ``device=`` for ~40 allocations: it returns ``"cpu"``.
+  2. ``CudaRNGStatesTracker`` forks/restores CUDA RNG states: the CUDA RNG calls map to the CPU generator,
+     so tracker semantics (named, forkable streams) are kept and seeds stay reproducible.
+  3. ``transformer/utils.get_default_causal_mask`` and the pipeline schedules, the param/grad buffers and the
+     grad scaler allocate with a literal ``device="cuda"``: those modules see a ``torch`` whose factory
+     functions rewrite a CUDA device to the CPU.
+  4. ``torch.cuda.synchronize`` / ``torch.cuda.Event`` / streams are called by the schedules and the
+     inference controller: they become no-ops / CPU stand-ins (CPU execution is already synchronous).
+- Everything is reversible in principle but in practice applied once per process before models are built;
+  ``activate()`` is idempotent and returns which shims are active so the log can say so.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import types
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_ACTIVE: list[str] | None = None
+
+# Factory functions that take a ``device=`` keyword and that megatron-core calls with ``device="cuda"``.
+_FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange", "rand", "randn", "randint", "zeros_like",
+              "ones_like", "empty_like")
+
+# Modules that allocate with a literal "cuda" device string.
+_LITERAL_CUDA_MODULES = (
+    "megatron.core.transformer.utils",
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.tensor_parallel.data",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.optimizer.grad_scaler",
+)
+
+
+def _to_cpu_device(device: Any) -> Any:
+    if device is None:
+        return None
+    if isinstance(device, int):
+        return "cpu"
+    if str(device).startswith("cuda"):
+        return "cpu"
+    return device
+
+
+class _CpuTorch(types.ModuleType):
+    """A view of the ``torch`` module whose factory functions place "cuda" allocations on the CPU."""
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(torch, name)
+        if name in _FACTORIES:
+            def factory(*args: Any, __f=attr, **kwargs: Any) -> Any:
+                if "device" in kwargs:
+                    kwargs["device"] = _to_cpu_device(kwargs["device"])
+                return __f(*args, **kwargs)
+            return factory
+        if name == "autocast":
+            return lambda device_type="cpu", *a, **k: torch.autocast("cpu", *a, **k)
+        return attr
+
+
+class _CpuEvent:
+    """Stand-in for ``torch.cuda.Event`` on the CPU: timing through ``time.perf_counter``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._t = 0.0
+
+    def record(self, *args: Any, **kwargs: Any) -> None:
+        import time
+        self._t = time.perf_counter()
+
+    def synchronize(self) -> None:
+        pass
+
+    def wait(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, end: "_CpuEvent") -> float:
+        return (end._t - self._t) * 1000.0
+
+
+class _CpuStream:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def wait_stream(self, *args: Any) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def __enter__(self) -> "_CpuStream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+
+def _patch_torch_cuda() -> None:
+    cuda = torch.cuda
+    cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
+    cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
+    cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()  # type: ignore[assignment]
+    cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)  # type: ignore[assignment]
+    # Seed the CPU generator directly: torch.manual_seed itself calls torch.cuda.manual_seed_all, which must
+    # stay the lazy no-op it is on a CPU build (re-routing it here would recurse).
+    cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))  # type: ignore[assignment]
+    cuda.Event = _CpuEvent  # type: ignore[assignment,misc]
+    cuda.Stream = _CpuStream  # type: ignore[assignment,misc]
+    cuda.current_stream = lambda *a, **k: _CpuStream()  # type: ignore[assignment]
+    cuda.stream = lambda *a, **k: _CpuStream()  # type: ignore[assignment]
+    cuda.empty_cache = lambda: None  # type: ignore[assignment]
+    cuda.device_count = lambda: 0  # type: ignore[assignment]
+    cuda.max_memory_allocated = lambda *a, **k: 0  # type: ignore[assignment]
+    cuda.memory_allocated = lambda *a, **k: 0  # type: ignore[assignment]
+
+
+def _patch_megatron_rng() -> None:
+    rnd = importlib.import_module("megatron.core.tensor_parallel.random")
+    rnd._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    rnd._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+
+
+def _patch_literal_cuda_modules() -> list[str]:
+    shim = _CpuTorch()
+    patched = []
+    for name in _LITERAL_CUDA_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except Exception as exc:  # a module missing in this megatron-core version is not an error
+            log.debug("cpu_compat: skip %s (%s)", name, exc)
+            continue
+        mod.torch = shim  # type: ignore[attr-defined]
+        patched.append(name.rsplit(".", 1)[-1])
+    # get_default_causal_mask is lru-cached and imported by name: clear the cache of masks built before.
+    utils = importlib.import_module("megatron.core.transformer.utils")
+    for fn_name in ("get_default_causal_mask", "get_sliding_window_causal_mask"):
+        fn = getattr(utils, fn_name, None)
+        if fn is not None and hasattr(fn, "cache_clear"):
+            fn.cache_clear()
+    return patched
+
+
+def activate() -> list[str]:
+    """Install the CPU shims when CUDA is absent; return the names of the active shims (empty on GPU)."""
+    global _ACTIVE
+    if _ACTIVE is not None:
+        return _ACTIVE
+    if torch.cuda.is_available():
+        _ACTIVE = []
+        return _ACTIVE
+    _patch_torch_cuda()
+    _patch_megatron_rng()
+    modules = _patch_literal_cuda_modules()
+    _ACTIVE = ["torch.cuda->cpu", "rng-tracker->cpu-generator"] + [f"{m}:cuda->cpu" for m in modules]
+    log.info("CUDA absent: megatron-core CPU shims active (%s)", ", ".join(_ACTIVE))
+    return _ACTIVE
+
+
+def is_active() -> bool:
+    return bool(_ACTIVE)

@@ -1,0 +1,109 @@
+"""Start torch.distributed and megatron-core's parallel state from torchrun, Slurm or nothing at all.
+
+Design decisions:
+- One entry point, ``initialize``, reads the launcher's environment: torchrun (RANK/WORLD_SIZE/LOCAL_RANK),
+  Slurm (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID), or neither (a single process, e.g. the laptop demo).
+  MASTER_ADDR/MASTER_PORT come from the environment; a single process without them uses a free local port.
+- nccl with CUDA, gloo without, unless the config names one.
+- Layout errors (world size not a multiple of TP x PP) are raised here, before megatron-core asserts.
+- ``teardown`` destroys model-parallel state and the process group so tests can run several jobs in one process.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from caopd_megatron.config.schema import ParallelConfig
+
+log = logging.getLogger(__name__)
+
+
+class LayoutError(ValueError):
+    """A parallel layout that cannot work; the message names the numbers."""
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    launcher: str  # torchrun | slurm | single
+
+
+def read_env() -> DistEnv:
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "torchrun")
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)), "slurm")
+    return DistEnv(0, 1, 0, "single")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_layout(world_size: int, parallel: ParallelConfig, num_layers: int, num_heads: int,
+                 num_query_groups: int | None) -> None:
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    if tp < 1 or pp < 1:
+        raise LayoutError(f"parallel sizes must be >= 1 (tensor_model_parallel_size={tp}, pipeline_model_parallel_size={pp})")
+    if world_size % (tp * pp):
+        raise LayoutError(f"world size {world_size} is not a multiple of TP x PP = {tp} x {pp} = {tp * pp}")
+    if num_heads % tp:
+        raise LayoutError(f"num_attention_heads={num_heads} is not divisible by tensor_model_parallel_size={tp}")
+    groups = num_query_groups or num_heads
+    if groups % tp:
+        raise LayoutError(f"num_query_groups={groups} is not divisible by tensor_model_parallel_size={tp}")
+    if num_layers % pp:
+        raise LayoutError(f"num_layers={num_layers} is not divisible by pipeline_model_parallel_size={pp}")
+
+
+def initialize(parallel: ParallelConfig, seed: int) -> DistEnv:
+    """Initialise the default process group (if needed) and megatron-core's TP/PP/DP groups; seed the RNGs."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    env = read_env()
+    if not dist.is_initialized():
+        backend = parallel.backend if parallel.backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
+        if env.launcher == "single":
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        elif "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+            raise LayoutError(f"{env.launcher} launch with {env.world_size} ranks needs MASTER_ADDR and MASTER_PORT")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size)
+    world = dist.get_world_size()
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+            pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        )
+    model_parallel_cuda_manual_seed(seed)
+    torch.manual_seed(seed)
+    log.info("distributed: launcher=%s world=%d TP=%d PP=%d DP=%d backend=%s", env.launcher, world,
+             parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
+             parallel_state.get_data_parallel_world_size(), dist.get_backend())
+    return env
+
+
+def teardown() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_main_rank() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0

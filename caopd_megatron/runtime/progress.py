@@ -1,0 +1,49 @@
+"""Progress bars and logging set-up shared by every phase.
+
+Design decisions:
+- tqdm bars only on the main rank and only when enabled (``logging.progress``) and a description is given;
+  inner loops pass ``desc=None`` to stay silent, so nested work never prints a bar per batch.
+- Logging goes to stderr and, when a run directory is known, to ``<run_dir>/log.txt`` as well.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Iterable, TypeVar
+
+T = TypeVar("T")
+
+_ENABLED = True
+
+
+def set_progress(enabled: bool) -> None:
+    global _ENABLED
+    _ENABLED = enabled
+
+
+def progress(items: Iterable[T], desc: str | None = None, total: int | None = None, unit: str = "it") -> Iterable[T]:
+    from caopd_megatron.runtime.distributed import is_main_rank
+
+    if not (_ENABLED and desc and is_main_rank()):
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, total=total, unit=unit, dynamic_ncols=True, leave=False, file=sys.stderr)
+
+
+def setup_logging(level: str = "INFO", run_dir: str | Path | None = None) -> None:
+    root = logging.getLogger()
+    root.setLevel(level)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    for h in list(root.handlers):
+        if getattr(h, "_caopd", False):
+            root.removeHandler(h)
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if run_dir is not None:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(Path(run_dir) / "log.txt"))
+    for h in handlers:
+        h.setFormatter(fmt)
+        h._caopd = True  # type: ignore[attr-defined]
+        root.addHandler(h)

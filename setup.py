@@ -1,0 +1,29 @@
+"""caopd_megatron: calibration-aware on-policy distillation (CaOPD) on megatron-core."""
+from setuptools import find_packages, setup
+
+setup(
+    name="caopd_megatron",
+    version="0.1.0",
+    description="Calibration-aware on-policy distillation for LLMs on megatron-core",
+    packages=find_packages(include=["caopd_megatron", "caopd_megatron.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        # torch is pinned by the Makefile for CPU installs (2.13.0 has a local CPU wheel); any >= 2.4 works on GPU.
+        "torch>=2.4",
+        "megatron-core>=0.16.1",
+        "hydra-core>=1.3",
+        "omegaconf>=2.3",
+        "transformers>=4.45",
+        "tokenizers>=0.19",
+        "safetensors>=0.4",
+        "matplotlib>=3.7",
+        "tqdm>=4.60",
+        "pyyaml>=6",
+    ],
+    extras_require={
+        "test": ["pytest>=7"],
+        "parquet": ["pyarrow>=14"],
+        # GPU accelerations (optional): install Transformer Engine / NVIDIA apex from NVIDIA's instructions.
+    },
+    entry_points={"console_scripts": ["caopd=caopd_megatron.cli.main:main"]},
+)
