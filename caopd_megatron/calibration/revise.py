@@ -31,6 +31,7 @@ from caopd_megatron.calibration.confidence import (
 from caopd_megatron.config.schema import CalibrationConfig, DataConfig
 from caopd_megatron.data.prompts import PromptRecord
 from caopd_megatron.data.tasks.base import get_verifier
+from caopd_megatron.data.templates import PromptTemplates, render_student, render_teacher
 
 
 @dataclass
@@ -62,12 +63,8 @@ class DistillExample:
     text: str  # the (revised) response text
 
 
-def render(template: str, **fields: str) -> str:
-    """``str.format`` with an error that names a field the template uses but nobody provides."""
-    try:
-        return template.format(**fields)
-    except KeyError as exc:
-        raise ValueError(f"template {template!r} uses unknown field {exc}; known: {', '.join(fields)}") from None
+def templates(data: DataConfig) -> PromptTemplates:
+    return PromptTemplates(student=data.student_template, teacher=data.teacher_template)
 
 
 def default_demonstration(rec: PromptRecord, marker: str) -> str:
@@ -82,11 +79,11 @@ def teacher_prompt_text(rec: PromptRecord, data: DataConfig, calib: CalibrationC
         demo = rewrite_privileged_context(demo, p, calib.precision, calib.marker, note_template=None)
         if calib.note_template:
             note = calib.note_template.format(confidence=format_confidence(p, calib.precision))
-    return render(data.teacher_template, question=rec.question, demonstration=demo, note=note)
+    return render_teacher(templates(data), rec, demonstration=demo, note=note)
 
 
 def student_prompt_text(rec: PromptRecord, data: DataConfig) -> str:
-    return render(data.student_template, question=rec.question)
+    return render_student(templates(data), rec)
 
 
 def grade(rollouts: Sequence[RolloutRecord], prompts: Mapping[str, PromptRecord]) -> list[bool]:

@@ -25,7 +25,7 @@ class ModelConfig:
     hidden_size: int = 128
     num_attention_heads: int = 4
     num_query_groups: Optional[int] = None  # None = multi-head attention (no GQA)
-    ffn_hidden_size: Optional[int] = None  # None = 4 * hidden_size
+    ffn_hidden_size: Optional[int] = 384  # None = 4 * hidden_size; 384 ~ Llama's 8h/3 rounded up
     kv_channels: Optional[int] = None  # None = hidden_size // num_attention_heads
     vocab_size: Optional[int] = None  # real vocabulary; None = the tokenizer's
     make_vocab_size_divisible_by: int = 128  # padded vocab is a multiple of this times TP
@@ -114,7 +114,7 @@ class RolloutConfig:
 @dataclass
 class CalibrationConfig:
     rewrite: bool = True  # False = the OPD/SDFT baseline (responses and privileged context left as sampled)
-    precision: int = 2  # decimals of the rewritten confidence
+    precision: int = 1  # decimals of the rewritten confidence (the embedded default's tokenizer has 0.0..1.0 tokens; 2 for real models)
     marker: str = "Confidence:"
     note_template: Optional[str] = "Note: {confidence}"
 

@@ -26,9 +26,10 @@ from dataclasses import dataclass
 import torch
 
 from caopd_megatron.calibration.confidence import format_confidence
-from caopd_megatron.calibration.revise import render
+from caopd_megatron.calibration.revise import student_prompt_text, templates
 from caopd_megatron.config.schema import CaOPDConfig
 from caopd_megatron.data.prompts import PromptRecord
+from caopd_megatron.data.templates import render_teacher
 from caopd_megatron.data.tokenizer import CONFIDENCE_TOKENS
 from caopd_megatron.distill.batching import gather_positions, pack
 from caopd_megatron.distill.optim import build_optimizer, build_scheduler, clip_grad_norm
@@ -64,7 +65,7 @@ class WarmupData:
     def row(self) -> WarmupRow:
         w, rec = self.cfg.warmup, self.rng.choice(self.records)
         if self.rng.random() >= w.teacher_format_fraction:
-            prompt = render(self.cfg.data.student_template, question=rec.question)
+            prompt = student_prompt_text(rec, self.cfg.data)
             resp, _ = self._response(rec.reference, len(CONFIDENCE_TOKENS) - 1)
             return WarmupRow(self.tok.encode(prompt), resp, -1, 10)
         answer = rec.reference
@@ -75,8 +76,7 @@ class WarmupData:
         note = ""
         if self.rng.random() < w.note_fraction and self.cfg.calibration.note_template:
             note = self.cfg.calibration.note_template.format(confidence=format_confidence(k / 10, 1))
-        prompt = render(self.cfg.data.teacher_template, question=rec.question,
-                        demonstration=f"{answer} {self.marker} {conf}", note=note)
+        prompt = render_teacher(templates(self.cfg.data), rec, demonstration=f"{answer} {self.marker} {conf}", note=note)
         resp, at = self._response(answer, k)
         return WarmupRow(self.tok.encode(prompt), resp, at, k)
 
@@ -157,7 +157,7 @@ def run_warmup(model, data: WarmupData, cfg: CaOPDConfig, real_vocab_size: int, 
         clip_grad_norm([p for p in model.parameters() if p.requires_grad], 1.0)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if hasattr(bar, "set_postfix") and step % 10 == 0:
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if math.isnan(losses[-1]):

@@ -1,0 +1,103 @@
+"""``caopd``: one command line for every phase, with NeMo/Hydra-style overrides.
+
+    caopd demo                                    the embedded default (tiny CaOPD job on CPU)
+    caopd rollout  -c job.yaml --step 3 --out r.jsonl [key=value ...]
+    caopd rewrite  -c job.yaml --rollouts r.jsonl --out revised.jsonl
+    caopd distill  -c job.yaml --examples revised.jsonl      (one optimizer step, checkpointed)
+    caopd evaluate -c job.yaml [--name final]
+    caopd run      -c job.yaml                                (rollout -> rewrite -> distill, N steps, resumable)
+
+Design decisions:
+- Phases exchange files (rollouts, revised examples) and checkpoints in ``run.output_dir``, so a Slurm
+  launcher can run them as separate steps; ``run`` chains the same functions in one process.
+- Every user error (bad config key, bad file, impossible layout, missing dependency) ends as one line on
+  stderr and exit code 2, never a traceback from inside megatron-core. ``--debug`` shows the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("caopd")
+
+# `caopd demo` starts from these overrides (the user's come after and win): the demo's tiny model needs a
+# frozen teacher (README, "What we learned"); the paper's default (EMA) stays the default everywhere else.
+DEMO_PRESET = ["teacher.mode=frozen"]
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from caopd_megatron.calibration.confidence import __name__ as _  # noqa: F401
+    from caopd_megatron.config.loader import ConfigError
+    from caopd_megatron.data.prompts import PromptDataError
+    from caopd_megatron.data.records_io import RecordFileError
+    from caopd_megatron.data.tokenizer import TokenizerError
+    from caopd_megatron.models.builder import ModelConfigError
+    from caopd_megatron.models.teacher import VocabMismatchError
+    from caopd_megatron.runtime.backend import BackendError
+    from caopd_megatron.runtime.distributed import LayoutError
+
+    errors: list[type[BaseException]] = [ConfigError, PromptDataError, RecordFileError, TokenizerError,
+                                         ModelConfigError, VocabMismatchError, BackendError, LayoutError,
+                                         FileNotFoundError]
+    try:
+        from caopd_megatron.checkpointing.checkpoint import CheckpointError
+
+        errors.append(CheckpointError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="caopd", description="Calibration-aware on-policy distillation on megatron-core")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("-c", "--config", action="append", default=[], help="YAML config (repeatable, merged in order)")
+        sp.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+        sp.add_argument("overrides", nargs="*", help="key=value overrides (Hydra grammar)")
+        return sp
+
+    add("demo", "run the embedded default: warm-up, OPD vs CaOPD, evaluation table and diagrams")
+    sp = add("rollout", "sample K responses per prompt from the current student")
+    sp.add_argument("--step", type=int, default=0)
+    sp.add_argument("--out", required=True)
+    sp = add("rewrite", "grade rollouts and rewrite confidences (CaOPD) or keep them (OPD)")
+    sp.add_argument("--rollouts", required=True)
+    sp.add_argument("--out", required=True)
+    sp = add("distill", "one distillation optimizer step on revised examples; checkpoints the result")
+    sp.add_argument("--examples", required=True)
+    sp = add("evaluate", "greedy evaluation with calibration metrics and a reliability diagram")
+    sp.add_argument("--name", default="eval")
+    add("run", "the whole loop for distill.steps steps, resumable from the latest checkpoint")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        from caopd_megatron.config.loader import load_config
+
+        preset = DEMO_PRESET if args.command == "demo" else []
+        cfg = load_config(args.config, preset + list(args.overrides))
+        from caopd_megatron.cli import phases
+
+        handler = getattr(phases, f"cmd_{args.command}")
+        handler(cfg, args)
+        return 0
+    except _user_errors() as exc:
+        if args.debug:
+            raise
+        print(f"caopd {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        from caopd_megatron.runtime import distributed
+
+        distributed.teardown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""The CLI's phase handlers: each opens a session, does one phase, and leaves its output on disk.
+
+Design decisions:
+- The student's current weights come from the latest checkpoint in ``run.output_dir/checkpoints`` when
+  there is one, else from ``model.checkpoint`` (an imported HF model), else a fresh initialisation (only
+  sensible for the synthetic task).
+- ``distill`` is one optimizer step per call and saves a checkpoint after it, so a launcher alternating
+  rollout / rewrite / distill jobs makes progress that survives any job failing.
+"""
+from __future__ import annotations
+
+import logging
+from argparse import Namespace
+
+from caopd_megatron.calibration.revise import DistillExample, RolloutRecord, revise
+from caopd_megatron.checkpointing import checkpoint as ckpt
+from caopd_megatron.config.loader import to_yaml
+from caopd_megatron.config.schema import CaOPDConfig
+from caopd_megatron.data.records_io import read_records, write_records
+from caopd_megatron.distill.step import distill_step
+from caopd_megatron.evaluation.evaluate import evaluate_model, write_eval
+from caopd_megatron.evaluation.reliability import plot_reliability
+from caopd_megatron.models.teacher import ema_update
+from caopd_megatron.pipeline.session import Session, build_student, build_teacher, eval_prompts, open_session, train_prompts
+from caopd_megatron.pipeline.train import Trainer
+from caopd_megatron.rollout.engine import rollout
+
+log = logging.getLogger(__name__)
+
+
+def _load_initial(s: Session, student) -> None:
+    if s.cfg.model.checkpoint:
+        from caopd_megatron.checkpointing.hf import load_megatron_checkpoint
+
+        load_megatron_checkpoint(s.cfg.model.checkpoint, student)
+
+
+def _trainer(s: Session) -> Trainer:
+    """Student, teacher, optimizer and data cursor, resumed from the latest checkpoint when there is one."""
+    student = build_student(s)
+    _load_initial(s, student)
+    teacher = build_teacher(s, student)
+    trainer = Trainer(s.cfg, student, teacher, s.tokenizer, s.vocab.real, train_prompts(s), s.run_dir)
+    latest = ckpt.latest_checkpoint(s.run_dir) if s.cfg.checkpoint.resume else None
+    if latest is not None:
+        state = ckpt.load_checkpoint(latest, student=student, optimizer=trainer.optimizer,
+                                     scheduler=trainer.scheduler, teacher=teacher)
+        trainer.step = state.step
+        trainer.cursor.load(state.data_position)
+        log.info("resumed from %s (step %d)", latest, state.step)
+    return trainer
+
+
+def _save(s: Session, t: Trainer) -> None:
+    ckpt.save_checkpoint(s.run_dir, t.step, student=t.student, optimizer=t.optimizer, scheduler=t.scheduler,
+                         teacher=t.teacher, state=ckpt.TrainState(step=t.step, data_position=t.cursor.state()),
+                         config_yaml=to_yaml(s.cfg), keep_last=s.cfg.checkpoint.keep_last)
+
+
+def cmd_demo(cfg: CaOPDConfig, args: Namespace) -> None:
+    from caopd_megatron.pipeline.demo import run_demo
+
+    run_demo(cfg)
+
+
+def cmd_rollout(cfg: CaOPDConfig, args: Namespace) -> None:
+    s = open_session(cfg)
+    t = _trainer(s)
+    prompts = [t.prompts[i] for i in t.cursor.take(cfg.rollout.prompts_per_step)]
+    rows = rollout(t.student, prompts, s.tokenizer, cfg, s.vocab.real, step=args.step, desc="rollout")
+    write_records(args.out, rows)
+    log.info("wrote %d rollouts of %d prompts to %s", len(rows), len(prompts), args.out)
+
+
+def cmd_rewrite(cfg: CaOPDConfig, args: Namespace) -> None:
+    s = open_session(cfg)
+    rows = read_records(args.rollouts, RolloutRecord)
+    prompts = {p.id: p for p in train_prompts(s)}
+    examples = revise(rows, prompts, s.tokenizer, cfg.data, cfg.calibration)
+    write_records(args.out, examples)
+    acc = sum(e.correct for e in examples) / max(1, len(examples))
+    log.info("graded %d responses (accuracy %.3f), rewrite=%s -> %s", len(examples), acc, cfg.calibration.rewrite,
+             args.out)
+
+
+def cmd_distill(cfg: CaOPDConfig, args: Namespace) -> None:
+    s = open_session(cfg)
+    t = _trainer(s)
+    examples = read_records(args.examples, DistillExample)
+    stats = distill_step(t.student, t.teacher, t.optimizer, t.scheduler, examples, cfg.distill, s.tokenizer.pad_id,
+                         s.vocab.real)
+    if cfg.teacher.mode == "ema":
+        ema_update(t.teacher, t.student, cfg.teacher.ema_rate)
+    t.cursor.take(cfg.rollout.prompts_per_step)  # the rollout of this step consumed these prompts
+    t.step += 1
+    _save(s, t)
+    log.info("distill step %d: loss %.4f grad norm %.3f lr %.2e", t.step, stats.loss, stats.grad_norm, stats.lr)
+
+
+def cmd_evaluate(cfg: CaOPDConfig, args: Namespace) -> None:
+    s = open_session(cfg)
+    t = _trainer(s)
+    report, rows = evaluate_model(t.student, eval_prompts(s), s.tokenizer, cfg, s.vocab.real)
+    path = write_eval(s.run_dir / "eval", args.name, report, rows)
+    plot_reliability({args.name: report}, str(s.run_dir / "eval" / f"{args.name}_reliability.png"))
+    log.info("accuracy %.3f ECE %.3f OCG %+.3f Brier %.3f -> %s", report.accuracy, report.ece, report.ocg,
+             report.brier, path)
+
+
+def cmd_run(cfg: CaOPDConfig, args: Namespace) -> None:
+    s = open_session(cfg)
+    t = _trainer(s)
+    interval = cfg.checkpoint.save_interval
+    while t.step < cfg.distill.steps:
+        e = t.train_step()
+        if cfg.logging.log_interval and e.step % cfg.logging.log_interval == 0:
+            log.info("step %d: loss %.4f acc %.3f stated conf %.3f empirical %.3f", e.step, e.loss, e.accuracy,
+                     e.stated_confidence, e.empirical_confidence)
+        if interval and t.step % interval == 0:
+            _save(s, t)
+    _save(s, t)
+    t.write_history()
