@@ -4,11 +4,13 @@ Design decisions:
 - Processes are spawned (not forked) so each rank starts with a clean torch/megatron state, as under torchrun.
 - A free TCP port is picked per call, so parallel pytest runs do not collide.
 - A failure on any rank is re-raised in the parent with that rank's traceback; results travel through a
-  spawn-context queue as CPU tensors/plain Python objects.
+  spawn-context queue as plain pickled bytes (tensors included): torch's queue pickler would pass tensors by
+  shared-memory handles, which die with the rank process before the parent reads them.
 """
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 from typing import Any, Callable
@@ -31,7 +33,7 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
-        queue.put((rank, "ok", result))
+        queue.put((rank, "ok", pickle.dumps(result)))
     except BaseException:  # noqa: BLE001 - report every failure to the parent
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -56,7 +58,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
         for _ in range(world_size):
             rank, status, payload = queue.get(timeout=timeout)
             if status == "ok":
-                results[rank] = payload
+                results[rank] = pickle.loads(payload)
             else:
                 errors.append(f"rank {rank} failed:\n{payload}")
                 break

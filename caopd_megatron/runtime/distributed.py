@@ -55,8 +55,6 @@ def check_layout(world_size: int, parallel: ParallelConfig, num_layers: int, num
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     if tp < 1 or pp < 1:
         raise LayoutError(f"parallel sizes must be >= 1 (tensor_model_parallel_size={tp}, pipeline_model_parallel_size={pp})")
-    if world_size % (tp * pp):
-        raise LayoutError(f"world size {world_size} is not a multiple of TP x PP = {tp} x {pp} = {tp * pp}")
     if num_heads % tp:
         raise LayoutError(f"num_attention_heads={num_heads} is not divisible by tensor_model_parallel_size={tp}")
     groups = num_query_groups or num_heads
@@ -64,6 +62,8 @@ def check_layout(world_size: int, parallel: ParallelConfig, num_layers: int, num
         raise LayoutError(f"num_query_groups={groups} is not divisible by tensor_model_parallel_size={tp}")
     if num_layers % pp:
         raise LayoutError(f"num_layers={num_layers} is not divisible by pipeline_model_parallel_size={pp}")
+    if world_size % (tp * pp):
+        raise LayoutError(f"world size {world_size} is not a multiple of TP x PP = {tp} x {pp} = {tp * pp}")
 
 
 def initialize(parallel: ParallelConfig, seed: int) -> DistEnv:
