@@ -47,6 +47,7 @@ def _trainer(s: Session) -> Trainer:
                                      scheduler=trainer.scheduler, teacher=teacher)
         trainer.step = state.step
         trainer.cursor.load(state.data_position)
+        trainer.truncate_history(state.step)
         log.info("resumed from %s (step %d)", latest, state.step)
     return trainer
 
@@ -111,12 +112,15 @@ def cmd_run(cfg: CaOPDConfig, args: Namespace) -> None:
     s = open_session(cfg)
     t = _trainer(s)
     interval = cfg.checkpoint.save_interval
-    while t.step < cfg.distill.steps:
+    stop = cfg.distill.steps if not cfg.run.max_steps_per_job else min(cfg.distill.steps,
+                                                                       t.step + cfg.run.max_steps_per_job)
+    while t.step < stop:
         e = t.train_step()
         if cfg.logging.log_interval and e.step % cfg.logging.log_interval == 0:
             log.info("step %d: loss %.4f acc %.3f stated conf %.3f empirical %.3f", e.step, e.loss, e.accuracy,
                      e.stated_confidence, e.empirical_confidence)
         if interval and t.step % interval == 0:
+            t.write_history()
             _save(s, t)
-    _save(s, t)
     t.write_history()
+    _save(s, t)

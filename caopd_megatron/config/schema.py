@@ -59,7 +59,7 @@ class TeacherConfig:
 
     mode: str = "ema"  # ema (the paper's) | frozen (copy of the initial student) | separate (another checkpoint)
     ema_rate: float = 0.01  # teacher <- (1 - rate) * teacher + rate * student, per optimizer step
-    replay_fraction: float = 0.0  # share of each step spent on teacher-format replay rows (keeps an EMA teacher able to read notes)
+    replay_fraction: float = 0.0  # share of each step's revised examples also trained in the teacher's format (keeps an EMA teacher reading notes)
     checkpoint: Optional[str] = None  # separate mode: the teacher's checkpoint
     model: Optional[ModelConfig] = None  # separate mode: the teacher's architecture (None = same as student)
     use_shared_vocab: bool = False  # allow different padded vocab sizes; only the shared real vocab counts
@@ -171,6 +171,7 @@ class RunConfig:
     output_dir: str = "runs/default"
     seed: int = 1234
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
+    max_steps_per_job: int = 0  # `caopd run` stops (checkpointed) after this many steps; 0 = run to distill.steps
 
 
 @dataclass

@@ -37,9 +37,10 @@ def write_records(path: str | Path, rows: Iterable) -> Path:
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     dicts = [dataclasses.asdict(r) for r in rows]
     if path.suffix == ".parquet":
+        pq = _pyarrow()  # first: a missing pyarrow must raise RecordFileError, not ModuleNotFoundError
         import pyarrow as pa
 
-        _pyarrow().write_table(pa.Table.from_pylist(dicts), tmp)
+        pq.write_table(pa.Table.from_pylist(dicts), tmp)
     else:
         with open(tmp, "w") as f:
             for d in dicts:

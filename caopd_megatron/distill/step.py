@@ -23,14 +23,7 @@ from caopd_megatron.config.schema import DistillConfig
 from caopd_megatron.distill.batching import PackedBatch, gather_positions, pack
 from caopd_megatron.distill.losses import fused_chunked_divergence, masked_sequence_mean, vocab_parallel_divergence
 from caopd_megatron.distill.optim import clip_grad_norm
-
-
-def tp_group():
-    from megatron.core import parallel_state
-
-    if parallel_state.get_tensor_model_parallel_world_size() == 1:
-        return None
-    return parallel_state.get_tensor_model_parallel_group()
+from caopd_megatron.distill.sft import sft_loss, tp_group_or_none
 
 
 def model_logits(model, batch: PackedBatch) -> torch.Tensor:
@@ -94,7 +87,7 @@ def micro_batches(n: int, size: int) -> list[slice]:
 def distill_loss(student, teacher, s_batch: PackedBatch, t_batch: PackedBatch, cfg: DistillConfig,
                  real_vocab_size: int) -> torch.Tensor:
     """Scalar loss of one micro-batch (mean over tokens, then sequences); gradients flow to the student only."""
-    group = tp_group()
+    group = tp_group_or_none()
     kw = dict(divergence=cfg.loss, beta=cfg.beta, temperature=cfg.temperature, real_vocab_size=real_vocab_size,
               tp_group=group)
     if cfg.fused:
@@ -113,8 +106,12 @@ def distill_loss(student, teacher, s_batch: PackedBatch, t_batch: PackedBatch, c
 
 
 def distill_step(student, teacher, optimizer, scheduler, examples: Sequence[DistillExample], cfg: DistillConfig,
-                 pad_id: int, real_vocab_size: int) -> StepStats:
-    """Forward/backward over micro-batches of ``examples``, clip, and take one optimizer step."""
+                 pad_id: int, real_vocab_size: int, replay: Sequence[DistillExample] = ()) -> StepStats:
+    """Forward/backward over micro-batches of ``examples``, clip, and take one optimizer step.
+
+    ``replay``: examples also trained with cross entropy in the teacher's format (privileged prompt -> revised
+    response), added to the distillation loss; keeps an EMA teacher able to read the privileged context.
+    """
     device = next(student.parameters()).device
     s_all = pack([e.student_prompt_ids for e in examples], [e.response_ids for e in examples], pad_id,
                  cfg.skip_first_tokens)
@@ -134,6 +131,9 @@ def distill_step(student, teacher, optimizer, scheduler, examples: Sequence[Dist
         loss = distill_loss(student, teacher, s_batch, t_batch, cfg, real_vocab_size) * (share / max(1, n_valid))
         loss.backward()
         total += float(loss.detach())
+    if replay:
+        r_batch = pack([e.teacher_prompt_ids for e in replay], [e.response_ids for e in replay], pad_id).to(device)
+        sft_loss(student, r_batch, real_vocab_size).backward()
     params = [p for p in student.parameters() if p.requires_grad]
     norm = clip_grad_norm(params, cfg.grad_clip)
     optimizer.step()

@@ -4,9 +4,10 @@ Design decisions:
 - One loop serves OPD and CaOPD: the only difference is ``calibration.rewrite``.
 - Prompts are visited in a shuffled order per epoch (seeded); the cursor is part of the data position that
   checkpoints save, so a resumed run sees exactly the prompts an uninterrupted run would.
-- ``teacher.replay_fraction`` > 0 (useful with an EMA teacher): the student also takes a supervised step on
-  teacher-format rows, so the EMA of it keeps reading privileged notes (the student otherwise never sees
-  privileged prompts and an EMA teacher forgets how to use them).
+- ``teacher.replay_fraction`` > 0 (useful with an EMA teacher): that share of each step's revised examples is
+  also trained with cross entropy in the teacher's format (privileged prompt -> revised response), so the EMA
+  of the student keeps reading privileged notes (the student otherwise never sees privileged prompts and an
+  EMA teacher forgets how to use them).
 """
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import logging
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from caopd_megatron.calibration.revise import revise
 from caopd_megatron.config.schema import CaOPDConfig
@@ -76,28 +76,28 @@ class StepLog:
 
 class Trainer:
     def __init__(self, cfg: CaOPDConfig, student, teacher, tokenizer, real_vocab_size: int,
-                 prompts: list[PromptRecord], run_dir: Path, replay: Callable | None = None) -> None:
+                 prompts: list[PromptRecord], run_dir: Path) -> None:
         self.cfg, self.student, self.teacher, self.tok = cfg, student, teacher, tokenizer
         self.real_vocab = real_vocab_size
         self.prompts = prompts
         self.by_id = {p.id: p for p in prompts}
         self.run_dir = Path(run_dir)
-        self.replay = replay
         self.optimizer = build_optimizer(student.parameters(), cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.distill.steps)
         self.cursor = PromptCursor(len(prompts), cfg.run.seed)
         self.step = 0
         self.history: list[StepLog] = []
+        self._written = 0  # history entries already appended to train_log.jsonl
 
     def train_step(self) -> StepLog:
         cfg = self.cfg
         batch = [self.prompts[i] for i in self.cursor.take(cfg.rollout.prompts_per_step)]
         rolls = rollout(self.student, batch, self.tok, cfg, self.real_vocab, step=self.step)
         examples = revise(rolls, self.by_id, self.tok, cfg.data, cfg.calibration)
+        n_replay = round(cfg.teacher.replay_fraction * len(examples))
+        replay = random.Random(cfg.run.seed + self.step).sample(examples, n_replay) if n_replay else []
         stats = distill_step(self.student, self.teacher, self.optimizer, self.scheduler, examples, cfg.distill,
-                             self.tok.pad_id, self.real_vocab)
-        if self.replay is not None and cfg.teacher.replay_fraction > 0:
-            self.replay(self.student, cfg.teacher.replay_fraction)
+                             self.tok.pad_id, self.real_vocab, replay=replay)
         if cfg.teacher.mode == "ema":
             ema_update(self.teacher, self.student, cfg.teacher.ema_rate)
         n = max(1, len(examples))
@@ -123,10 +123,22 @@ class Trainer:
         self.write_history()
         return self.history
 
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / "train_log.jsonl"
+
     def write_history(self) -> Path:
+        """Append the entries logged since the last call (a resumed job continues the same file)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        path = self.run_dir / "train_log.jsonl"
-        with open(path, "w") as f:
-            for e in self.history:
+        with open(self.log_path, "a") as f:
+            for e in self.history[self._written:]:
                 f.write(json.dumps(asdict(e)) + "\n")
-        return path
+        self._written = len(self.history)
+        return self.log_path
+
+    def truncate_history(self, step: int) -> None:
+        """On resume from ``step``: drop logged entries of steps the checkpoint does not contain."""
+        if not self.log_path.is_file():
+            return
+        keep = [line for line in self.log_path.read_text().splitlines() if line and json.loads(line)["step"] < step]
+        self.log_path.write_text("".join(line + "\n" for line in keep))

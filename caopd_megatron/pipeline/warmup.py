@@ -13,8 +13,8 @@ Design decisions (each one mattered in the prototype; see README "What we learne
   confidence follows the note/demonstration, not whether it can verify the answer.
 - The confidence target of teacher rows is soft (a Gaussian over the confidence tokens, ``soft_target_sigma``
   steps wide): with one-hot copying, reverse KL later pushed greedy outputs off the confidence tokens.
-- The soft cross entropy is computed on vocabulary shards (max/sum-exp reduced over the TP group), like the
-  distillation loss, so the warm-up runs under tensor parallelism too.
+- The soft cross entropy (``distill/sft.py``) is computed on vocabulary shards, like the distillation loss,
+  so the warm-up runs under tensor parallelism too.
 """
 from __future__ import annotations
 
@@ -31,8 +31,9 @@ from caopd_megatron.config.schema import CaOPDConfig
 from caopd_megatron.data.prompts import PromptRecord
 from caopd_megatron.data.templates import render_teacher
 from caopd_megatron.data.tokenizer import CONFIDENCE_TOKENS
-from caopd_megatron.distill.batching import gather_positions, pack
+from caopd_megatron.distill.batching import pack
 from caopd_megatron.distill.optim import build_optimizer, build_scheduler, clip_grad_norm
+from caopd_megatron.distill.sft import one_hot_shard, sft_loss, vocab_shard_range
 from caopd_megatron.runtime.progress import progress
 
 log = logging.getLogger(__name__)
@@ -84,15 +85,12 @@ class WarmupData:
         return [self.row() for _ in range(n)]
 
 
-def soft_targets(rows: list[WarmupRow], conf_ids: list[int], sigma: float, R: int, vocab_shard: tuple[int, int],
-                 pad_targets: torch.Tensor) -> torch.Tensor:
-    """Target distribution ``[b, R, V/tp]`` on this rank's vocabulary shard ``[lo, hi)``."""
-    lo, hi = vocab_shard
-    b = len(rows)
-    t = torch.zeros(b, R, hi - lo)
-    onehot = pad_targets.clone()
-    in_shard = (onehot >= lo) & (onehot < hi)
-    t.scatter_(-1, (onehot - lo).clamp(0, hi - lo - 1).unsqueeze(-1), in_shard.unsqueeze(-1).float())
+def soft_targets(rows: list[WarmupRow], conf_ids: list[int], sigma: float, targets: torch.Tensor,
+                 shard: tuple[int, int]) -> torch.Tensor:
+    """Target distribution ``[b, R, V/tp]`` on this rank's vocabulary shard: one-hot, except a Gaussian over
+    the confidence tokens at each teacher row's confidence position."""
+    lo, hi = shard
+    t = one_hot_shard(targets, shard)
     ks = torch.arange(len(conf_ids), dtype=torch.float32)
     for i, r in enumerate(rows):
         if r.soft_conf_at < 0:
@@ -106,36 +104,13 @@ def soft_targets(rows: list[WarmupRow], conf_ids: list[int], sigma: float, R: in
     return t
 
 
-def vocab_parallel_soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, real_vocab_size: int,
-                                      vocab_start: int, tp_group) -> torch.Tensor:
-    """Per-token ``-sum_v t_v log softmax(z)_v`` for ``[..., V/tp]`` shards on ``tp_group``; targets sum to 1."""
-    from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
-
-    z = logits.float()
-    col = torch.arange(vocab_start, vocab_start + z.size(-1), device=z.device)
-    z = z.masked_fill(col >= real_vocab_size, float("-inf"))
-    m = z.detach().amax(dim=-1, keepdim=True)
-    if tp_group is not None:
-        torch.distributed.all_reduce(m, op=torch.distributed.ReduceOp.MAX, group=tp_group)
-    sum_exp = (z - m).exp().sum(-1)
-    dot = (targets * torch.where(torch.isfinite(z), z - m, torch.zeros_like(z))).sum(-1)
-    if tp_group is not None:
-        # Differentiable sums over the vocabulary shards (identity in backward, as each rank owns its shard).
-        sum_exp = reduce_from_tensor_model_parallel_region(sum_exp)
-        dot = reduce_from_tensor_model_parallel_region(dot)
-    return sum_exp.log() - dot
-
-
 def run_warmup(model, data: WarmupData, cfg: CaOPDConfig, real_vocab_size: int, pad_id: int) -> list[float]:
     """Train ``model`` in place for ``cfg.warmup.steps`` steps; returns the loss per step."""
-    from megatron.core import parallel_state
-
     w = cfg.warmup
     opt = build_optimizer(model.parameters(), cfg.optim, lr=w.lr)
     sched_cfg = type(cfg.optim)(**{**cfg.optim.__dict__, "min_lr": w.lr * 0.1, "warmup_steps": min(50, w.steps // 10)})
     sched = build_scheduler(opt, sched_cfg, w.steps)
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    group = parallel_state.get_tensor_model_parallel_group() if tp > 1 else None
+    shard = vocab_shard_range(model)
     device = next(model.parameters()).device
     losses: list[float] = []
     model.train()
@@ -143,15 +118,8 @@ def run_warmup(model, data: WarmupData, cfg: CaOPDConfig, real_vocab_size: int, 
     for step in bar:
         rows = data.batch(w.batch_size)
         batch = pack([r.prompt for r in rows], [r.response for r in rows], pad_id)
-        shard = model.output_layer.weight.size(0) if not model.share_embeddings_and_output_weights else \
-            model.shared_embedding_or_output_weight().size(0)
-        lo = parallel_state.get_tensor_model_parallel_rank() * shard
-        targets = soft_targets(rows, data.conf_ids, w.soft_target_sigma, batch.index.size(1), (lo, lo + shard),
-                               batch.targets).to(device)
-        batch = batch.to(device)
-        logits = gather_positions(model(batch.tokens, batch.positions, attention_mask=None), batch.index)
-        per_tok = vocab_parallel_soft_cross_entropy(logits, targets, real_vocab_size, lo, group)
-        loss = (per_tok * batch.mask).sum() / batch.mask.sum()
+        targets = soft_targets(rows, data.conf_ids, w.soft_target_sigma, batch.targets, shard).to(device)
+        loss = sft_loss(model, batch.to(device), real_vocab_size, targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         clip_grad_norm([p for p in model.parameters() if p.requires_grad], 1.0)
