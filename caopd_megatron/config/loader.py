@@ -42,6 +42,7 @@ def _merge_yaml(base: Any, path: Path) -> Any:
     if loaded is None:
         return base
     loaded = _apply_aliases_to_tree(loaded, str(path))
+    loaded = _teacher_model_from_student(base, loaded)
     try:
         return OmegaConf.merge(base, loaded)
     except OmegaConfBaseException as exc:
@@ -59,6 +60,25 @@ def _apply_aliases_to_tree(node: Any, source: str) -> Any:
             value = container[section].pop(key)
             tsec, tkey = target.split(".")
             container.setdefault(tsec, {})[tkey] = value
+    return OmegaConf.create(container)
+
+
+def _teacher_model_from_student(base: Any, loaded: Any) -> Any:
+    """A YAML ``teacher.model`` lists what differs from the student: fill the rest from the student's model.
+
+    The student's model is the one in effect after this file (earlier files + this file's ``model``), the same
+    rule as on the command line, where ``teacher.model.*`` starts from the student's current ``model``.
+    """
+    container = OmegaConf.to_container(loaded)
+    teacher = container.get("teacher") if isinstance(container, dict) else None
+    if not isinstance(teacher, dict) or not isinstance(teacher.get("model"), dict):
+        return loaded
+    student = OmegaConf.to_container(base.model)
+    if isinstance(container.get("model"), dict):
+        student.update(container["model"])
+    existing = base.teacher.model
+    start = OmegaConf.to_container(existing) if existing is not None else student
+    teacher["model"] = {**start, **teacher["model"]}
     return OmegaConf.create(container)
 
 

@@ -80,7 +80,7 @@ class TaskConfig:
 
     name: str = "digit_sum"
     min_digits: int = 1
-    max_digits: int = 5
+    max_digits: int = 6
     n_train: int = 20000
     n_eval: int = 2000
 
