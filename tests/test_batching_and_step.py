@@ -369,3 +369,18 @@ def test_micro_batches(step_mod):
     assert mb(4, 8) == [slice(0, 4)]
     assert mb(3, 0) == [slice(0, 1), slice(1, 2), slice(2, 3)]
     assert mb(0, 4) == []
+
+
+def test_extra_loss_joins_the_same_step(step_mod, teacher):
+    """Replay: the extra loss's gradient is added to the distillation gradient in the same optimizer step."""
+    examples = make_examples()
+    _, _, base = run_step(step_mod, teacher, examples, 4)
+    student = fresh_student()
+    opt = RecordingSGD(student.parameters(), lr=0.0)
+    cfg = DistillConfig(micro_batch_size=4, grad_clip=0.0)
+    w = student.decoder.final_layernorm.weight
+    step_mod.distill_step(student, teacher, opt, None, examples, cfg, pad_id=PAD, real_vocab_size=REAL_VOCAB,
+                          extra_loss=lambda: 0.5 * (w ** 2).sum())
+    for n, p in student.named_parameters():
+        expected = base[n] + (w.detach() if p is w else 0.0)  # d/dw of 0.5 * |w|^2 is w
+        torch.testing.assert_close(opt.seen[id(p)], expected, rtol=1e-5, atol=1e-6, msg=n)

@@ -14,7 +14,7 @@ Design decisions:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -23,7 +23,7 @@ from caopd_megatron.config.schema import DistillConfig
 from caopd_megatron.distill.batching import PackedBatch, gather_positions, pack
 from caopd_megatron.distill.losses import fused_chunked_divergence, masked_sequence_mean, vocab_parallel_divergence
 from caopd_megatron.distill.optim import clip_grad_norm
-from caopd_megatron.distill.sft import sft_loss, tp_group_or_none
+from caopd_megatron.distill.sft import tp_group_or_none
 
 
 def model_logits(model, batch: PackedBatch) -> torch.Tensor:
@@ -106,11 +106,11 @@ def distill_loss(student, teacher, s_batch: PackedBatch, t_batch: PackedBatch, c
 
 
 def distill_step(student, teacher, optimizer, scheduler, examples: Sequence[DistillExample], cfg: DistillConfig,
-                 pad_id: int, real_vocab_size: int, replay: Sequence[DistillExample] = ()) -> StepStats:
+                 pad_id: int, real_vocab_size: int, extra_loss: Callable[[], torch.Tensor] | None = None) -> StepStats:
     """Forward/backward over micro-batches of ``examples``, clip, and take one optimizer step.
 
-    ``replay``: examples also trained with cross entropy in the teacher's format (privileged prompt -> revised
-    response), added to the distillation loss; keeps an EMA teacher able to read the privileged context.
+    ``extra_loss``: called once after the distillation micro-batches; its scalar is added to the step's loss
+    (its gradient joins the same optimizer step). The trainer uses it for teacher-format replay.
     """
     device = next(student.parameters()).device
     s_all = pack([e.student_prompt_ids for e in examples], [e.response_ids for e in examples], pad_id,
@@ -131,9 +131,8 @@ def distill_step(student, teacher, optimizer, scheduler, examples: Sequence[Dist
         loss = distill_loss(student, teacher, s_batch, t_batch, cfg, real_vocab_size) * (share / max(1, n_valid))
         loss.backward()
         total += float(loss.detach())
-    if replay:
-        r_batch = pack([e.teacher_prompt_ids for e in replay], [e.response_ids for e in replay], pad_id).to(device)
-        sft_loss(student, r_batch, real_vocab_size).backward()
+    if extra_loss is not None:
+        extra_loss().backward()
     params = [p for p in student.parameters() if p.requires_grad]
     norm = clip_grad_norm(params, cfg.grad_clip)
     optimizer.step()

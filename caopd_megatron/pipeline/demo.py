@@ -8,8 +8,8 @@ evaluate base / OPD / CaOPD on held-out questions: OPD's confidence inflates, Ca
 Design decisions:
 - The demo's teacher is ``frozen`` (a copy of the warmed-up student), not the paper's EMA: a tiny EMA
   teacher forgets how to read the privileged note within a few hundred steps because the student never
-  trains on privileged prompts (measured; see README). ``teacher.mode=ema teacher.replay_fraction=...``
-  runs the EMA variant with teacher-format replay.
+  trains on privileged prompts (measured; see README). ``teacher.mode=ema teacher.replay_fraction=0.25``
+  runs the EMA variant, replaying fresh teacher-format warm-up rows (the same for OPD and CaOPD).
 - Everything (tokenizer, task, models, metrics, plots) is produced by the same code that serves real
   models; only the sizes and the synthetic task are special.
 """
@@ -29,7 +29,7 @@ from caopd_megatron.evaluation.reliability import plot_reliability
 from caopd_megatron.models.teacher import copy_weights
 from caopd_megatron.pipeline.session import build_student, build_teacher, eval_prompts, open_session, train_prompts
 from caopd_megatron.pipeline.train import Trainer
-from caopd_megatron.pipeline.warmup import WarmupData, run_warmup
+from caopd_megatron.pipeline.warmup import WarmupData, run_warmup, warmup_replay
 from caopd_megatron.runtime.distributed import is_main_rank
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,8 @@ def run_demo(cfg: CaOPDConfig) -> dict:
         student.load_state_dict(warm_state)
         teacher = build_teacher(s, student)
         torch.manual_seed(cfg.run.seed)
-        trainer = Trainer(run_cfg, student, teacher, s.tokenizer, s.vocab.real, train, s.run_dir / name.lower())
+        trainer = Trainer(run_cfg, student, teacher, s.tokenizer, s.vocab.real, train, s.run_dir / name.lower(),
+                          replay=warmup_replay(data, s.vocab.real, s.tokenizer.pad_id))
         trainer.train(desc=f"{name} distill")
         report, rows = evaluate_model(student, held_out, s.tokenizer, cfg, s.vocab.real, desc=f"evaluate {name}")
         reports[name], difficulty[name] = report, accuracy_by_difficulty(rows)

@@ -4,10 +4,12 @@ Design decisions:
 - One loop serves OPD and CaOPD: the only difference is ``calibration.rewrite``.
 - Prompts are visited in a shuffled order per epoch (seeded); the cursor is part of the data position that
   checkpoints save, so a resumed run sees exactly the prompts an uninterrupted run would.
-- ``teacher.replay_fraction`` > 0 (useful with an EMA teacher): that share of each step's revised examples is
-  also trained with cross entropy in the teacher's format (privileged prompt -> revised response), so the EMA
-  of the student keeps reading privileged notes (the student otherwise never sees privileged prompts and an
-  EMA teacher forgets how to use them).
+- ``teacher.replay_fraction`` > 0 (useful with an EMA teacher): the student also trains with cross entropy on
+  teacher-format rows, as many as that share of the step's examples, so the EMA of the student keeps reading
+  privileged context (the student otherwise never sees privileged prompts and an EMA teacher forgets how to
+  use them). The rows come from a ``ReplaySource``: by default the step's own revised examples in the
+  teacher's format (privileged prompt -> revised response); the embedded default replays its warm-up's
+  teacher-format rows instead, which leave the OPD baseline's privileged context as it is.
 """
 from __future__ import annotations
 
@@ -16,11 +18,16 @@ import logging
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
-from caopd_megatron.calibration.revise import revise
+import torch
+
+from caopd_megatron.calibration.revise import DistillExample, revise
 from caopd_megatron.config.schema import CaOPDConfig
 from caopd_megatron.data.prompts import PromptRecord
+from caopd_megatron.distill.batching import pack
 from caopd_megatron.distill.optim import build_optimizer, build_scheduler
+from caopd_megatron.distill.sft import sft_loss
 from caopd_megatron.distill.step import distill_step
 from caopd_megatron.models.teacher import ema_update
 from caopd_megatron.rollout.engine import rollout
@@ -74,9 +81,23 @@ class StepLog:
     empirical_confidence: float  # mean p over the step's prompts
 
 
+# (student, the step's revised examples, number of rows) -> scalar replay loss
+ReplaySource = Callable[[object, list[DistillExample], int], torch.Tensor]
+
+
+def revised_examples_replay(pad_id: int, real_vocab_size: int, seed: int) -> ReplaySource:
+    """Replay ``n`` of the step's revised examples in the teacher's format (privileged prompt -> response)."""
+    def loss(student, examples: list[DistillExample], n: int) -> torch.Tensor:
+        chosen = random.Random(seed + len(examples)).sample(examples, min(n, len(examples)))
+        device = next(student.parameters()).device
+        batch = pack([e.teacher_prompt_ids for e in chosen], [e.response_ids for e in chosen], pad_id).to(device)
+        return sft_loss(student, batch, real_vocab_size)
+    return loss
+
+
 class Trainer:
     def __init__(self, cfg: CaOPDConfig, student, teacher, tokenizer, real_vocab_size: int,
-                 prompts: list[PromptRecord], run_dir: Path) -> None:
+                 prompts: list[PromptRecord], run_dir: Path, replay: ReplaySource | None = None) -> None:
         self.cfg, self.student, self.teacher, self.tok = cfg, student, teacher, tokenizer
         self.real_vocab = real_vocab_size
         self.prompts = prompts
@@ -85,6 +106,7 @@ class Trainer:
         self.optimizer = build_optimizer(student.parameters(), cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.distill.steps)
         self.cursor = PromptCursor(len(prompts), cfg.run.seed)
+        self.replay = replay or revised_examples_replay(tokenizer.pad_id, real_vocab_size, cfg.run.seed)
         self.step = 0
         self.history: list[StepLog] = []
         self._written = 0  # history entries already appended to train_log.jsonl
@@ -95,9 +117,9 @@ class Trainer:
         rolls = rollout(self.student, batch, self.tok, cfg, self.real_vocab, step=self.step)
         examples = revise(rolls, self.by_id, self.tok, cfg.data, cfg.calibration)
         n_replay = round(cfg.teacher.replay_fraction * len(examples))
-        replay = random.Random(cfg.run.seed + self.step).sample(examples, n_replay) if n_replay else []
+        extra = (lambda: self.replay(self.student, examples, n_replay)) if n_replay else None
         stats = distill_step(self.student, self.teacher, self.optimizer, self.scheduler, examples, cfg.distill,
-                             self.tok.pad_id, self.real_vocab, replay=replay)
+                             self.tok.pad_id, self.real_vocab, extra_loss=extra)
         if cfg.teacher.mode == "ema":
             ema_update(self.teacher, self.student, cfg.teacher.ema_rate)
         n = max(1, len(examples))

@@ -64,11 +64,15 @@ class WarmupData:
         return ids, ids.index(self.conf_ids[conf_index])
 
     def row(self) -> WarmupRow:
-        w, rec = self.cfg.warmup, self.rng.choice(self.records)
-        if self.rng.random() >= w.teacher_format_fraction:
+        if self.rng.random() >= self.cfg.warmup.teacher_format_fraction:
+            rec = self.rng.choice(self.records)
             prompt = student_prompt_text(rec, self.cfg.data)
             resp, _ = self._response(rec.reference, len(CONFIDENCE_TOKENS) - 1)
             return WarmupRow(self.tok.encode(prompt), resp, -1, 10)
+        return self.teacher_row()
+
+    def teacher_row(self) -> WarmupRow:
+        w, rec = self.cfg.warmup, self.rng.choice(self.records)
         answer = rec.reference
         if self.rng.random() < w.wrong_demo_fraction:
             answer = self.rng.choice([d for d in "0123456789" if d != rec.reference])
@@ -104,22 +108,33 @@ def soft_targets(rows: list[WarmupRow], conf_ids: list[int], sigma: float, targe
     return t
 
 
+def rows_loss(model, rows: list[WarmupRow], data: WarmupData, real_vocab_size: int, pad_id: int) -> torch.Tensor:
+    """Soft-target cross entropy of warm-up rows (mean over response tokens)."""
+    batch = pack([r.prompt for r in rows], [r.response for r in rows], pad_id)
+    targets = soft_targets(rows, data.conf_ids, data.cfg.warmup.soft_target_sigma, batch.targets,
+                           vocab_shard_range(model))
+    device = next(model.parameters()).device
+    return sft_loss(model, batch.to(device), real_vocab_size, targets.to(device))
+
+
+def warmup_replay(data: WarmupData, real_vocab_size: int, pad_id: int):
+    """A ``ReplaySource`` of fresh teacher-format warm-up rows (neutral between OPD and CaOPD)."""
+    def loss(student, examples, n: int) -> torch.Tensor:
+        return rows_loss(student, [data.teacher_row() for _ in range(n)], data, real_vocab_size, pad_id)
+    return loss
+
+
 def run_warmup(model, data: WarmupData, cfg: CaOPDConfig, real_vocab_size: int, pad_id: int) -> list[float]:
     """Train ``model`` in place for ``cfg.warmup.steps`` steps; returns the loss per step."""
     w = cfg.warmup
     opt = build_optimizer(model.parameters(), cfg.optim, lr=w.lr)
     sched_cfg = type(cfg.optim)(**{**cfg.optim.__dict__, "min_lr": w.lr * 0.1, "warmup_steps": min(50, w.steps // 10)})
     sched = build_scheduler(opt, sched_cfg, w.steps)
-    shard = vocab_shard_range(model)
-    device = next(model.parameters()).device
     losses: list[float] = []
     model.train()
     bar = progress(range(w.steps), desc="warm-up (SFT)", unit="step")
     for step in bar:
-        rows = data.batch(w.batch_size)
-        batch = pack([r.prompt for r in rows], [r.response for r in rows], pad_id)
-        targets = soft_targets(rows, data.conf_ids, w.soft_target_sigma, batch.targets, shard).to(device)
-        loss = sft_loss(model, batch.to(device), real_vocab_size, targets)
+        loss = rows_loss(model, data.batch(w.batch_size), data, real_vocab_size, pad_id)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         clip_grad_norm([p for p in model.parameters() if p.requires_grad], 1.0)
