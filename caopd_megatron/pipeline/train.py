@@ -31,7 +31,7 @@ from caopd_megatron.distill.sft import sft_loss
 from caopd_megatron.distill.step import distill_step
 from caopd_megatron.models.teacher import ema_update
 from caopd_megatron.rollout.engine import rollout
-from caopd_megatron.runtime.progress import progress
+from caopd_megatron.runtime.progress import ExperimentTracker, progress
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.distill.steps)
         self.cursor = PromptCursor(len(prompts), cfg.run.seed)
         self.replay = replay or revised_examples_replay(tokenizer.pad_id, real_vocab_size, cfg.run.seed)
+        self.tracker = ExperimentTracker(cfg.logging.wandb, self.run_dir, asdict(cfg))
         self.step = 0
         self.history: list[StepLog] = []
         self._written = 0  # history entries already appended to train_log.jsonl
@@ -130,6 +131,7 @@ class Trainer:
             empirical_confidence=sum(e.empirical_confidence for e in examples) / n)
         self.step += 1
         self.history.append(entry)
+        self.tracker.log(entry.step, asdict(entry))
         return entry
 
     def train(self, steps: int | None = None, desc: str = "distill") -> list[StepLog]:

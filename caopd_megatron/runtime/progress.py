@@ -47,3 +47,30 @@ def setup_logging(level: str = "INFO", run_dir: str | Path | None = None) -> Non
         h.setFormatter(fmt)
         h._caopd = True  # type: ignore[attr-defined]
         root.addHandler(h)
+
+
+class ExperimentTracker:
+    """Optional Weights & Biases logging (``logging.wandb=true``), main rank only.
+
+    wandb is not a dependency: asking for it without it installed is a clear error at start-up, not a crash
+    mid-run. With no network, set ``WANDB_MODE=offline`` and sync later.
+    """
+
+    def __init__(self, enabled: bool, run_dir: str | Path, config: dict) -> None:
+        from caopd_megatron.runtime.distributed import is_main_rank
+
+        self.run = None
+        if not (enabled and is_main_rank()):
+            return
+        try:
+            import wandb
+        except ImportError:
+            from caopd_megatron.runtime.backend import BackendError
+
+            raise BackendError("logging.wandb=true needs the wandb package: `pip install wandb` "
+                               "(or set logging.wandb=false)") from None
+        self.run = wandb.init(project="caopd_megatron", dir=str(run_dir), config=config)
+
+    def log(self, step: int, metrics: dict) -> None:
+        if self.run is not None:
+            self.run.log(metrics, step=step)
