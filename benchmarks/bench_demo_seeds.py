@@ -36,6 +36,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--reuse", action="store_true", help="keep a seed's finished run (its summary.json) instead of rerunning it")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     out = Path(args.out)
@@ -43,12 +44,19 @@ def main() -> None:
     runs = {}
     for seed in args.seeds:
         run_dir = out / f"demo_seed{seed}"
+        if args.reuse and (run_dir / "summary.json").is_file() and (run_dir / "seconds.txt").is_file():
+            summary = json.loads((run_dir / "summary.json").read_text())
+            summary["seconds"] = float((run_dir / "seconds.txt").read_text())
+            runs[seed] = summary
+            print(f"seed {seed}: reused {run_dir}", flush=True)
+            continue
         t0 = time.time()
         cmd = [sys.executable, "-m", "caopd_megatron.cli.main", "demo", f"run.seed={seed}", f"rollout.seed={seed}",
                f"run.output_dir={run_dir}", "logging.progress=false", *args.overrides]
         subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
         summary = json.loads((run_dir / "summary.json").read_text())
         summary["seconds"] = time.time() - t0
+        (run_dir / "seconds.txt").write_text(f"{summary['seconds']:.1f}\n")
         runs[seed] = summary
         print(f"seed {seed}: {summary['seconds']:.0f} s, " + ", ".join(
             f"{k}: {'ok' if v else 'FAIL'}" for k, v in criteria(summary).items()), flush=True)
