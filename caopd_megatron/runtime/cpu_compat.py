@@ -13,6 +13,9 @@ Design decisions:
      functions rewrite a CUDA device to the CPU.
   4. ``torch.cuda.synchronize`` / ``torch.cuda.Event`` / streams are called by the schedules and the
      inference controller: they become no-ops / CPU stand-ins (CPU execution is already synchronous).
+  5. ``Tensor.cuda()``: ``LanguageModule.setup_embeddings_and_output_layer`` moves the tied embedding to CUDA
+     before all-reducing it between the first and last pipeline stages (PP > 1 with tied embeddings). Without
+     CUDA the call can only raise, so it returns the tensor itself (the gloo all-reduce takes CPU tensors).
 - Everything is reversible in principle but in practice applied once per process before models are built;
   ``activate()`` is idempotent and returns which shims are active so the log can say so.
 """
@@ -129,6 +132,7 @@ def _patch_torch_cuda() -> None:
     cuda.device_count = lambda: 0  # type: ignore[assignment]
     cuda.max_memory_allocated = lambda *a, **k: 0  # type: ignore[assignment]
     cuda.memory_allocated = lambda *a, **k: 0  # type: ignore[assignment]
+    torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[assignment,method-assign]
 
 
 def _patch_megatron_rng() -> None:
@@ -168,7 +172,7 @@ def activate() -> list[str]:
     _patch_torch_cuda()
     _patch_megatron_rng()
     modules = _patch_literal_cuda_modules()
-    _ACTIVE = ["torch.cuda->cpu", "rng-tracker->cpu-generator"] + [f"{m}:cuda->cpu" for m in modules]
+    _ACTIVE = ["torch.cuda->cpu", "Tensor.cuda->self", "rng-tracker->cpu-generator"] + [f"{m}:cuda->cpu" for m in modules]
     log.info("CUDA absent: megatron-core CPU shims active (%s)", ", ".join(_ACTIVE))
     return _ACTIVE
 

@@ -1,0 +1,48 @@
+"""Hugging Face <-> megatron-core checkpoint conversion and the project's Megatron checkpoint directories.
+
+Design decisions:
+- The logic lives here; ``tools/import_hf.py`` and ``tools/export_hf.py`` are thin command lines over
+  ``import_hf_checkpoint`` and ``export_hf_checkpoint``.
+- ``adapter`` holds everything family-specific (names, layouts, configs); ``safetensors_io`` streams HF
+  weight files; ``importer`` writes checkpoint directories (and owns their format: ``save_megatron_checkpoint``,
+  ``load_megatron_checkpoint``, ``load_model_config``); ``exporter`` reads them back out to HF.
+- Imports are light: megatron-core and transformers are imported inside the functions that need them,
+  so ``from caopd_megatron.checkpointing.hf import load_megatron_checkpoint`` costs nothing extra.
+"""
+from caopd_megatron.checkpointing.hf.adapter import (
+    SUPPORTED_ARCHITECTURES,
+    ShapeMismatchError,
+    UnsupportedArchitectureError,
+    hf_config_to_model_config,
+    model_config_to_hf_config,
+)
+from caopd_megatron.checkpointing.hf.exporter import ExportSummary, export_hf_checkpoint
+from caopd_megatron.checkpointing.hf.importer import (
+    CheckpointInfo,
+    ImportSummary,
+    import_hf_checkpoint,
+    load_megatron_checkpoint,
+    load_model_config,
+    read_checkpoint_info,
+    save_megatron_checkpoint,
+)
+from caopd_megatron.checkpointing.hf.safetensors_io import CheckpointFileError, ConversionError
+
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "CheckpointFileError",
+    "CheckpointInfo",
+    "ConversionError",
+    "ExportSummary",
+    "ImportSummary",
+    "ShapeMismatchError",
+    "UnsupportedArchitectureError",
+    "export_hf_checkpoint",
+    "hf_config_to_model_config",
+    "import_hf_checkpoint",
+    "load_megatron_checkpoint",
+    "load_model_config",
+    "model_config_to_hf_config",
+    "read_checkpoint_info",
+    "save_megatron_checkpoint",
+]
