@@ -19,6 +19,8 @@ setup(
         "matplotlib>=3.7",
         "tqdm>=4.60",
         "pyyaml>=6",
+        # megatron-core's distributed-checkpoint writer (torch_dist) needs it; megatron-core does not declare it.
+        "psutil>=5.9",
     ],
     extras_require={
         "test": ["pytest>=7"],

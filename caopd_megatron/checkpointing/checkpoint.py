@@ -36,10 +36,12 @@ Design decisions:
   optimizer group sizes and per-parameter state shapes are checked on every rank, the ranks agree, and only
   then are weights, optimizer, scheduler and RNG streams restored. Every problem is a ``CheckpointError``
   naming the file, tensor or both layouts.
-- TODO(resharding): a checkpoint from another world size / TP / PP / CP / EP layout is refused. Cross-layout
-  loading is meant to come from megatron-core ``dist_checkpointing`` (sharded_state_dict + a fully-parallel
-  save/load strategy); the hook is ``_check_layout``, where a mismatch would route to that loader instead
-  of raising. The per-rank format here stays the fast path for same-layout resumes.
+- Resharding: with ``distributed=True`` a save also writes a megatron-core distributed copy (``dist/``, see
+  ``distributed_checkpoint.py``: global keys, any layout can read it) inside the same atomically installed
+  folder. Loading a checkpoint whose layout (world size, TP, PP, CP, EP) differs from the run's routes to
+  that copy (weights, teacher, optimizer moments, LR schedule, train state; RNG streams are per rank and are
+  not restored across layouts); without it the mismatch is refused with both layouts named. The per-rank
+  files stay the fast path for same-layout resumes.
 - Megatron-core is never imported by this module; its parallel state and RNG tracker are consulted only if
   the process has already imported them (so plain-torch tests and tools stay light).
 - The teacher is optional on both sides: saved when given; on load, a checkpoint without teacher weights
@@ -70,6 +72,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 CHECKPOINTS_DIR = "checkpoints"
+DIST_DIR = "dist"  # the megatron-core distributed copy inside a checkpoint folder (optional)
 LATEST_FILE = "latest"
 META_FILE = "meta.json"
 
@@ -224,13 +227,17 @@ def _describe_layout(layout: Mapping[str, Any]) -> str:
     return ", ".join(f"{_LAYOUT_ABBREV[k]}={layout.get(k, 1)}" for k in _LAYOUT_KEYS)
 
 
+def _same_layout(saved: Mapping[str, Any], current: Mapping[str, int]) -> bool:
+    return all(int(saved.get(k, 1)) == current[k] for k in _LAYOUT_KEYS)
+
+
 def _check_layout(ckpt: Path, saved: Mapping[str, Any], current: Mapping[str, int]) -> None:
-    # Resharding hook: a mismatch here is where a megatron-core dist_checkpointing load would take over.
-    if any(int(saved.get(k, 1)) != current[k] for k in _LAYOUT_KEYS):
+    # Reached only without a distributed copy (``load_checkpoint`` routes mismatches to it when present).
+    if not _same_layout(saved, current):
         raise CheckpointError(
             f"checkpoint {ckpt} was written with layout ({_describe_layout(saved)}) but this run has layout "
-            f"({_describe_layout(current)}); loading across layouts (resharding) is not supported yet - "
-            f"resume with the original world size and parallel sizes")
+            f"({_describe_layout(current)}) and it has no distributed copy to reshard from (save with "
+            f"checkpoint.distributed=true) - resume with the original world size and parallel sizes")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -448,10 +455,13 @@ def _save_failure(step: int, final: Path, failed: list[int], rank: int, error: B
 def save_checkpoint(run_dir: str | Path, step: int, *, student: nn.Module,
                     optimizer: torch.optim.Optimizer | None,
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
-                    teacher: nn.Module | None, state: TrainState, config_yaml: str, keep_last: int = 2) -> Path:
+                    teacher: nn.Module | None, state: TrainState, config_yaml: str, keep_last: int = 2,
+                    distributed: bool = False) -> Path:
     """Write ``run_dir/checkpoints/step_<step>/`` atomically, point ``latest`` at it, prune old ones.
 
-    Collective: every rank calls it; each writes its own ``rank_<r>.pt``. Returns the checkpoint directory.
+    Collective: every rank calls it; each writes its own ``rank_<r>.pt``. ``distributed``: also write the
+    layout-independent megatron-core copy (``dist/``) that a run with another layout resumes from.
+    Returns the checkpoint directory.
     """
     if not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be a non-negative int, got {step!r}")
@@ -499,6 +509,23 @@ def save_checkpoint(run_dir: str | Path, step: int, *, student: nn.Module,
             shutil.rmtree(tmp, ignore_errors=True)
         raise _save_failure(step, final, failed, rank, error)
 
+    # Phase 1b (optional, collective): the layout-independent copy, inside the same temp folder.
+    if distributed:
+        try:
+            from caopd_megatron.checkpointing.distributed_checkpoint import save_distributed
+
+            save_distributed(tmp / DIST_DIR, student=student, teacher=teacher, optimizer=optimizer,
+                             scheduler=scheduler,
+                             metadata={"train_state": {"step": state.step, "data_position": state.data_position,
+                                                       "metadata": state.metadata}})
+        except Exception as exc:  # noqa: BLE001 - reported to every rank below
+            error = exc
+        failed = _failed_ranks(error is not None)
+        if failed:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise _save_failure(step, final, failed, rank, error)
+
     # Phase 2: rank 0 seals the folder, renames it into place, then (and only then) moves `latest`.
     if rank == 0:
         try:
@@ -512,6 +539,7 @@ def save_checkpoint(run_dir: str | Path, step: int, *, student: nn.Module,
                 "layout": layout,
                 "rank_files": [rank_file_name(r) for r in range(world)],
                 "has_teacher": teacher is not None,
+                "distributed": DIST_DIR if distributed else None,
                 "saved_at_unix": time.time(),
                 "config_yaml": config_yaml,
                 "complete": True,  # last key, written after every rank file
@@ -681,6 +709,9 @@ def load_checkpoint(path_or_run_dir: str | Path, *, student: nn.Module,
         raise CheckpointError(reason or f"cannot resolve a checkpoint from {path_or_run_dir}")
     ckpt = Path(ckpt_str)
     source = ckpt / rank_file_name(rank)
+    meta = _read_meta(ckpt)
+    if not _same_layout(meta["layout"], _current_layout()) and meta.get("distributed"):
+        return _load_resharded(ckpt, meta, student, optimizer, scheduler, teacher)
 
     error: CheckpointError | None = None
     payload: dict[str, Any] = {}
@@ -709,4 +740,22 @@ def load_checkpoint(path_or_run_dir: str | Path, *, student: nn.Module,
 
     ts = payload["train_state"]
     log.info("loaded checkpoint %s (rank %d, step %d)", ckpt, rank, ts["step"])
+    return TrainState(step=int(ts["step"]), data_position=ts["data_position"], metadata=ts["metadata"])
+
+
+def _load_resharded(ckpt: Path, meta: Mapping[str, Any], student: nn.Module,
+                    optimizer: torch.optim.Optimizer | None, scheduler: Any | None,
+                    teacher: nn.Module | None) -> TrainState:
+    """Resume from the checkpoint's distributed copy under this run's (different) layout. Collective."""
+    from caopd_megatron.checkpointing.distributed_checkpoint import DistributedCheckpointError, load_distributed
+
+    try:
+        saved = load_distributed(ckpt / meta["distributed"], student=student, teacher=teacher, optimizer=optimizer,
+                                 scheduler=scheduler)
+    except DistributedCheckpointError as exc:
+        raise CheckpointError(f"{ckpt}: resharding from layout ({_describe_layout(meta['layout'])}) to "
+                              f"({_describe_layout(_current_layout())}) failed: {exc}") from exc
+    ts = saved["train_state"]
+    log.warning("resharded checkpoint %s from layout (%s) to (%s); RNG streams are per rank and were not restored",
+                ckpt, _describe_layout(meta["layout"]), _describe_layout(_current_layout()))
     return TrainState(step=int(ts["step"]), data_position=ts["data_position"], metadata=ts["metadata"])

@@ -24,6 +24,7 @@ from caopd_megatron.models.teacher import ema_update
 from caopd_megatron.pipeline.session import Session, build_student, build_teacher, eval_prompts, open_session, train_prompts
 from caopd_megatron.pipeline.train import Trainer
 from caopd_megatron.rollout.engine import rollout
+from caopd_megatron.runtime.distributed import is_main_rank
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,8 @@ def _trainer(s: Session) -> Trainer:
 def _save(s: Session, t: Trainer) -> None:
     ckpt.save_checkpoint(s.run_dir, t.step, student=t.student, optimizer=t.optimizer, scheduler=t.scheduler,
                          teacher=t.teacher, state=ckpt.TrainState(step=t.step, data_position=t.cursor.state()),
-                         config_yaml=to_yaml(s.cfg), keep_last=s.cfg.checkpoint.keep_last)
+                         config_yaml=to_yaml(s.cfg), keep_last=s.cfg.checkpoint.keep_last,
+                         distributed=s.cfg.checkpoint.distributed)
 
 
 def cmd_demo(cfg: CaOPDConfig, args: Namespace) -> None:
@@ -69,7 +71,8 @@ def cmd_rollout(cfg: CaOPDConfig, args: Namespace) -> None:
     t = _trainer(s)
     prompts = [t.prompts[i] for i in t.cursor.take(cfg.rollout.prompts_per_step)]
     rows = rollout(t.student, prompts, s.tokenizer, cfg, s.vocab.real, step=args.step, desc="rollout")
-    write_records(args.out, rows)
+    if is_main_rank():  # every rank generated the same rows; one writes them
+        write_records(args.out, rows)
     log.info("wrote %d rollouts of %d prompts to %s", len(rows), len(prompts), args.out)
 
 
@@ -78,7 +81,8 @@ def cmd_rewrite(cfg: CaOPDConfig, args: Namespace) -> None:
     rows = read_records(args.rollouts, RolloutRecord)
     prompts = {p.id: p for p in train_prompts(s)}
     examples = revise(rows, prompts, s.tokenizer, cfg.data, cfg.calibration)
-    write_records(args.out, examples)
+    if is_main_rank():
+        write_records(args.out, examples)
     acc = sum(e.correct for e in examples) / max(1, len(examples))
     log.info("graded %d responses (accuracy %.3f), rewrite=%s -> %s", len(examples), acc, cfg.calibration.rewrite,
              args.out)
@@ -102,8 +106,10 @@ def cmd_evaluate(cfg: CaOPDConfig, args: Namespace) -> None:
     s = open_session(cfg)
     t = _trainer(s)
     report, rows = evaluate_model(t.student, eval_prompts(s), s.tokenizer, cfg, s.vocab.real)
-    path = write_eval(s.run_dir / "eval", args.name, report, rows)
-    plot_reliability({args.name: report}, str(s.run_dir / "eval" / f"{args.name}_reliability.png"))
+    path = s.run_dir / "eval" / f"{args.name}_metrics.json"
+    if is_main_rank():
+        write_eval(s.run_dir / "eval", args.name, report, rows)
+        plot_reliability({args.name: report}, str(s.run_dir / "eval" / f"{args.name}_reliability.png"))
     log.info("accuracy %.3f ECE %.3f OCG %+.3f Brier %.3f -> %s", report.accuracy, report.ece, report.ocg,
              report.brier, path)
 

@@ -156,6 +156,7 @@ class CheckpointConfig:
     save_interval: int = 200  # optimizer steps between saves; 0 = only at the end
     keep_last: int = 2
     resume: bool = True  # resume from the latest checkpoint in the run directory if there is one
+    distributed: bool = False  # also write a megatron-core distributed copy: resumable under another TP/PP/DP layout
 
 
 @dataclass

@@ -5,8 +5,9 @@ Design decisions:
   is a plain dict that checkpoints round-trip.
 - Gradient clipping computes the global norm over the whole model: squared norms of this rank's shards are
   summed over the model-parallel group (TP x PP), counting TP-duplicated parameters (norms, replicated
-  biases) on one TP rank only. Every rank then scales by the same factor, so TP/PP runs clip exactly like a
-  single process.
+  biases) on one TP rank only, and the last pipeline stage's copy of a tied word embedding (megatron marks it
+  ``shared``) not at all. Every rank then scales by the same factor, so TP/PP runs clip exactly like a
+  single process. Data-parallel replicas hold identical (already reduced) gradients and are not summed.
 """
 from __future__ import annotations
 
@@ -55,7 +56,9 @@ def clip_grad_norm(params, max_norm: float) -> float:
     from megatron.core import parallel_state
 
     grads = [p.grad for p in params if p.grad is not None]
-    counted = [p.grad for p in params if p.grad is not None and not _is_tp_duplicate(p)]
+    # ``shared``: the last stage's duplicate of a tied embedding under PP; its twin on stage 0 is counted.
+    counted = [p.grad for p in params if p.grad is not None and not _is_tp_duplicate(p)
+               and not getattr(p, "shared", False)]
     sq = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else "cpu")
     for g in counted:
         sq += g.detach().float().pow(2).sum()

@@ -7,12 +7,49 @@ Design decisions:
   over the tensor-parallel group (megatron-core's ``reduce_from_tensor_model_parallel_region``: identity in
   backward, since each rank owns its shard); the vocabulary is never gathered.
 - Padded vocabulary columns are excluded (-inf), so they receive neither mass nor gradient.
+- ``SupervisedRows`` describes supervised rows as *data* (prompts, responses, a soft-target function) rather
+  than as a loss closure: a closure that runs the whole model cannot run on one pipeline stage, whereas rows
+  can be micro-batched through megatron's schedule and split over data-parallel ranks
+  (``parallel.steps.sft_backward``). ``SupervisedRows.loss`` is the single-process / TP path.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
 import torch
 
-from caopd_megatron.distill.batching import PackedBatch, gather_positions
+from caopd_megatron.distill.batching import PackedBatch, gather_positions, pack
+
+# (step row indices of a micro-batch, its packed batch, this rank's vocab shard [lo, hi)) -> [b, R, hi-lo] targets
+TargetsFn = Callable[[range, PackedBatch, tuple[int, int]], torch.Tensor]
+
+
+@dataclass
+class SupervisedRows:
+    """Rows trained with (soft) cross entropy, the mean over all their response tokens.
+
+    ``targets_fn`` gives target distributions on the vocabulary shard for a subset of the rows (default:
+    one-hot of the response tokens); it must depend only on the rows it is given, so that any micro-batch /
+    data-parallel split of the rows yields the same loss.
+    """
+
+    prompts: Sequence[Sequence[int]]
+    responses: Sequence[Sequence[int]]
+    pad_id: int
+    targets_fn: Optional[TargetsFn] = None
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def loss(self, model, real_vocab_size: int) -> torch.Tensor:
+        """All rows as one batch through a whole (PP = 1) model; scalar on every TP rank."""
+        batch = pack(self.prompts, self.responses, self.pad_id)
+        targets = None
+        if self.targets_fn is not None:
+            targets = self.targets_fn(range(len(self)), batch, vocab_shard_range(model))
+        device = next(model.parameters()).device
+        return sft_loss(model, batch.to(device), real_vocab_size, None if targets is None else targets.to(device))
 
 
 def tp_group_or_none():
@@ -24,13 +61,18 @@ def tp_group_or_none():
 
 
 def vocab_shard_range(model) -> tuple[int, int]:
-    """``[lo, hi)``: the global vocabulary rows of this rank's output-layer shard."""
+    """``[lo, hi)``: the global vocabulary rows of this rank's output-layer shard.
+
+    Computed from the padded vocabulary size (megatron's equal split), so it also answers on pipeline stages
+    that hold no output layer, and through a DDP wrapper.
+    """
     from megatron.core import parallel_state
 
-    weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights \
-        else model.output_layer.weight
-    lo = parallel_state.get_tensor_model_parallel_rank() * weight.size(0)
-    return lo, lo + weight.size(0)
+    from caopd_megatron.parallel.data_parallel import unwrap
+
+    per_rank = unwrap(model).vocab_size // parallel_state.get_tensor_model_parallel_world_size()
+    lo = parallel_state.get_tensor_model_parallel_rank() * per_rank
+    return lo, lo + per_rank
 
 
 def one_hot_shard(targets: torch.Tensor, shard: tuple[int, int]) -> torch.Tensor:
@@ -62,11 +104,19 @@ def vocab_parallel_soft_cross_entropy(logits: torch.Tensor, targets: torch.Tenso
     return sum_exp.log() - dot
 
 
+def sft_loss_from_logits(logits: torch.Tensor, batch: PackedBatch, real_vocab_size: int, shard: tuple[int, int],
+                         targets: torch.Tensor | None = None, mean: bool = True) -> torch.Tensor:
+    """Cross entropy of ``[b, R, V/tp]`` response-position logits (TP group): the mean over the batch's response
+    tokens, or with ``mean=False`` their sum (the parallel step divides by the global token count)."""
+    if targets is None:
+        targets = one_hot_shard(batch.targets, shard)
+    per_tok = vocab_parallel_soft_cross_entropy(logits, targets, real_vocab_size, shard[0], tp_group_or_none())
+    total = (per_tok * batch.mask).sum()
+    return total / batch.mask.sum().clamp(min=1.0) if mean else total
+
+
 def sft_loss(model, batch: PackedBatch, real_vocab_size: int, targets: torch.Tensor | None = None) -> torch.Tensor:
     """Mean cross entropy over the batch's response tokens; ``targets`` ``[b, R, V/tp]`` (default: one-hot)."""
     shard = vocab_shard_range(model)
-    if targets is None:
-        targets = one_hot_shard(batch.targets, shard)
     logits = gather_positions(model(batch.tokens, batch.positions, attention_mask=None), batch.index)
-    per_tok = vocab_parallel_soft_cross_entropy(logits, targets, real_vocab_size, shard[0], tp_group_or_none())
-    return (per_tok * batch.mask).sum() / batch.mask.sum().clamp(min=1.0)
+    return sft_loss_from_logits(logits, batch, real_vocab_size, shard, targets)

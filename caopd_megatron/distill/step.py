@@ -10,6 +10,9 @@ Design decisions:
   exactly the full-batch gradient.
 - The fused path (``distill.fused``) feeds final hidden states and the output-layer weight shards to the
   chunked loss, so the full ``[b, s, V/tp]`` logits of neither model are ever materialised.
+- Under pipeline (PP > 1) or data (DP > 1) parallelism ``distill_step`` hands over to
+  ``parallel.steps.distill_step_parallel`` (megatron's schedules, DDP-wrapped student; see
+  ``parallel/design.md``); the body below is the single-process / tensor-parallel path.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from caopd_megatron.config.schema import DistillConfig
 from caopd_megatron.distill.batching import PackedBatch, gather_positions, pack
 from caopd_megatron.distill.losses import fused_chunked_divergence, masked_sequence_mean, vocab_parallel_divergence
 from caopd_megatron.distill.optim import clip_grad_norm
-from caopd_megatron.distill.sft import tp_group_or_none
+from caopd_megatron.distill.sft import SupervisedRows, tp_group_or_none
 
 
 def model_logits(model, batch: PackedBatch) -> torch.Tensor:
@@ -106,12 +109,21 @@ def distill_loss(student, teacher, s_batch: PackedBatch, t_batch: PackedBatch, c
 
 
 def distill_step(student, teacher, optimizer, scheduler, examples: Sequence[DistillExample], cfg: DistillConfig,
-                 pad_id: int, real_vocab_size: int, extra_loss: Callable[[], torch.Tensor] | None = None) -> StepStats:
+                 pad_id: int, real_vocab_size: int,
+                 extra_loss: Callable[[], torch.Tensor] | SupervisedRows | None = None) -> StepStats:
     """Forward/backward over micro-batches of ``examples``, clip, and take one optimizer step.
 
     ``extra_loss``: called once after the distillation micro-batches; its scalar is added to the step's loss
-    (its gradient joins the same optimizer step). The trainer uses it for teacher-format replay.
+    (its gradient joins the same optimizer step). The trainer uses it for teacher-format replay, as
+    ``SupervisedRows`` (rows as data, which the pipeline-parallel path can schedule) or a closure.
     """
+    from caopd_megatron.parallel.data_parallel import needs_parallel_path
+
+    if needs_parallel_path():
+        from caopd_megatron.parallel.steps import distill_step_parallel
+
+        return distill_step_parallel(student, teacher, optimizer, scheduler, examples, cfg, pad_id, real_vocab_size,
+                                     extra_loss)
     device = next(student.parameters()).device
     s_all = pack([e.student_prompt_ids for e in examples], [e.response_ids for e in examples], pad_id,
                  cfg.skip_first_tokens)
@@ -131,7 +143,9 @@ def distill_step(student, teacher, optimizer, scheduler, examples: Sequence[Dist
         loss = distill_loss(student, teacher, s_batch, t_batch, cfg, real_vocab_size) * (share / max(1, n_valid))
         loss.backward()
         total += float(loss.detach())
-    if extra_loss is not None:
+    if isinstance(extra_loss, SupervisedRows):
+        extra_loss.loss(student, real_vocab_size).backward()
+    elif extra_loss is not None:
         extra_loss().backward()
     params = [p for p in student.parameters() if p.requires_grad]
     norm = clip_grad_norm(params, cfg.grad_clip)

@@ -11,6 +11,16 @@ Design decisions:
   each TP rank holds an equal shard; the real size is kept so losses and sampling ignore padded rows.
 - Fusions that need CUDA kernels (bias-dropout, masked softmax, RoPE, gradient-accumulation) are off on
   CPU; dropout is 0 (distillation fine-tuning of a pretrained model does not use it).
+- Layout-invariant seeded initialisation. megatron's CPU initialisation draws each tensor's full master
+  weight and keeps this TP rank's slice, so TP splits the single-process weights, except that (a) the
+  vocabulary is padded per TP size (128 rows at TP=1, 256 at TP=2 for the demo), so the embedding draws more
+  numbers and every later tensor comes from another part of the RNG stream, and (b) a pipeline stage draws
+  only its own layers, from an RNG that has not seen the earlier stages' draws. In either case each rank
+  also builds the full-depth stack once (its TP shard, PP = 1, the single-process vocabulary padding) from
+  the same RNG state, copies its stage's tensors by global name (re-splitting the vocabulary rows), and
+  leaves the RNG where a single process would. A seeded job then starts from the single-process weights in
+  every TP/PP layout. Above ``FULL_DEPTH_INIT_LIMIT`` parameters per rank this is skipped with a warning
+  (such models are loaded from checkpoints, not trained from a random start).
 """
 from __future__ import annotations
 
@@ -27,6 +37,9 @@ from caopd_megatron.runtime.backend import Backend, BackendError
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Largest full-depth TP shard (in parameters) built to give a PP stage the single-process initial weights.
+FULL_DEPTH_INIT_LIMIT = 2_000_000_000
 
 
 class ModelConfigError(ValueError):
@@ -130,11 +143,13 @@ def build_gpt_model(model: ModelConfig, parallel: ParallelConfig, vocab: VocabIn
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
+    whole_stage_default = pre_process is None and post_process is None
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
     cfg = transformer_config(model, parallel, backend)
+    rng_before = torch.get_rng_state()
     gpt = GPTModel(
         config=cfg,
         transformer_layer_spec=layer_spec(model, backend),
@@ -148,9 +163,38 @@ def build_gpt_model(model: ModelConfig, parallel: ParallelConfig, vocab: VocabIn
         rope_scaling=model.rope_scaling,
         rope_scaling_factor=model.rope_scaling_factor,
     )
+    tp = parallel.tensor_model_parallel_size
+    single_vocab = VocabInfo(vocab.real, padded_vocab_size(vocab.real, model.make_vocab_size_divisible_by, 1))
+    differs = parallel.pipeline_model_parallel_size > 1 or single_vocab.padded != vocab.padded
+    if differs and cfg.use_cpu_initialization and whole_stage_default:
+        if single_vocab.padded % tp:
+            log.warning("TP=%d does not divide the single-process padded vocabulary (%d): the random start differs "
+                        "from a single process's", tp, single_vocab.padded)
+        else:
+            _single_process_init(gpt, model, parallel, single_vocab, backend, rng_before)
     if backend.device == "cuda":
         gpt = gpt.cuda()
     return gpt
+
+
+def _single_process_init(stage, model: ModelConfig, parallel: ParallelConfig, vocab: VocabInfo, backend: Backend,
+                         rng_before: torch.Tensor) -> None:
+    """Give this stage the weights a single process seeded like this one would have drawn (``vocab``: the
+    single-process padding)."""
+    from dataclasses import replace
+
+    from caopd_megatron.parallel.state import copy_from_full_depth
+
+    full_size = count_parameters(stage) * parallel.pipeline_model_parallel_size
+    if full_size > FULL_DEPTH_INIT_LIMIT:
+        log.warning("PP=%d: skipping the layout-invariant initialisation (~%d parameters per TP rank); the random "
+                    "start differs from a single process's (load a checkpoint to start from known weights)",
+                    parallel.pipeline_model_parallel_size, full_size)
+        return
+    torch.set_rng_state(rng_before)
+    full = build_gpt_model(model, replace(parallel, pipeline_model_parallel_size=1), vocab, backend,
+                           pre_process=True, post_process=True)
+    copy_from_full_depth(stage, full)
 
 
 def count_parameters(module: torch.nn.Module) -> int:

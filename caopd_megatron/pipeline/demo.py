@@ -66,7 +66,8 @@ def run_demo(cfg: CaOPDConfig) -> dict:
     difficulty: dict[str, dict[int, float]] = {}
     report, rows = evaluate_model(student, held_out, s.tokenizer, cfg, s.vocab.real, desc="evaluate base")
     reports["base"], difficulty["base"] = report, accuracy_by_difficulty(rows)
-    write_eval(s.run_dir / "eval", "base", report, rows)
+    if is_main_rank():  # every rank evaluated the same generations; one writes them
+        write_eval(s.run_dir / "eval", "base", report, rows)
 
     for name, rewrite in (("OPD", False), ("CaOPD", True)):
         run_cfg = copy.deepcopy(cfg)
@@ -79,7 +80,8 @@ def run_demo(cfg: CaOPDConfig) -> dict:
         trainer.train(desc=f"{name} distill")
         report, rows = evaluate_model(student, held_out, s.tokenizer, cfg, s.vocab.real, desc=f"evaluate {name}")
         reports[name], difficulty[name] = report, accuracy_by_difficulty(rows)
-        write_eval(s.run_dir / "eval", name.lower(), report, rows)
+        if is_main_rank():
+            write_eval(s.run_dir / "eval", name.lower(), report, rows)
         del teacher
 
     summary = {name: r.to_dict() for name, r in reports.items()}

@@ -44,6 +44,13 @@ def open_session(cfg: CaOPDConfig, run_dir: str | Path | None = None) -> Session
         torch.set_num_threads(cfg.run.threads)
     backend = detect_backend()
     log.info("backend: %s", backend.describe())
+    # Both models' own numbers first (the teacher shares the student's layout), then the world size.
+    distributed.check_layout(None, cfg.parallel, cfg.model.num_layers, cfg.model.num_attention_heads,
+                             cfg.model.num_query_groups)
+    if cfg.teacher.mode == "separate" and cfg.teacher.model is not None:
+        t = cfg.teacher.model
+        distributed.check_layout(None, cfg.parallel, t.num_layers, t.num_attention_heads, t.num_query_groups,
+                                 what="teacher.model")
     distributed.check_layout(distributed.read_env().world_size, cfg.parallel, cfg.model.num_layers,
                              cfg.model.num_attention_heads, cfg.model.num_query_groups)
     distributed.initialize(cfg.parallel, cfg.run.seed)
@@ -57,9 +64,12 @@ def open_session(cfg: CaOPDConfig, run_dir: str | Path | None = None) -> Session
 
 
 def build_student(s: Session):
+    """This rank's student stage; wrapped in megatron-core DDP under PP > 1 or DP > 1 (``parallel.data_parallel``)."""
+    from caopd_megatron.parallel.data_parallel import wrap_student
+
     model = build_gpt_model(s.cfg.model, s.cfg.parallel, s.vocab, s.backend)
     log.info("student: %s parameters on this rank", f"{count_parameters(model):,}")
-    return model
+    return wrap_student(model)
 
 
 def build_teacher(s: Session, student) -> torch.nn.Module:
@@ -77,8 +87,10 @@ def build_teacher(s: Session, student) -> torch.nn.Module:
         else:
             log.warning("teacher.mode=separate without teacher.checkpoint: the teacher is randomly initialised")
         return freeze(teacher)
+    from caopd_megatron.parallel.data_parallel import unwrap
+
     teacher = build_gpt_model(s.cfg.model, s.cfg.parallel, s.vocab, s.backend)
-    copy_weights(teacher, student)
+    copy_weights(teacher, unwrap(student))
     return freeze(teacher)
 
 

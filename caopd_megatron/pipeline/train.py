@@ -20,17 +20,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from caopd_megatron.calibration.revise import DistillExample, revise
 from caopd_megatron.config.schema import CaOPDConfig
 from caopd_megatron.data.prompts import PromptRecord
-from caopd_megatron.distill.batching import pack
 from caopd_megatron.distill.optim import build_optimizer, build_scheduler
-from caopd_megatron.distill.sft import sft_loss
+from caopd_megatron.distill.sft import SupervisedRows
 from caopd_megatron.distill.step import distill_step
 from caopd_megatron.models.teacher import ema_update
 from caopd_megatron.rollout.engine import rollout
+from caopd_megatron.runtime.distributed import is_main_rank
 from caopd_megatron.runtime.progress import ExperimentTracker, progress
 
 log = logging.getLogger(__name__)
@@ -81,18 +79,17 @@ class StepLog:
     empirical_confidence: float  # mean p over the step's prompts
 
 
-# (student, the step's revised examples, number of rows) -> scalar replay loss
-ReplaySource = Callable[[object, list[DistillExample], int], torch.Tensor]
+# (student, the step's revised examples, number of rows) -> the replay rows, as data (``SupervisedRows``) so
+# that the pipeline-parallel step can schedule them; the distillation step computes their loss.
+ReplaySource = Callable[[object, list[DistillExample], int], SupervisedRows]
 
 
 def revised_examples_replay(pad_id: int, real_vocab_size: int, seed: int) -> ReplaySource:
     """Replay ``n`` of the step's revised examples in the teacher's format (privileged prompt -> response)."""
-    def loss(student, examples: list[DistillExample], n: int) -> torch.Tensor:
+    def rows(student, examples: list[DistillExample], n: int) -> SupervisedRows:
         chosen = random.Random(seed + len(examples)).sample(examples, min(n, len(examples)))
-        device = next(student.parameters()).device
-        batch = pack([e.teacher_prompt_ids for e in chosen], [e.response_ids for e in chosen], pad_id).to(device)
-        return sft_loss(student, batch, real_vocab_size)
-    return loss
+        return SupervisedRows([e.teacher_prompt_ids for e in chosen], [e.response_ids for e in chosen], pad_id)
+    return rows
 
 
 class Trainer:
@@ -118,7 +115,7 @@ class Trainer:
         rolls = rollout(self.student, batch, self.tok, cfg, self.real_vocab, step=self.step)
         examples = revise(rolls, self.by_id, self.tok, cfg.data, cfg.calibration)
         n_replay = round(cfg.teacher.replay_fraction * len(examples))
-        extra = (lambda: self.replay(self.student, examples, n_replay)) if n_replay else None
+        extra = self.replay(self.student, examples, n_replay) if n_replay else None
         stats = distill_step(self.student, self.teacher, self.optimizer, self.scheduler, examples, cfg.distill,
                              self.tok.pad_id, self.real_vocab, extra_loss=extra)
         if cfg.teacher.mode == "ema":
@@ -152,17 +149,21 @@ class Trainer:
         return self.run_dir / "train_log.jsonl"
 
     def write_history(self) -> Path:
-        """Append the entries logged since the last call (a resumed job continues the same file)."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "a") as f:
-            for e in self.history[self._written:]:
-                f.write(json.dumps(asdict(e)) + "\n")
+        """Append the entries logged since the last call (a resumed job continues the same file).
+
+        Main rank only: every rank holds the same history, one writer keeps the file free of duplicates.
+        """
+        if is_main_rank():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.log_path, "a") as f:
+                for e in self.history[self._written:]:
+                    f.write(json.dumps(asdict(e)) + "\n")
         self._written = len(self.history)
         return self.log_path
 
     def truncate_history(self, step: int) -> None:
-        """On resume from ``step``: drop logged entries of steps the checkpoint does not contain."""
-        if not self.log_path.is_file():
+        """On resume from ``step``: drop logged entries of steps the checkpoint does not contain (main rank)."""
+        if not is_main_rank() or not self.log_path.is_file():
             return
         keep = [line for line in self.log_path.read_text().splitlines() if line and json.loads(line)["step"] < step]
         self.log_path.write_text("".join(line + "\n" for line in keep))

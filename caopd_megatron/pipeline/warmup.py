@@ -31,9 +31,10 @@ from caopd_megatron.config.schema import CaOPDConfig
 from caopd_megatron.data.prompts import PromptRecord
 from caopd_megatron.data.templates import render_teacher
 from caopd_megatron.data.tokenizer import CONFIDENCE_TOKENS
-from caopd_megatron.distill.batching import pack
 from caopd_megatron.distill.optim import build_optimizer, build_scheduler, clip_grad_norm
-from caopd_megatron.distill.sft import one_hot_shard, sft_loss, vocab_shard_range
+from caopd_megatron.distill.sft import SupervisedRows, one_hot_shard
+from caopd_megatron.parallel.data_parallel import needs_parallel_path
+from caopd_megatron.parallel.steps import supervised_step
 from caopd_megatron.runtime.progress import progress
 
 log = logging.getLogger(__name__)
@@ -108,20 +109,26 @@ def soft_targets(rows: list[WarmupRow], conf_ids: list[int], sigma: float, targe
     return t
 
 
+def supervised_rows(rows: list[WarmupRow], data: WarmupData, pad_id: int) -> SupervisedRows:
+    """Warm-up rows as ``SupervisedRows`` with their soft confidence targets (any subset, any vocab shard)."""
+    sigma = data.cfg.warmup.soft_target_sigma
+
+    def targets(idx: range, batch, shard: tuple[int, int]) -> torch.Tensor:
+        return soft_targets([rows[i] for i in idx], data.conf_ids, sigma, batch.targets, shard)
+
+    return SupervisedRows([r.prompt for r in rows], [r.response for r in rows], pad_id, targets)
+
+
 def rows_loss(model, rows: list[WarmupRow], data: WarmupData, real_vocab_size: int, pad_id: int) -> torch.Tensor:
     """Soft-target cross entropy of warm-up rows (mean over response tokens)."""
-    batch = pack([r.prompt for r in rows], [r.response for r in rows], pad_id)
-    targets = soft_targets(rows, data.conf_ids, data.cfg.warmup.soft_target_sigma, batch.targets,
-                           vocab_shard_range(model))
-    device = next(model.parameters()).device
-    return sft_loss(model, batch.to(device), real_vocab_size, targets.to(device))
+    return supervised_rows(rows, data, pad_id).loss(model, real_vocab_size)
 
 
 def warmup_replay(data: WarmupData, real_vocab_size: int, pad_id: int):
     """A ``ReplaySource`` of fresh teacher-format warm-up rows (neutral between OPD and CaOPD)."""
-    def loss(student, examples, n: int) -> torch.Tensor:
-        return rows_loss(student, [data.teacher_row() for _ in range(n)], data, real_vocab_size, pad_id)
-    return loss
+    def rows(student, examples, n: int) -> SupervisedRows:
+        return supervised_rows([data.teacher_row() for _ in range(n)], data, pad_id)
+    return rows
 
 
 def run_warmup(model, data: WarmupData, cfg: CaOPDConfig, real_vocab_size: int, pad_id: int) -> list[float]:
@@ -133,14 +140,21 @@ def run_warmup(model, data: WarmupData, cfg: CaOPDConfig, real_vocab_size: int, 
     losses: list[float] = []
     model.train()
     bar = progress(range(w.steps), desc="warm-up (SFT)", unit="step")
+    parallel = needs_parallel_path()
     for step in bar:
-        loss = rows_loss(model, data.batch(w.batch_size), data, real_vocab_size, pad_id)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        clip_grad_norm([p for p in model.parameters() if p.requires_grad], 1.0)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
+        rows = data.batch(w.batch_size)
+        if parallel:
+            # PP/DP: the rows go through megatron's schedule in micro-batches, split over DP ranks.
+            losses.append(supervised_step(model, opt, sched, supervised_rows(rows, data, pad_id), real_vocab_size,
+                                          cfg.distill.micro_batch_size, 1.0))
+        else:
+            loss = rows_loss(model, rows, data, real_vocab_size, pad_id)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            clip_grad_norm([p for p in model.parameters() if p.requires_grad], 1.0)
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
         if hasattr(bar, "set_postfix") and step % 10 == 0:
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if math.isnan(losses[-1]):

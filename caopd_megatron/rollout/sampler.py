@@ -7,10 +7,13 @@ Design decisions:
   prompt, then decoded one position at a time; a row still inside its prompt is fed its next prompt token
   instead of the sample (megatron's static engine does the same). Nothing is ever attended through padding,
   so no attention mask is needed and outputs equal an unbatched run.
-- Padded vocabulary rows (>= the real vocab size) are set to -inf before sampling: they can never be drawn.
+- Padded vocabulary rows (>= the real vocab size) are cut off before sampling: they can never be drawn, and
+  the number of random draws (one per column in torch's multinomial) is the same whatever the TP size pads.
 - Randomness comes from one ``torch.Generator`` seeded per call, so a rollout is reproducible from its seed
   and every tensor-parallel rank draws the same tokens (logits are gathered over TP for the last position
   only, which megatron-core requires in inference mode).
+- Under pipeline parallelism each forward runs stage by stage (``parallel.generation``): the last stage
+  samples and broadcasts the tokens, so every rank returns the same generations as a single process would.
 - ``logprobs`` are the model's log-probabilities (temperature 1, untruncated) of the emitted tokens: what
   the sampled-token estimator and importance weights need, independent of the sampling knobs.
 """
@@ -21,6 +24,8 @@ from typing import Sequence
 
 import torch
 
+from caopd_megatron.parallel.data_parallel import pipeline_parallel_size
+from caopd_megatron.parallel.generation import broadcast_step, stage_forward
 from caopd_megatron.runtime.progress import progress
 
 
@@ -96,21 +101,33 @@ def _generate_batch(model, prompts: Sequence[Sequence[int]], params: SamplingPar
     ctx = StaticInferenceContext(b, total)
     start = int(lens.min())
     cur = 0
+    pipelined = pipeline_parallel_size() > 1
     for t in range(start, total):
         # Feed what the cache has not seen yet: the shared prompt prefix first, then one token per step.
-        logits = model(tokens[:, cur:t], positions[:, cur:t], attention_mask=None, inference_context=ctx,
-                       runtime_gather_output=True)
+        if pipelined:
+            logits = stage_forward(model, tokens[:, cur:t], positions[:, cur:t], ctx)  # None before the last stage
+        else:
+            logits = model(tokens[:, cur:t], positions[:, cur:t], attention_mask=None, inference_context=ctx,
+                           runtime_gather_output=True)
         ctx.increment_sequence_len_offset(t - cur)
         if cur == 0:
             ctx.enable_decode_mode()
         cur = t
-        last = logits[:, -1, :].float()
-        last[:, real_vocab_size:] = float("-inf")
-        nxt = _sample(last, params, gen)
         in_prompt = t < lens
-        nxt = torch.where(in_prompt, tokens[:, t], nxt)
+        if logits is not None:
+            # Only the real vocabulary: padded rows can never be drawn, and the sampler's random draws (torch's
+            # multinomial draws one exponential per column) do not depend on the TP-dependent padding.
+            last = logits[:, -1, :real_vocab_size].float()
+            nxt = _sample(last, params, gen)
+            nxt = torch.where(in_prompt, tokens[:, t], nxt)
+            lp = torch.log_softmax(last, dim=-1).gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
+        else:
+            nxt = torch.empty(b, dtype=torch.long, device=device)
+            lp = torch.empty(b, dtype=torch.float32, device=device)
+        if pipelined:
+            # Only the last stage samples; every stage needs the tokens (the first feeds them next step).
+            broadcast_step(nxt, lp)
         active = ~in_prompt & ~done & (t < end)
-        lp = torch.log_softmax(last, dim=-1).gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
         logprobs[:, t] = torch.where(active, lp, torch.zeros_like(lp))
         tokens[:, t] = torch.where(in_prompt | active, nxt, torch.full_like(nxt, eos_id))
         hit_eos = active & (nxt == eos_id)
@@ -136,8 +153,8 @@ def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
     """Sample one response per prompt (repeat a prompt K times for K samples).
 
     Args:
-        model: a megatron-core GPTModel holding the whole pipeline (PP=1); any TP size (all TP ranks must
-            call with the same arguments and draw identical tokens).
+        model: this rank's megatron-core GPTModel stage (possibly DDP-wrapped); any TP / PP size (all ranks
+            must call with the same arguments; every rank returns the same generations).
         prompts: token ids per prompt.
         batch_size: sequences per forward; prompts are sorted by length so batches stay homogeneous.
     Returns: generations in the order of ``prompts``.

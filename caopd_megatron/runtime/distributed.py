@@ -51,19 +51,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def check_layout(world_size: int, parallel: ParallelConfig, num_layers: int, num_heads: int,
-                 num_query_groups: int | None) -> None:
+def check_layout(world_size: int | None, parallel: ParallelConfig, num_layers: int, num_heads: int,
+                 num_query_groups: int | None, what: str = "model") -> None:
+    """Raise ``LayoutError`` naming the numbers if this model cannot be split by this layout.
+
+    ``what`` names the model in the message (``model`` for the student, ``teacher.model`` for a separate
+    teacher, which shares the student's TP/PP/DP layout and so must split the same way). ``world_size``
+    None skips the world-size check (the model's own numbers only).
+    """
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     if tp < 1 or pp < 1:
         raise LayoutError(f"parallel sizes must be >= 1 (tensor_model_parallel_size={tp}, pipeline_model_parallel_size={pp})")
     if num_heads % tp:
-        raise LayoutError(f"num_attention_heads={num_heads} is not divisible by tensor_model_parallel_size={tp}")
+        raise LayoutError(f"{what}.num_attention_heads={num_heads} is not divisible by tensor_model_parallel_size={tp}")
     groups = num_query_groups or num_heads
     if groups % tp:
-        raise LayoutError(f"num_query_groups={groups} is not divisible by tensor_model_parallel_size={tp}")
+        raise LayoutError(f"{what}.num_query_groups={groups} is not divisible by tensor_model_parallel_size={tp}")
     if num_layers % pp:
-        raise LayoutError(f"num_layers={num_layers} is not divisible by pipeline_model_parallel_size={pp}")
-    if world_size % (tp * pp):
+        raise LayoutError(f"{what}.num_layers={num_layers} is not divisible by pipeline_model_parallel_size={pp}")
+    if world_size is not None and world_size % (tp * pp):
         raise LayoutError(f"world size {world_size} is not a multiple of TP x PP = {tp} x {pp} = {tp * pp}")
 
 

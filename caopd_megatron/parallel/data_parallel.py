@@ -1,0 +1,152 @@
+"""Data-parallel gradient reduction with megatron-core's ``DistributedDataParallel``.
+
+Design decisions:
+- One switch, ``needs_parallel_path()``: PP > 1 or DP > 1. Then the student is wrapped in megatron-core's
+  DDP and every training phase runs through ``parallel.schedule``; otherwise (single process, TP only) the
+  model stays a plain ``GPTModel`` and the original path runs unchanged.
+- Why megatron's DDP under PP even when DP = 1: its ``finalize_model_grads`` is what all-reduces the tied
+  word-embedding gradient between the first and last pipeline stages (and layer-norm gradients under
+  sequence parallelism). Using it for every parallel layout keeps one code path.
+- DDP configuration: all-reduce (``use_distributed_optimizer=False``), no overlap, gradients reduced in the
+  parameters' dtype. Gradients accumulate into DDP's contiguous ``main_grad`` buffers during the micro-batch
+  backwards; ``finish_gradients`` runs ``finalize_model_grads`` exactly once per optimizer step (after the
+  distillation *and* the replay backward, so the tied-embedding all-reduce never double counts) and then
+  points each ``param.grad`` at its ``main_grad``, so the project's torch AdamW, LR schedule, clipping and
+  per-rank checkpoints work as before. Megatron's distributed optimizer (reduce-scatter + sharded Adam state)
+  is not used yet: it needs a non-torch LR schedule and sharded optimizer checkpoints (see ``design.md``).
+- DDP pre-scales gradients by 1/DP before its SUM all-reduce (megatron's "average over replicas"). Our
+  per-micro-batch losses are already weighted by their share of the *global* batch, so the loss is multiplied
+  by ``loss_scale_for_dp() = DP`` to cancel that pre-scaling: the reduced gradient is then exactly the
+  gradient of the global-batch loss (a power-of-two DP size makes the cancellation bitwise exact).
+- ``unwrap`` is used wherever code needs the GPTModel's attributes (output layer, decoder); forward calls go
+  through the wrapper unchanged.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def data_parallel_size() -> int:
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return 1
+    return parallel_state.get_data_parallel_world_size()
+
+
+def data_parallel_rank() -> int:
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return 0
+    return parallel_state.get_data_parallel_rank()
+
+
+def pipeline_parallel_size() -> int:
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return 1
+    return parallel_state.get_pipeline_model_parallel_world_size()
+
+
+def needs_parallel_path() -> bool:
+    """True when the step must run on megatron's schedules with a DDP-wrapped student (PP > 1 or DP > 1)."""
+    return pipeline_parallel_size() > 1 or data_parallel_size() > 1
+
+
+def unwrap(model):
+    """The ``GPTModel`` inside any number of DDP / Float16Module wrappers."""
+    while hasattr(model, "module") and not hasattr(model, "decoder"):
+        model = model.module
+    return model
+
+
+def is_wrapped(model) -> bool:
+    return hasattr(model, "finish_grad_sync") and hasattr(model, "module")
+
+
+def wrap_student(model):
+    """Wrap ``model`` in megatron-core DDP when the parallel path is active; return it unchanged otherwise.
+
+    The replicas' parameters are broadcast from DP rank 0, so they start identical whatever each rank built.
+    """
+    if not needs_parallel_path() or is_wrapped(model):
+        return model
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=False, overlap_grad_reduce=False,
+                                               use_distributed_optimizer=False, check_for_nan_in_grad=False)
+    ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+    ddp.broadcast_params()
+    log.info("student wrapped in megatron-core DDP (DP=%d, PP=%d)", data_parallel_size(), pipeline_parallel_size())
+    return ddp
+
+
+def require_wrapped(model, what: str) -> None:
+    if needs_parallel_path() and not is_wrapped(model):
+        raise RuntimeError(f"{what} under PP={pipeline_parallel_size()} / DP={data_parallel_size()} needs the student "
+                           f"wrapped by caopd_megatron.parallel.data_parallel.wrap_student (build_student does it)")
+
+
+def loss_scale_for_dp() -> float:
+    """Factor that cancels DDP's 1/DP gradient pre-scaling (losses here are global-batch weighted)."""
+    return float(data_parallel_size())
+
+
+def start_gradients(model, optimizer=None) -> None:
+    """Begin an optimizer step: zero DDP's grad buffers and drop ``param.grad`` (it aliases ``main_grad``)."""
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
+    for p in model.parameters():
+        # A .grad still aliasing main_grad would make autograd accumulate into the buffer AND the DDP hook
+        # add it again: it must be None before any backward.
+        p.grad = None
+    if is_wrapped(model):
+        model.zero_grad_buffer()
+
+
+def finish_gradients(model) -> None:
+    """After all backwards of a step: DP all-reduce, tied-embedding / SP reductions, then ``p.grad = main_grad``."""
+    if not is_wrapped(model):
+        return
+    from megatron.core.distributed import finalize_model_grads
+
+    finalize_model_grads([model])
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        grad = getattr(p, "main_grad", None)
+        if grad is None:
+            continue
+        p.grad = grad if grad.dtype == p.dtype else grad.to(p.dtype)
+
+
+def dp_slice(n: int) -> slice:
+    """This DP rank's contiguous share of ``n`` items: ``ceil(n / DP)`` each, the last ranks may get fewer."""
+    size, rank = data_parallel_size(), data_parallel_rank()
+    per = -(-n // size)
+    return slice(min(n, rank * per), min(n, (rank + 1) * per))
+
+
+def all_reduce_dp(value: torch.Tensor) -> torch.Tensor:
+    """SUM over the data-parallel group (in place; returned for chaining)."""
+    from megatron.core import parallel_state
+
+    if data_parallel_size() > 1:
+        torch.distributed.all_reduce(value, group=parallel_state.get_data_parallel_group())
+    return value
+
+
+def broadcast_from_last_stage(value: torch.Tensor) -> torch.Tensor:
+    """Every pipeline stage gets the last stage's ``value`` (in place); a no-op without PP."""
+    from megatron.core import parallel_state
+
+    if pipeline_parallel_size() > 1:
+        torch.distributed.broadcast(value, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                    group=parallel_state.get_pipeline_model_parallel_group())
+    return value

@@ -1,0 +1,54 @@
+"""Autoregressive decoding through a pipeline: each stage runs its layers, hidden states go stage to stage.
+
+Design decisions:
+- The sampler (``rollout/sampler.py``) keeps its algorithm (shared-prefix prefill, then one token per step,
+  megatron's ``StaticInferenceContext`` as KV cache); under PP each forward call becomes
+  ``stage_forward``: a non-first stage receives the previous stage's ``[s, b, h]`` activations by p2p
+  (``recv`` from the previous pipeline rank), runs its layers with its own KV cache, and sends its output on;
+  only the last stage has logits. Sampling happens on the last stage (same generator, same draws as one
+  process) and the chosen tokens and their log-probabilities are broadcast over the pipeline group, so every
+  stage returns identical generations (rollouts and revision are replicated on every rank).
+- Blocking ``send``/``recv`` are enough: decoding is strictly sequential (stage k+1 needs stage k's output of
+  the same step), so there is nothing to overlap; the shapes are known on both sides (the step's new tokens x
+  batch x hidden), so no shape exchange is needed.
+- Cost: one p2p of ``[new tokens, b, h]`` per stage boundary and one broadcast of ``2 x b`` numbers per decoded
+  token. Stages idle while others compute (no micro-batch interleaving across generation batches): simple and
+  exactly equal to the single-process sampler, which is what this path is for; a production rollout fleet
+  would use megatron's inference engine or a dedicated server.
+- Data-parallel replicas each generate the whole rollout (identical, since weights and seeds are identical):
+  redundant work, but the samples are exactly those of the single-process run.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from caopd_megatron.parallel.data_parallel import unwrap
+
+
+def stage_forward(model, tokens: torch.Tensor, positions: torch.Tensor, inference_context) -> torch.Tensor | None:
+    """One decoding forward of this stage for ``tokens`` ``[b, s]``; returns ``[b, s, V]`` logits (gathered over
+    TP) on the last stage, ``None`` on the others."""
+    from megatron.core import parallel_state
+
+    inner = unwrap(model)
+    if not parallel_state.is_pipeline_first_stage():
+        b, s = tokens.shape
+        hidden = torch.empty((s, b, inner.config.hidden_size), dtype=inner.config.params_dtype,
+                             device=tokens.device)
+        dist.recv(hidden, src=parallel_state.get_pipeline_model_parallel_prev_rank())
+        inner.set_input_tensor(hidden)
+    out = model(tokens, positions, attention_mask=None, inference_context=inference_context,
+                runtime_gather_output=True)
+    if not parallel_state.is_pipeline_last_stage():
+        dist.send(out.contiguous(), dst=parallel_state.get_pipeline_model_parallel_next_rank())
+        return None
+    return out
+
+
+def broadcast_step(tokens: torch.Tensor, logprobs: torch.Tensor) -> None:
+    """Every stage gets the last stage's chosen ``tokens`` ``[b]`` and their ``logprobs`` ``[b]`` (in place)."""
+    from caopd_megatron.parallel.data_parallel import broadcast_from_last_stage
+
+    broadcast_from_last_stage(tokens)
+    broadcast_from_last_stage(logprobs)

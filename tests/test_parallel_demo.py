@@ -1,0 +1,78 @@
+"""The embedded default under ``parallel.tensor_model_parallel_size=2``, ``parallel.pipeline_model_parallel_size=2``
+and plain data parallelism (two CPU processes under torchrun, gloo) reproduces the single-process run: same
+per-question evaluation responses for base / OPD / CaOPD, same metrics, same training-loss trajectory (fp32
+tolerance).
+
+Reduced sizes as in ``test_cli_e2e``; what makes the runs comparable is that a seeded build starts from the
+single-process weights in every layout (``models/builder.py``), sampling does not depend on vocabulary
+padding (``rollout/sampler.py``), and every step is the single-process step (``tests/test_parallel_layouts``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dist_harness import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads=4", "model.ffn_hidden_size=64",
+        "task.n_train=64", "task.n_eval=40", "rollout.prompts_per_step=4", "rollout.samples_per_prompt=4",
+        "logging.progress=false", "logging.level=WARNING", "run.threads=1", "warmup.steps=15",
+        "warmup.batch_size=32", "distill.steps=3", "distill.micro_batch_size=8"]
+
+
+def _demo(out: Path, nproc: int, *overrides: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "caopd_megatron.cli.main"]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={free_port()}", "-m", "caopd_megatron.cli.main"]
+    proc = subprocess.run([*cmd, "demo", *TINY, f"run.output_dir={out}", *overrides], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=600)
+    if proc.returncode != 0:
+        raise AssertionError(f"demo {overrides} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("single") / "demo"
+    _demo(out, 1)
+    return out
+
+
+@pytest.mark.parametrize("override", ["parallel.tensor_model_parallel_size=2",
+                                      "parallel.pipeline_model_parallel_size=2",
+                                      "parallel.backend=gloo"])  # no TP/PP: DP=2 (warm-up and steps DP-split)
+def test_demo_under_two_process_layout_matches_single_process(single: Path, tmp_path: Path, override: str) -> None:
+    out = tmp_path / "demo"
+    _demo(out, 2, override)
+    want, got = json.loads((single / "summary.json").read_text()), json.loads((out / "summary.json").read_text())
+    assert set(got) == set(want)
+    for name in ("base", "OPD", "CaOPD"):
+        for key, value in want[name].items():
+            expected = value if value is None else pytest.approx(value, abs=1e-9)
+            assert got[name][key] == expected, f"{override}: {name} {key}"
+    assert got["accuracy_by_digits"] == want["accuracy_by_digits"]
+    for name in ("base", "opd", "caopd"):
+        # Greedy answers and stated confidences, question by question.
+        assert _lines(out / "eval" / f"{name}_responses.jsonl") == _lines(single / "eval" / f"{name}_responses.jsonl")
+    for name in ("opd", "caopd"):
+        ref, log = _lines(single / name / "train_log.jsonl"), _lines(out / name / "train_log.jsonl")
+        assert [e["step"] for e in log] == [0, 1, 2]  # one writer: no duplicated entries from other ranks
+        for a, b in zip(log, ref):
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+            for key in ("accuracy", "stated_confidence", "empirical_confidence", "lr"):
+                assert a[key] == b[key], f"{override}: {name} step {a['step']} {key}"
