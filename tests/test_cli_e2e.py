@@ -24,8 +24,18 @@ TINY = ["model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads
         "logging.progress=false", "logging.level=WARNING", "run.threads=1"]
 
 
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
+                 "SLURM_LOCALID")
+
+
+def clean_env(**extra: str) -> dict:
+    """This process's environment without launcher variables: each `caopd` child is a single-process job."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    return {**env, **extra}
+
+
 def caopd(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = clean_env(PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-m", "caopd_megatron.cli.main", *args], capture_output=True, text=True,
                           env=env, cwd=ROOT, timeout=600)
     if check and proc.returncode != 0:
@@ -119,7 +129,7 @@ def test_broken_transformer_engine_is_explained(tmp_path: Path) -> None:
     fake = tmp_path / "site" / "transformer_engine"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text('raise RuntimeError("Could not load libcudart.so.12")\n')
-    env = {**os.environ, "PYTHONPATH": f"{fake.parent}{os.pathsep}{ROOT}"}
+    env = clean_env(PYTHONPATH=f"{fake.parent}{os.pathsep}{ROOT}")
     proc = subprocess.run([sys.executable, "-m", "caopd_megatron.cli.main", "run", f"run.output_dir={tmp_path / 'r'}"],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert proc.returncode == 2

@@ -81,14 +81,16 @@ def initialize(parallel: ParallelConfig, seed: int) -> DistEnv:
     env = read_env()
     if not dist.is_initialized():
         backend = parallel.backend if parallel.backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
+        init_method = None
         if env.launcher == "single":
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            # A private rendezvous on a free local port, not written into os.environ: child processes (a test
+            # launching `caopd` in a subprocess, say) must not inherit a port this process already listens on.
+            init_method = f"tcp://127.0.0.1:{_free_port()}"
         elif "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
             raise LayoutError(f"{env.launcher} launch with {env.world_size} ranks needs MASTER_ADDR and MASTER_PORT")
         if torch.cuda.is_available():
             torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
-        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size)
+        dist.init_process_group(backend, init_method=init_method, rank=env.rank, world_size=env.world_size)
     world = dist.get_world_size()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
