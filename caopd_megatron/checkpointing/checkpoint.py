@@ -452,6 +452,20 @@ def _save_failure(step: int, final: Path, failed: list[int], rank: int, error: B
                            f"logs); `latest` is unchanged")
 
 
+def _collective_phase(work, step: int, final: Path, tmp: Path, rank: int) -> None:
+    """Run ``work`` on every rank; if it failed anywhere, every rank raises (rank 0 removes the temp folder)."""
+    error: Exception | None = None
+    try:
+        work()
+    except Exception as exc:  # noqa: BLE001 - reported to every rank below
+        error = exc
+    failed = _failed_ranks(error is not None)
+    if failed:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise _save_failure(step, final, failed, rank, error)
+
+
 def save_checkpoint(run_dir: str | Path, step: int, *, student: nn.Module,
                     optimizer: torch.optim.Optimizer | None,
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
@@ -479,9 +493,7 @@ def save_checkpoint(run_dir: str | Path, step: int, *, student: nn.Module,
     pid = _broadcast_from_rank0(os.getpid())
     tmp = root / f"{final.name}.tmp-{pid}"
 
-    # Phase 1: every rank writes and fsyncs its own file into the shared temp folder.
-    error: Exception | None = None
-    try:
+    def write_rank_file() -> None:
         payload = {
             "format_version": FORMAT_VERSION,
             "rank": rank,
@@ -501,31 +513,21 @@ def save_checkpoint(run_dir: str | Path, step: int, *, student: nn.Module,
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
-    except Exception as exc:  # noqa: BLE001 - reported to every rank below
-        error = exc
-    failed = _failed_ranks(error is not None)
-    if failed:
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise _save_failure(step, final, failed, rank, error)
 
-    # Phase 1b (optional, collective): the layout-independent copy, inside the same temp folder.
+    def write_distributed_copy() -> None:
+        from caopd_megatron.checkpointing.distributed_checkpoint import save_distributed
+
+        save_distributed(tmp / DIST_DIR, student=student, teacher=teacher, optimizer=optimizer, scheduler=scheduler,
+                         metadata={"train_state": {"step": state.step, "data_position": state.data_position,
+                                                   "metadata": state.metadata}})
+
+    # Phase 1: every rank writes and fsyncs its own file into the shared temp folder; optionally (1b) the
+    # layout-independent megatron-core copy goes into the same folder.
+    _collective_phase(write_rank_file, step, final, tmp, rank)
     if distributed:
-        try:
-            from caopd_megatron.checkpointing.distributed_checkpoint import save_distributed
+        _collective_phase(write_distributed_copy, step, final, tmp, rank)
 
-            save_distributed(tmp / DIST_DIR, student=student, teacher=teacher, optimizer=optimizer,
-                             scheduler=scheduler,
-                             metadata={"train_state": {"step": state.step, "data_position": state.data_position,
-                                                       "metadata": state.metadata}})
-        except Exception as exc:  # noqa: BLE001 - reported to every rank below
-            error = exc
-        failed = _failed_ranks(error is not None)
-        if failed:
-            if rank == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise _save_failure(step, final, failed, rank, error)
-
+    error: Exception | None = None
     # Phase 2: rank 0 seals the folder, renames it into place, then (and only then) moves `latest`.
     if rank == 0:
         try:
