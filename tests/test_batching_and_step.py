@@ -147,6 +147,24 @@ def test_build_scheduler_drives_optimizer_lr():
         build_optimizer([torch.nn.Parameter(torch.zeros(1), requires_grad=False)], cfg)
 
 
+def test_schedule_resumes_from_a_lambdalr_state_dict():
+    """Checkpoints written when the schedule was a ``LambdaLR`` load into ``LRSchedule`` and continue alike."""
+    cfg = OptimConfig(lr=2e-3, min_lr=2e-4, warmup_steps=2)
+    old_opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))], lr=cfg.lr)
+    old = torch.optim.lr_scheduler.LambdaLR(old_opt, lambda s: lr_multiplier(s, 6, cfg, cfg.lr))
+    for _ in range(3):
+        old_opt.step()
+        old.step()
+    opt = build_optimizer([torch.nn.Parameter(torch.zeros(3))], cfg, lr=5.0)  # another base until loaded
+    sched = build_scheduler(opt, cfg, total_steps=6)
+    sched.load_state_dict(old.state_dict())
+    assert sched.last_epoch == 3 and opt.param_groups[0]["lr"] == old_opt.param_groups[0]["lr"]
+    old_opt.step()
+    old.step()
+    sched.step()
+    assert sched.get_last_lr() == old.get_last_lr()
+
+
 # ---------------------------------------------------------------- clip_grad_norm
 def _params_with_grads(seed):
     g = torch.Generator().manual_seed(seed)

@@ -267,6 +267,39 @@ def test_shape_mismatch_names_tensor_and_both_shapes(tmp_path):
         load_checkpoint(tmp_path, student=nn.Linear(8, 1))
 
 
+class _ShardedOptimizer:
+    """Stands in for the distributed optimizer's wrapper: its own state format and ``check_state_dict``."""
+
+    def __init__(self, opt):
+        self.opt = opt
+
+    def state_dict(self):
+        return {"format": "megatron_distributed_optimizer", "common": {}, "param_state": {}}
+
+    def check_state_dict(self, saved):
+        if saved.get("format") != "megatron_distributed_optimizer":
+            raise ValueError("optimizer state was written by a torch optimizer")
+
+    def load_state_dict(self, saved):
+        self.check_state_dict(saved)
+
+
+def test_optimizer_state_formats_are_not_mixed(tmp_path):
+    """A torch optimizer's checkpoint is refused by a sharded optimizer and vice versa, before any change."""
+    model, opt, sched = _build(0)
+    _save(tmp_path / "torch", 1, model, opt, sched)
+    _save(tmp_path / "sharded", 1, model, _ShardedOptimizer(opt), sched)
+    other, other_opt, _ = _build(1)
+    before = other[0].weight.detach().clone()
+    with pytest.raises(CheckpointError, match="written by a torch optimizer"):
+        load_checkpoint(tmp_path / "torch", student=other, optimizer=_ShardedOptimizer(other_opt))
+    with pytest.raises(CheckpointError, match="'megatron_distributed_optimizer' format.*torch optimizer"):
+        load_checkpoint(tmp_path / "sharded", student=other, optimizer=other_opt)
+    assert torch.equal(other[0].weight, before)
+    load_checkpoint(tmp_path / "sharded", student=other, optimizer=_ShardedOptimizer(other_opt))
+    assert torch.equal(other[0].weight, model[0].weight)
+
+
 def test_layout_mismatch_names_both_layouts(tmp_path, monkeypatch):
     import types
 

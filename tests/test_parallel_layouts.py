@@ -38,60 +38,118 @@ LAYOUTS_2 = [(2, 1), (1, 2), (1, 1)]  # (TP, PP); DP = world / (TP x PP)
 LAYOUTS_4 = [(2, 2), (2, 1), (1, 2)]
 
 
-def _step(name: str, tp: int, pp: int, init: dict | None) -> dict:
-    """One step of scenario ``name`` under (tp, pp); ``init`` None = build from seeds (the reference)."""
-    from caopd_megatron.config.schema import DistillConfig, OptimConfig
+def _objects(name: str, tp: int, pp: int, init: dict | None, distributed_optimizer: bool = False):
+    """Student (wrapped), frozen teacher, optimizer, schedule of scenario ``name``; ``init`` None = seeded
+    weights (the reference), else ``init``'s weights. Returns them and the seeded weights (gathered)."""
+    from caopd_megatron.config.schema import OptimConfig
     from caopd_megatron.distill.optim import build_optimizer, build_scheduler
-    from caopd_megatron.distill.sft import SupervisedRows
-    from caopd_megatron.distill.step import distill_step
-    from caopd_megatron.models.teacher import ema_update, freeze
+    from caopd_megatron.models.teacher import freeze
     from caopd_megatron.parallel.data_parallel import wrap_student
     from caopd_megatron.parallel.state import gather_full_state_dict, load_full_state_dict
-    from caopd_megatron.rollout.sampler import SamplingParams, generate
 
     sc = SCENARIOS[name]
     student = _build(sc["student"], tp, pp, seed=1)
     teacher = freeze(_build(sc["teacher"], tp, pp, seed=2))
-    out: dict = {}
-    if init is None:
-        out["init_student"] = gather_full_state_dict(student)
-        out["init_teacher"] = gather_full_state_dict(teacher)
-    else:
+    seeded = {"student": gather_full_state_dict(student), "teacher": gather_full_state_dict(teacher)}
+    if init is not None:
         # Seeded builds start from the single-process weights in every layout (builder's CPU initialisation).
-        out["seeded_student"] = gather_full_state_dict(student)
-        out["seeded_teacher"] = gather_full_state_dict(teacher)
         load_full_state_dict(student, init["init_student"])
         load_full_state_dict(teacher, init["init_teacher"])
-    student = wrap_student(student)
-    if name == "A":
+    student = wrap_student(student, distributed_optimizer=distributed_optimizer)
+    ocfg = OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant", weight_decay=0.1)
+    opt = build_optimizer(student, ocfg)
+    return student, teacher, opt, build_scheduler(opt, ocfg, 10), seeded
+
+
+def _distill(name: str, student, teacher, opt, sched):
+    from caopd_megatron.config.schema import DistillConfig
+    from caopd_megatron.distill.sft import SupervisedRows
+    from caopd_megatron.distill.step import distill_step
+
+    sc = SCENARIOS[name]
+    examples = _examples()
+    chosen = examples[1:1 + sc["replay"]]
+    replay = SupervisedRows([e.teacher_prompt_ids for e in chosen], [e.response_ids for e in chosen], 0) if chosen else None
+    cfg = DistillConfig(grad_clip=0.5, **sc["distill"])
+    return distill_step(student, teacher, opt, sched, examples, cfg, 0, VOCAB, extra_loss=replay)
+
+
+def _step(name: str, tp: int, pp: int, init: dict | None, distributed_optimizer: bool = False,
+          steps: int = 1) -> dict:
+    """Scenario ``name`` under (tp, pp): one step (loss, norm, gradients, weights, EMA teacher) and, with
+    ``steps=2``, a second one (``loss2``, ``grad_norm2``, ``weights2``: Adam's moments from step 1 matter)."""
+    from caopd_megatron.models.teacher import ema_update
+    from caopd_megatron.parallel.state import gather_full_state_dict
+    from caopd_megatron.rollout.sampler import SamplingParams, generate
+
+    sc = SCENARIOS[name]
+    student, teacher, opt, sched, seeded = _objects(name, tp, pp, init, distributed_optimizer)
+    out: dict = {}
+    if init is None:
+        out["init_student"], out["init_teacher"] = seeded["student"], seeded["teacher"]
+    else:
+        out["seeded_student"], out["seeded_teacher"] = seeded["student"], seeded["teacher"]
+    if name == "A" and not distributed_optimizer:
         # Decoding through the pipeline / TP shards: sampled and greedy, prompts of different lengths.
         prompts = [e.student_prompt_ids for e in _examples()]
         for temperature in (1.0, 0.0):
             gens = generate(student, prompts, SamplingParams(max_new_tokens=5, temperature=temperature, seed=7),
                             eos_id=3, real_vocab_size=VOCAB, batch_size=3)
             out[f"generate_t{temperature}"] = [(g.response_ids, g.logprobs) for g in gens]
-    ocfg = OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant", weight_decay=0.1)
-    opt = build_optimizer(student.parameters(), ocfg)
-    sched = build_scheduler(opt, ocfg, 10)
-    examples = _examples()
-    cfg = DistillConfig(grad_clip=0.5, **sc["distill"])
-    chosen = examples[1:1 + sc["replay"]]
-    replay = SupervisedRows([e.teacher_prompt_ids for e in chosen], [e.response_ids for e in chosen], 0) if chosen else None
-    stats = distill_step(student, teacher, opt, sched, examples, cfg, 0, VOCAB, extra_loss=replay)
+    stats = _distill(name, student, teacher, opt, sched)
     out.update(loss=stats.loss, grad_norm=stats.grad_norm, tokens=stats.tokens, sequences=stats.sequences,
-               grads=gather_full_state_dict(student, grads=True), weights=gather_full_state_dict(student))
+               weights=gather_full_state_dict(student))
+    if not distributed_optimizer:  # with it, each DP rank holds the reduced gradient of its own range only
+        out["grads"] = gather_full_state_dict(student, grads=True)
     if sc["ema"] is not None:
         ema_update(teacher, student, sc["ema"])
         out["ema_teacher"] = gather_full_state_dict(teacher)
+    if steps == 2:
+        stats = _distill(name, student, teacher, opt, sched)
+        out.update(loss2=stats.loss, grad_norm2=stats.grad_norm, weights2=gather_full_state_dict(student))
+    if distributed_optimizer:
+        from megatron.core import parallel_state
+
+        out["state_numel"] = (parallel_state.get_tensor_model_parallel_rank(), opt.local_state_numel(),
+                              sum(p.numel() for p in student.parameters() if p.requires_grad))
+    return out
+
+
+def _resume(tp: int, pp: int, ref: dict, root: str) -> dict:
+    """Scenario A with the distributed optimizer: step, save (per-rank files + distributed copy), step again;
+    then fresh objects resume from the per-rank files, and others from the distributed copy, and take that
+    second step. Returns the three second-step results."""
+    from caopd_megatron.checkpointing.checkpoint import TrainState, load_checkpoint, save_checkpoint
+    from caopd_megatron.checkpointing.distributed_checkpoint import load_distributed
+    from caopd_megatron.parallel.state import gather_full_state_dict
+
+    def second_step(objs) -> dict:
+        stats = _distill("A", *objs[:4])
+        return {"loss": stats.loss, "grad_norm": stats.grad_norm, "weights": gather_full_state_dict(objs[0])}
+
+    objs = _objects("A", tp, pp, ref, distributed_optimizer=True)
+    _distill("A", *objs[:4])
+    ckpt = save_checkpoint(root, 1, student=objs[0], optimizer=objs[2], scheduler=objs[3], teacher=objs[1],
+                           state=TrainState(1, {}), config_yaml="", distributed=True)
+    out = {"uninterrupted": second_step(objs)}
+    objs = _objects("A", tp, pp, ref, distributed_optimizer=True)
+    load_checkpoint(root, student=objs[0], optimizer=objs[2], scheduler=objs[3], teacher=objs[1])
+    out["per_rank_files"] = second_step(objs)
+    objs = _objects("A", tp, pp, ref, distributed_optimizer=True)
+    load_distributed(ckpt / "dist", student=objs[0], teacher=objs[1], optimizer=objs[2], scheduler=objs[3])
+    out["distributed_copy"] = second_step(objs)
     return out
 
 
 def _reference(rank: int, world: int) -> dict:
     _init_parallel(1, 1)
-    return {name: _step(name, 1, 1, None) for name in SCENARIOS}
+    return {name: _step(name, 1, 1, None, steps=2) for name in SCENARIOS}
 
 
-def _layouts(rank: int, world: int, layouts: list, refs: dict) -> dict:
+def _layouts(rank: int, world: int, layouts: list, refs: dict, distopt: tuple = (), resume_root: str = "") -> dict:
+    """Every scenario under each (tp, pp) of ``layouts``; the (tp, pp) in ``distopt`` also with megatron's
+    distributed optimizer for two steps (keys ``("distopt", tp, pp, name)``) and, with ``resume_root``, the
+    save/resume check (key ``("resume", tp, pp)``)."""
     from megatron.core import parallel_state
 
     results = {}
@@ -101,6 +159,14 @@ def _layouts(rank: int, world: int, layouts: list, refs: dict) -> dict:
             r = _step(name, tp, pp, refs[name])
             r["dp"] = parallel_state.get_data_parallel_world_size()
             results[(tp, pp, name)] = r
+        if (tp, pp) not in distopt:
+            continue
+        for name in SCENARIOS:
+            r = _step(name, tp, pp, refs[name], distributed_optimizer=True, steps=2)
+            r["dp"] = parallel_state.get_data_parallel_world_size()
+            results[("distopt", tp, pp, name)] = r
+        if resume_root:
+            results[("resume", tp, pp)] = _resume(tp, pp, refs["A"], resume_root)
     return results
 
 
@@ -120,26 +186,48 @@ def _close_dicts(got: dict, want: dict, what: str, atol: float = 2e-6) -> None:
 
 
 def _check(results: dict, refs: dict, world: int) -> None:
-    for (tp, pp, name), r in results.items():
+    """Every layout run in ``results`` (plain and distributed-optimizer ones) against the reference."""
+    for key, r in results.items():
+        if key[0] == "resume":
+            continue
+        *kind, tp, pp, name = key
         ref = refs[name]
-        label = f"TP={tp} PP={pp} DP={r['dp']} scenario {name}"
+        label = f"TP={tp} PP={pp} DP={r['dp']} scenario {name}" + (" distributed optimizer" if kind else "")
         assert r["dp"] == world // (tp * pp)
         assert r["loss"] == pytest.approx(ref["loss"], rel=1e-5, abs=1e-6), label
         assert r["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5), label
         assert (r["tokens"], r["sequences"]) == (ref["tokens"], ref["sequences"]), label
         _close_dicts(r["seeded_student"], ref["init_student"], f"{label} seeded student init", atol=0.0)
         _close_dicts(r["seeded_teacher"], ref["init_teacher"], f"{label} seeded teacher init", atol=0.0)
-        _close_dicts(r["grads"], ref["grads"], f"{label} grad")
+        if "grads" in r:
+            _close_dicts(r["grads"], ref["grads"], f"{label} grad")
         # Adam's first step is ~lr * g / (|g| + eps): for |g| near eps an fp32-rounding difference in g moves the
         # update by a visible fraction of lr, so weights are compared to 1e-3 of one step (lr = 1e-2).
         _close_dicts(r["weights"], ref["weights"], f"{label} weight", atol=1e-5)
+        if "loss2" in r:  # second step: Adam's moments of step 1 (sharded with the distributed optimizer) matter
+            assert r["loss2"] == pytest.approx(ref["loss2"], rel=1e-5, abs=1e-6), label
+            assert r["grad_norm2"] == pytest.approx(ref["grad_norm2"], rel=1e-5), label
+            _close_dicts(r["weights2"], ref["weights2"], f"{label} weight after step 2", atol=1e-5)
         for key in ("generate_t1.0", "generate_t0.0"):
-            if key in ref:
+            if key in r:
                 assert [g[0] for g in r[key]] == [g[0] for g in ref[key]], f"{label} {key} tokens"
                 for (_, lp), (_, lp_ref) in zip(r[key], ref[key]):
                     assert lp == pytest.approx(lp_ref, rel=1e-4, abs=1e-5), f"{label} {key} logprobs"
         if "ema_teacher" in ref:
             _close_dicts(r["ema_teacher"], ref["ema_teacher"], f"{label} EMA teacher")
+
+
+@pytest.fixture(scope="module")
+def two_process(references, tmp_path_factory) -> list[dict]:
+    """One 2-process world: TP=2, PP=2, DP=2; DP=2 also with the distributed optimizer and its save/resume."""
+    root = str(tmp_path_factory.mktemp("distopt_resume"))
+    return run_distributed(_layouts, 2, LAYOUTS_2, references, ((1, 1),), root)
+
+
+@pytest.fixture(scope="module")
+def four_process(references) -> list[dict]:
+    """One 4-process world: TP2xPP2, TP2xDP2, PP2xDP2; TP2xDP2 also with the distributed optimizer."""
+    return run_distributed(_layouts, 4, LAYOUTS_4, references, ((2, 1),))
 
 
 def test_reference_is_a_real_step(references) -> None:
@@ -148,22 +236,76 @@ def test_reference_is_a_real_step(references) -> None:
         assert ref["loss"] > 0
         moved = max(float((ref["weights"][k] - ref["init_student"][k]).abs().max()) for k in ref["weights"])
         assert moved > 1e-3, name
+        moved = max(float((ref["weights2"][k] - ref["weights"][k]).abs().max()) for k in ref["weights"])
+        assert moved > 1e-3, name
 
 
-def test_two_process_layouts_tp2_pp2_dp2(references) -> None:
-    results = run_distributed(_layouts, 2, LAYOUTS_2, references)
+def _plain(results: dict) -> dict:
+    return {k: v for k, v in results.items() if k[0] not in ("distopt", "resume")}
+
+
+def test_two_process_layouts_tp2_pp2_dp2(two_process, references) -> None:
+    results = [_plain(r) for r in two_process]
     # Every rank gathered the same replica; compare rank 0's and check the others agree on the loss.
     _check(results[0], references, 2)
     for key in results[0]:
         assert results[1][key]["loss"] == results[0][key]["loss"]
 
 
-def test_four_process_layouts_tp2xpp2_tp2xdp2_pp2xdp2(references) -> None:
-    results = run_distributed(_layouts, 4, LAYOUTS_4, references)
+def test_four_process_layouts_tp2xpp2_tp2xdp2_pp2xdp2(four_process, references) -> None:
+    results = [_plain(r) for r in four_process]
     _check(results[0], references, 4)
     for rank in range(1, 4):
         for key in results[0]:
             assert results[rank][key]["loss"] == results[0][key]["loss"]
+
+
+def _distopt(results: dict) -> dict:
+    return {k: v for k, v in results.items() if k[0] == "distopt"}
+
+
+def test_distributed_optimizer_dp2_and_tp2xdp2_take_the_single_process_steps(two_process, four_process,
+                                                                            references) -> None:
+    """Two steps with megatron's DistributedOptimizer (reduce-scatter, sharded AdamW, all-gather) under DP=2
+    and TP=2 x DP=2 give the single-process losses, norms (clipped) and updated weights, both scenarios."""
+    for world, results in ((2, two_process), (4, four_process)):
+        assert len(_distopt(results[0])) == len(SCENARIOS)
+        _check(_distopt(results[0]), references, world)
+        for rank in range(1, world):
+            for key, r in _distopt(results[rank]).items():
+                assert (r["loss"], r["loss2"]) == (results[0][key]["loss"], results[0][key]["loss2"])
+                _close_dicts(r["weights2"], results[0][key]["weights2"], f"rank {rank} {key}", atol=0.0)
+
+
+def test_distributed_optimizer_shards_adam_state_over_dp(two_process, four_process) -> None:
+    """Each DP rank holds about 1/DP of its model shard's optimizer state; the DP ranks' parts add up to it."""
+    for world, dp, results in ((2, 2, two_process), (4, 2, four_process)):
+        for name in SCENARIOS:
+            per_tp: dict[int, list] = {}
+            for rank_results in results:
+                (key,) = [k for k in _distopt(rank_results) if k[-1] == name]
+                tp_rank, numel, total = rank_results[key]["state_numel"]
+                per_tp.setdefault(tp_rank, []).append((numel, total))
+            for tp_rank, parts in per_tp.items():
+                assert len(parts) == dp, (world, name, tp_rank)
+                total = parts[0][1]
+                assert sum(n for n, _ in parts) == total, (world, name, tp_rank, parts)
+                for n, _ in parts:
+                    assert abs(n - total / dp) <= 0.05 * total, (world, name, tp_rank, parts)
+
+
+def test_distributed_optimizer_resume_takes_the_uninterrupted_step(two_process) -> None:
+    """DP=2 with the distributed optimizer: after a save, a fresh run resumed from the per-rank files and one
+    resumed from the distributed copy take exactly the second step of the uninterrupted run."""
+    for results in two_process:
+        r = results[("resume", 1, 1)]
+        want = r["uninterrupted"]
+        for source in ("per_rank_files", "distributed_copy"):
+            got = r[source]
+            assert (got["loss"], got["grad_norm"]) == (want["loss"], want["grad_norm"]), source
+            _close_dicts(got["weights"], want["weights"], source, atol=0.0)
+            assert any(not torch.equal(got["weights"][k], two_process[0][("distopt", 1, 1, "A")]["weights"][k])
+                       for k in got["weights"]), "the second step moved the weights"
 
 
 @pytest.mark.parametrize("tp, pp, world, model, needle", [

@@ -26,6 +26,11 @@ Design decisions:
   a rollback those belong to an abandoned lineage whose fate is the user's call. ``meta.json`` is deleted
   first so a pruning interrupted midway leaves an incomplete folder, never a complete-looking broken one.
   ``keep_last=0`` keeps everything.
+- Optimizers: a torch optimizer's ``state_dict()`` is stored as is. megatron's distributed optimizer
+  (``parallel/distributed_optimizer.py``) holds only this DP rank's ranges of the Adam state, which megatron's
+  own ``state_dict()`` omits; its wrapper's ``state_dict()`` adds them (this rank's ranges as plain tensors,
+  no communication) and validates a saved one through ``check_state_dict``, so per-rank files never drop
+  them. A checkpoint written with one kind of optimizer is refused (with a message) by the other.
 - Loading never unpickles code: ``torch.load(..., weights_only=True, map_location="cpu")``. Everything saved
   is tensors or plain Python values; python ``random``'s state is stored as a JSON-able dict, numpy's legacy
   global state (only when numpy is imported) as a tensor plus scalars, torch CPU/CUDA states as byte tensors,
@@ -621,7 +626,17 @@ def _check_state_dict(saved: Mapping[str, Any], module: nn.Module, what: str, so
                                   f"checkpoint but {tuple(want.shape)} in the model")
 
 
-def _check_optimizer(saved: Mapping[str, Any], optimizer: torch.optim.Optimizer, source: Path) -> None:
+def _check_optimizer(saved: Mapping[str, Any], optimizer: Any, source: Path) -> None:
+    if hasattr(optimizer, "check_state_dict"):  # an optimizer with its own state format (a sharded one)
+        try:
+            optimizer.check_state_dict(saved)
+        except ValueError as exc:
+            raise CheckpointError(f"{source}: {exc}") from exc
+        return
+    if "format" in saved:
+        raise CheckpointError(f"{source}: optimizer state is in the {saved['format']!r} format (written with "
+                              f"parallel.use_distributed_optimizer=true and DP > 1) but this run uses a torch "
+                              f"optimizer: resume with the setting the checkpoint was written with")
     groups = saved.get("param_groups")
     if not isinstance(groups, list) or "state" not in saved:
         raise CheckpointError(f"{source}: optimizer state has no param_groups/state")

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from caopd_megatron.distill.optim import init_adam_state
 from caopd_megatron.parallel.data_parallel import unwrap
 from caopd_megatron.parallel.state import VOCAB_PARAMS, _fit_rows
 
@@ -48,8 +49,15 @@ def _model_sharded(model, prefix: str) -> dict:
     return unwrap(model).sharded_state_dict(prefix=prefix)
 
 
-def _optimizer_sharded(optimizer: torch.optim.Optimizer, model_sharded: dict) -> dict:
-    """Torch optimizer state with each per-parameter tensor sharded like its parameter."""
+def _is_sharded_optimizer(optimizer) -> bool:
+    return hasattr(optimizer, "load_sharded_state_dict")  # megatron's distributed optimizer (wrapped)
+
+
+def _optimizer_sharded(optimizer, model_sharded: dict, is_loading: bool = False) -> dict:
+    """Optimizer state with each per-parameter tensor sharded like its parameter (torch AdamW, or megatron's
+    distributed optimizer in its ``fully_reshardable`` form, whose ranges are gathered over DP)."""
+    if _is_sharded_optimizer(optimizer):
+        return optimizer.sharded_state_dict(model_sharded, is_loading=is_loading)
     from megatron.core.dist_checkpointing.optimizer import (
         get_param_id_to_sharded_param_map,
         optim_state_to_sharding_state,
@@ -67,19 +75,6 @@ def _optimizer_sharded(optimizer: torch.optim.Optimizer, model_sharded: dict) ->
     return state
 
 
-def _init_adam_like_state(optimizer: torch.optim.Optimizer) -> None:
-    """Create zero moments so the state dict has the tensors a checkpoint is read into (AdamW's shape)."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            st = optimizer.state[p]
-            if not st:
-                st["step"] = torch.zeros((), dtype=torch.float32)
-                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if group.get("amsgrad"):
-                    st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-
-
 def save_distributed(directory: str | Path, *, student, teacher=None, optimizer=None, scheduler=None,
                      metadata: dict | None = None) -> Path:
     """Write a layout-independent checkpoint into ``directory`` (created; must be empty or absent).
@@ -95,11 +90,12 @@ def save_distributed(directory: str | Path, *, student, teacher=None, optimizer=
     state: dict[str, Any] = {"student": _model_sharded(student, STUDENT)}
     if teacher is not None:
         state["teacher"] = _model_sharded(teacher, TEACHER)
-    if optimizer is not None and optimizer.state:
+    if optimizer is not None and (_is_sharded_optimizer(optimizer) or optimizer.state):
         state[OPTIMIZER] = _optimizer_sharded(optimizer, state["student"])
     state[COMMON] = {"scheduler": scheduler.state_dict() if scheduler is not None else None,
                      "metadata": metadata or {}, "has_teacher": teacher is not None,
-                     "has_optimizer": OPTIMIZER in state}
+                     "has_optimizer": OPTIMIZER in state,
+                     "distributed_optimizer": optimizer is not None and _is_sharded_optimizer(optimizer)}
     dist_checkpointing.save(state, str(directory))
     log.info("saved distributed checkpoint %s", directory)
     return directory
@@ -143,6 +139,11 @@ def _strip(prefix: str, loaded: dict) -> dict:
     return {k[len(prefix):]: v for k, v in loaded.items() if k.startswith(prefix)}
 
 
+def _per_param_key(optimizer) -> str:
+    """Where the per-parameter tensors sit in the optimizer's sharded state dict."""
+    return "param_state" if _is_sharded_optimizer(optimizer) else "state"
+
+
 def _load_optimizer(optimizer: torch.optim.Optimizer, loaded: dict) -> None:
     """Rebuild a torch optimizer state dict from the loaded sharded one (this layout's parameter ids)."""
     step = loaded.get("common_step")
@@ -178,12 +179,21 @@ def load_distributed(directory: str | Path, *, student, teacher=None, optimizer=
     if optimizer is not None:
         if not common["has_optimizer"]:
             raise DistributedCheckpointError(f"{directory} holds no optimizer state but an optimizer was passed")
-        backup = {p: dict(st) for p, st in optimizer.state.items()}
-        _init_adam_like_state(optimizer)  # tensors to read into; the real state is restored below
-        state[OPTIMIZER] = _optimizer_sharded(optimizer, _model_sharded(student, STUDENT))
-        optimizer.state.clear()
-        optimizer.state.update(backup)
-        for pid, entries in state[OPTIMIZER]["state"].items():
+        sharded_optimizer = _is_sharded_optimizer(optimizer)
+        if common.get("distributed_optimizer", False) != sharded_optimizer:
+            raise DistributedCheckpointError(
+                f"{directory} holds {'distributed' if not sharded_optimizer else 'torch'}-optimizer state but this "
+                f"run uses {'the distributed' if sharded_optimizer else 'a torch'} optimizer "
+                f"(parallel.use_distributed_optimizer with DP > 1): resume with the same setting")
+        if sharded_optimizer:
+            state[OPTIMIZER] = _optimizer_sharded(optimizer, _model_sharded(student, STUDENT), is_loading=True)
+        else:
+            backup = {p: dict(st) for p, st in optimizer.state.items()}
+            init_adam_state(optimizer)  # tensors to read into; the real state is restored below
+            state[OPTIMIZER] = _optimizer_sharded(optimizer, _model_sharded(student, STUDENT))
+            optimizer.state.clear()
+            optimizer.state.update(backup)
+        for pid, entries in state[OPTIMIZER][_per_param_key(optimizer)].items():
             opt_recut[pid] = _replace_vocab_entries(entries, saved_meta)
     try:
         loaded = dist_checkpointing.load(state, str(directory))
@@ -193,11 +203,13 @@ def load_distributed(directory: str | Path, *, student, teacher=None, optimizer=
         if part in loaded:
             _recut(loaded[part], recut[part])
     for pid, entries in opt_recut.items():
-        _recut(loaded[OPTIMIZER]["state"][pid], entries)
+        _recut(loaded[OPTIMIZER][_per_param_key(optimizer)][pid], entries)
     unwrap(student).load_state_dict(_strip(STUDENT, loaded["student"]), strict=True)
     if "teacher" in loaded:
         unwrap(teacher).load_state_dict(_strip(TEACHER, loaded["teacher"]), strict=True)
-    if optimizer is not None:
+    if optimizer is not None and _is_sharded_optimizer(optimizer):
+        optimizer.load_sharded_state_dict(loaded[OPTIMIZER])
+    elif optimizer is not None:
         _load_optimizer(optimizer, loaded[OPTIMIZER])
     if scheduler is not None and common["scheduler"] is not None:
         scheduler.load_state_dict(common["scheduler"])

@@ -51,6 +51,10 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     sequence_parallel: bool = False
     backend: str = "auto"  # auto (nccl with CUDA, gloo without) | nccl | gloo
+    # megatron-core's DistributedOptimizer: Adam state (and fp32 main weights) sharded over DP, gradients
+    # reduce-scattered, parameters all-gathered. Only with DP > 1 (PP > 1 or DP > 1 runs the parallel path);
+    # with DP = 1 it is ignored (logged) and the plain AdamW runs.
+    use_distributed_optimizer: bool = False
 
 
 @dataclass

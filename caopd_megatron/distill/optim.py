@@ -1,8 +1,16 @@
 """Optimizer, learning-rate schedule and model-parallel-aware gradient clipping.
 
 Design decisions:
-- AdamW with linear warm-up then cosine decay to ``min_lr`` (or constant), as a ``LambdaLR`` so its state
-  is a plain dict that checkpoints round-trip.
+- AdamW with linear warm-up then cosine decay to ``min_lr`` (or constant). The schedule is ``LRSchedule``, a
+  small object that writes ``lr`` into ``optimizer.param_groups``: it needs no ``torch.optim.Optimizer`` (so
+  it drives megatron-core's distributed optimizer too, see ``parallel/distributed_optimizer.py``), and its
+  state is a plain dict with ``LambdaLR``'s keys (``last_epoch``, ``base_lrs``), so checkpoints written with
+  the former ``LambdaLR`` load unchanged.
+- ``build_optimizer`` is the one place that picks the optimizer: torch AdamW over the trainable parameters,
+  or, for a student wrapped for megatron's distributed optimizer (``parallel.use_distributed_optimizer``
+  with DP > 1), that optimizer behind the same small interface. ``optimizer_step`` is the one place that
+  clips, steps and advances the schedule; megatron's optimizer clips inside its own step (norm over all
+  ranks, each holding other shards), so ``clip_grad_norm`` below is then not applied a second time.
 - Gradient clipping computes the global norm over the whole model: squared norms of this rank's shards are
   summed over the model-parallel group (TP x PP), counting TP-duplicated parameters (norms, replicated
   biases) on one TP rank only, and the last pipeline stage's copy of a tied word embedding (megatron marks it
@@ -19,8 +27,21 @@ import torch.distributed as dist
 from caopd_megatron.config.schema import OptimConfig
 
 
-def build_optimizer(params, cfg: OptimConfig, lr: float | None = None) -> torch.optim.AdamW:
-    params = [p for p in params if p.requires_grad]
+def build_optimizer(model_or_params, cfg: OptimConfig, lr: float | None = None):
+    """AdamW (``lr`` overrides ``cfg.lr``) over a model's or an iterable's trainable parameters.
+
+    A student wrapped by ``wrap_student(..., distributed_optimizer=True)`` gets megatron-core's distributed
+    optimizer (``DistributedAdamW``); anything else a ``torch.optim.AdamW``.
+    """
+    if isinstance(model_or_params, torch.nn.Module):
+        from caopd_megatron.parallel.data_parallel import uses_distributed_optimizer
+
+        if uses_distributed_optimizer(model_or_params):
+            from caopd_megatron.parallel.distributed_optimizer import DistributedAdamW
+
+            return DistributedAdamW(model_or_params, cfg, lr)
+        model_or_params = model_or_params.parameters()
+    params = [p for p in model_or_params if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters")
     return torch.optim.AdamW(params, lr=cfg.lr if lr is None else lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
@@ -38,9 +59,73 @@ def lr_multiplier(step: int, total_steps: int, cfg: OptimConfig, base_lr: float)
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    base = optimizer.param_groups[0]["lr"]
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, total_steps, cfg, base))
+class LRSchedule:
+    """Sets ``lr = base_lr * lr_multiplier(last_epoch)`` on every group of ``optimizer.param_groups``.
+
+    ``base_lrs`` are the groups' learning rates at construction; ``last_epoch`` counts ``step()`` calls
+    (optimizer steps taken). Works with anything that has ``param_groups`` (torch or megatron optimizers).
+    """
+
+    def __init__(self, optimizer, cfg: OptimConfig, total_steps: int) -> None:
+        self.optimizer, self.cfg, self.total_steps = optimizer, cfg, total_steps
+        self.base_lrs = [float(g["lr"]) for g in optimizer.param_groups]
+        self.last_epoch = 0
+        self._apply()
+
+    def _apply(self) -> None:
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * lr_multiplier(self.last_epoch, self.total_steps, self.cfg, base)
+
+    def step(self) -> None:
+        self.last_epoch += 1
+        self._apply()
+
+    def get_last_lr(self) -> list[float]:
+        return [float(g["lr"]) for g in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return {"last_epoch": self.last_epoch, "base_lrs": list(self.base_lrs)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Accepts this class's state and a ``LambdaLR`` state dict (same keys, plus some it ignores)."""
+        self.last_epoch = int(state["last_epoch"])
+        self.base_lrs = [float(b) for b in state["base_lrs"]]
+        self._apply()
+
+
+def build_scheduler(optimizer, cfg: OptimConfig, total_steps: int) -> LRSchedule:
+    return LRSchedule(optimizer, cfg, total_steps)
+
+
+def optimizer_step(model, optimizer, scheduler, max_norm: float) -> tuple[float, float]:
+    """Clip the global gradient norm to ``max_norm`` (0 = no clipping), step the optimizer, advance the
+    schedule. Returns (gradient norm before clipping, the learning rate this step used).
+
+    An optimizer with ``clip_and_step`` (megatron's distributed optimizer) clips inside its step.
+    """
+    if hasattr(optimizer, "clip_and_step"):
+        norm = optimizer.clip_and_step(max_norm)
+    else:
+        norm = clip_grad_norm([p for p in model.parameters() if p.requires_grad], max_norm)
+        optimizer.step()
+    lr = float(optimizer.param_groups[0]["lr"])
+    if scheduler is not None:
+        scheduler.step()
+    return norm, lr
+
+
+def init_adam_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter without state AdamW's state at step 0 (zero moments): what a fresh AdamW
+    creates on its first step, so the optimizer behaves the same; checkpoint loading reads into these."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            st = optimizer.state[p]
+            if not st:
+                st["step"] = torch.zeros((), dtype=torch.float32)
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group.get("amsgrad"):
+                    st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def _is_tp_duplicate(p: torch.nn.Parameter) -> bool:

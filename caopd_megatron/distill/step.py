@@ -25,7 +25,7 @@ from caopd_megatron.calibration.revise import DistillExample
 from caopd_megatron.config.schema import DistillConfig
 from caopd_megatron.distill.batching import PackedBatch, gather_positions, pack
 from caopd_megatron.distill.losses import fused_chunked_divergence, masked_sequence_mean, vocab_parallel_divergence
-from caopd_megatron.distill.optim import clip_grad_norm
+from caopd_megatron.distill.optim import optimizer_step
 from caopd_megatron.distill.sft import SupervisedRows, tp_group_or_none
 
 
@@ -147,10 +147,5 @@ def distill_step(student, teacher, optimizer, scheduler, examples: Sequence[Dist
         extra_loss.loss(student, real_vocab_size).backward()
     elif extra_loss is not None:
         extra_loss().backward()
-    params = [p for p in student.parameters() if p.requires_grad]
-    norm = clip_grad_norm(params, cfg.grad_clip)
-    optimizer.step()
-    lr = optimizer.param_groups[0]["lr"]
-    if scheduler is not None:
-        scheduler.step()
+    norm, lr = optimizer_step(student, optimizer, scheduler, cfg.grad_clip)
     return StepStats(loss=total, grad_norm=norm, tokens=int(s_all.mask.sum()), sequences=n_valid, lr=lr)

@@ -7,17 +7,23 @@ Design decisions:
 - Why megatron's DDP under PP even when DP = 1: its ``finalize_model_grads`` is what all-reduces the tied
   word-embedding gradient between the first and last pipeline stages (and layer-norm gradients under
   sequence parallelism). Using it for every parallel layout keeps one code path.
-- DDP configuration: all-reduce (``use_distributed_optimizer=False``), no overlap, gradients reduced in the
-  parameters' dtype. Gradients accumulate into DDP's contiguous ``main_grad`` buffers during the micro-batch
-  backwards; ``finish_gradients`` runs ``finalize_model_grads`` exactly once per optimizer step (after the
-  distillation *and* the replay backward, so the tied-embedding all-reduce never double counts) and then
-  points each ``param.grad`` at its ``main_grad``, so the project's torch AdamW, LR schedule, clipping and
-  per-rank checkpoints work as before. Megatron's distributed optimizer (reduce-scatter + sharded Adam state)
-  is not used yet: it needs a non-torch LR schedule and sharded optimizer checkpoints (see ``design.md``).
-- DDP pre-scales gradients by 1/DP before its SUM all-reduce (megatron's "average over replicas"). Our
-  per-micro-batch losses are already weighted by their share of the *global* batch, so the loss is multiplied
-  by ``loss_scale_for_dp() = DP`` to cancel that pre-scaling: the reduced gradient is then exactly the
-  gradient of the global-batch loss (a power-of-two DP size makes the cancellation bitwise exact).
+- DDP configuration: no overlap, gradients reduced in the parameters' dtype, and one of two reductions:
+  - all-reduce (default): gradients accumulate into DDP's contiguous ``main_grad`` buffers during the
+    micro-batch backwards; ``finish_gradients`` runs ``finalize_model_grads`` exactly once per optimizer step
+    (after the distillation *and* the replay backward, so the tied-embedding all-reduce never double counts)
+    and then points each ``param.grad`` at its ``main_grad``, so the project's torch AdamW, LR schedule,
+    clipping and per-rank checkpoints work as before;
+  - reduce-scatter (``parallel.use_distributed_optimizer`` and DP > 1): DDP is built with
+    ``use_distributed_optimizer=True`` (parameters live in a contiguous param buffer too); the same
+    ``finalize_model_grads`` reduce-scatters, so DP rank r holds the reduced gradient of its 1/DP range of
+    the buffer only, and ``param.grad`` is left alone: megatron's ``DistributedOptimizer``
+    (``parallel/distributed_optimizer.py``) reads its range, clips, updates it and all-gathers the
+    parameters. With DP = 1 there is nothing to shard and the flag is ignored (logged).
+- DDP pre-scales gradients by 1/DP before its SUM all-reduce or SUM reduce-scatter (megatron's "average
+  over replicas"). Our per-micro-batch losses are already weighted by their share of the *global* batch, so
+  the loss is multiplied by ``loss_scale_for_dp() = DP`` to cancel that pre-scaling: the reduced gradient
+  (every element, or this rank's range of elements) is then exactly the gradient of the global-batch loss
+  (a power-of-two DP size makes the cancellation bitwise exact).
 - ``unwrap`` is used wherever code needs the GPTModel's attributes (output layer, decoder); forward calls go
   through the wrapper unchanged.
 """
@@ -70,21 +76,32 @@ def is_wrapped(model) -> bool:
     return hasattr(model, "finish_grad_sync") and hasattr(model, "module")
 
 
-def wrap_student(model):
+def wrap_student(model, distributed_optimizer: bool = False):
     """Wrap ``model`` in megatron-core DDP when the parallel path is active; return it unchanged otherwise.
 
+    ``distributed_optimizer`` (``parallel.use_distributed_optimizer``): with DP > 1, reduce-scatter gradients
+    for megatron's distributed optimizer (``build_optimizer`` then builds that optimizer for this model).
     The replicas' parameters are broadcast from DP rank 0, so they start identical whatever each rank built.
     """
+    sharded = distributed_optimizer and data_parallel_size() > 1
+    if distributed_optimizer and not sharded:
+        log.info("parallel.use_distributed_optimizer: DP=1, nothing to shard; the plain AdamW is used")
     if not needs_parallel_path() or is_wrapped(model):
         return model
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=False, overlap_grad_reduce=False,
-                                               use_distributed_optimizer=False, check_for_nan_in_grad=False)
+                                               use_distributed_optimizer=sharded, check_for_nan_in_grad=False)
     ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
     ddp.broadcast_params()
-    log.info("student wrapped in megatron-core DDP (DP=%d, PP=%d)", data_parallel_size(), pipeline_parallel_size())
+    log.info("student wrapped in megatron-core DDP (DP=%d, PP=%d, gradients %s)", data_parallel_size(),
+             pipeline_parallel_size(), "reduce-scattered for the distributed optimizer" if sharded else "all-reduced")
     return ddp
+
+
+def uses_distributed_optimizer(model) -> bool:
+    """True for a student wrapped for megatron's distributed optimizer (reduce-scattered gradients)."""
+    return is_wrapped(model) and bool(model.ddp_config.use_distributed_optimizer)
 
 
 def require_wrapped(model, what: str) -> None:
@@ -111,12 +128,15 @@ def start_gradients(model, optimizer=None) -> None:
 
 
 def finish_gradients(model) -> None:
-    """After all backwards of a step: DP all-reduce, tied-embedding / SP reductions, then ``p.grad = main_grad``."""
+    """After all backwards of a step: DP all-reduce (or reduce-scatter), tied-embedding / SP reductions, then
+    ``p.grad = main_grad`` (all-reduce only; the distributed optimizer reads its range of the buffer itself)."""
     if not is_wrapped(model):
         return
     from megatron.core.distributed import finalize_model_grads
 
     finalize_model_grads([model])
+    if uses_distributed_optimizer(model):
+        return
     for p in model.parameters():
         if not p.requires_grad:
             continue

@@ -10,8 +10,10 @@ Design decisions:
   ``loss_scale_for_dp``.
 - Order of a distillation step: teacher forward-only pass (hidden states at response positions kept on the
   last stage) -> student 1F1B forward/backward whose last-stage loss uses the same micro-batch's teacher
-  states -> optional replay cross-entropy pass -> one gradient finalisation (DP all-reduce, tied embeddings)
-  -> model-parallel clipping -> optimizer and LR-schedule step.
+  states -> optional replay cross-entropy pass -> one gradient finalisation (DP all-reduce or, for the
+  distributed optimizer, reduce-scatter; tied embeddings) -> clipping, optimizer and LR-schedule step in
+  ``distill.optim.optimizer_step`` (model-parallel clipping of full gradients, or megatron's distributed
+  optimizer clipping its ranges and all-gathering the updated parameters).
 - Reported numbers are identical on every rank: the loss is summed over DP and broadcast from the last stage.
 - A DP rank with no examples (fewer examples than replicas) runs no micro-batch but still joins the
   gradient all-reduce with zeros, so collectives never mismatch.
@@ -140,16 +142,13 @@ def sft_backward(model, rows, real_vocab_size: int, micro_batch_size: int) -> fl
 def supervised_step(model, optimizer, scheduler, rows, real_vocab_size: int, micro_batch_size: int,
                     grad_clip: float) -> float:
     """One optimizer step of cross entropy on ``rows`` under PP/DP (the warm-up's step); returns the loss."""
-    from caopd_megatron.distill.optim import clip_grad_norm
+    from caopd_megatron.distill.optim import optimizer_step
 
     dp.require_wrapped(model, "the supervised step")
     dp.start_gradients(model, optimizer)
     loss = sft_backward(model, rows, real_vocab_size, micro_batch_size)
     dp.finish_gradients(model)
-    clip_grad_norm([p for p in model.parameters() if p.requires_grad], grad_clip)
-    optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
+    optimizer_step(model, optimizer, scheduler, grad_clip)
     return loss
 
 
@@ -161,7 +160,7 @@ def distill_step_parallel(student, teacher, optimizer, scheduler, examples, cfg:
     PP = 1 only, a closure returning a scalar that every DP rank computes in full (DDP's average of identical
     gradients is that gradient).
     """
-    from caopd_megatron.distill.optim import clip_grad_norm
+    from caopd_megatron.distill.optim import optimizer_step
     from caopd_megatron.distill.sft import SupervisedRows
     from caopd_megatron.distill.step import StepStats
 
@@ -182,10 +181,5 @@ def distill_step_parallel(student, teacher, optimizer, scheduler, examples, cfg:
         # Every replica computes the same closure: DDP's 1/DP-scaled sum of identical gradients is that gradient.
         extra_loss().backward()
     dp.finish_gradients(student)
-    params = [p for p in student.parameters() if p.requires_grad]
-    norm = clip_grad_norm(params, cfg.grad_clip)
-    optimizer.step()
-    lr = optimizer.param_groups[0]["lr"]
-    if scheduler is not None:
-        scheduler.step()
+    norm, lr = optimizer_step(student, optimizer, scheduler, cfg.grad_clip)
     return StepStats(loss=total, grad_norm=norm, tokens=int(s_all.mask.sum()), sequences=n_valid, lr=lr)

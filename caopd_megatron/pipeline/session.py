@@ -64,12 +64,13 @@ def open_session(cfg: CaOPDConfig, run_dir: str | Path | None = None) -> Session
 
 
 def build_student(s: Session):
-    """This rank's student stage; wrapped in megatron-core DDP under PP > 1 or DP > 1 (``parallel.data_parallel``)."""
+    """This rank's student stage; wrapped in megatron-core DDP under PP > 1 or DP > 1 (``parallel.data_parallel``),
+    for megatron's distributed optimizer when ``parallel.use_distributed_optimizer`` (and DP > 1)."""
     from caopd_megatron.parallel.data_parallel import wrap_student
 
     model = build_gpt_model(s.cfg.model, s.cfg.parallel, s.vocab, s.backend)
     log.info("student: %s parameters on this rank", f"{count_parameters(model):,}")
-    return wrap_student(model)
+    return wrap_student(model, s.cfg.parallel.use_distributed_optimizer)
 
 
 def build_teacher(s: Session, student) -> torch.nn.Module:

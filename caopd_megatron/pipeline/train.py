@@ -100,7 +100,7 @@ class Trainer:
         self.prompts = prompts
         self.by_id = {p.id: p for p in prompts}
         self.run_dir = Path(run_dir)
-        self.optimizer = build_optimizer(student.parameters(), cfg.optim)
+        self.optimizer = build_optimizer(student, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.distill.steps)
         self.cursor = PromptCursor(len(prompts), cfg.run.seed)
         self.replay = replay or revised_examples_replay(tokenizer.pad_id, real_vocab_size, cfg.run.seed)

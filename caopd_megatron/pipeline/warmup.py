@@ -31,7 +31,7 @@ from caopd_megatron.config.schema import CaOPDConfig
 from caopd_megatron.data.prompts import PromptRecord
 from caopd_megatron.data.templates import render_teacher
 from caopd_megatron.data.tokenizer import CONFIDENCE_TOKENS
-from caopd_megatron.distill.optim import build_optimizer, build_scheduler, clip_grad_norm
+from caopd_megatron.distill.optim import build_optimizer, build_scheduler, optimizer_step
 from caopd_megatron.distill.sft import SupervisedRows, one_hot_shard
 from caopd_megatron.parallel.data_parallel import needs_parallel_path
 from caopd_megatron.parallel.steps import supervised_step
@@ -134,7 +134,7 @@ def warmup_replay(data: WarmupData, real_vocab_size: int, pad_id: int):
 def run_warmup(model, data: WarmupData, cfg: CaOPDConfig, real_vocab_size: int, pad_id: int) -> list[float]:
     """Train ``model`` in place for ``cfg.warmup.steps`` steps; returns the loss per step."""
     w = cfg.warmup
-    opt = build_optimizer(model.parameters(), cfg.optim, lr=w.lr)
+    opt = build_optimizer(model, cfg.optim, lr=w.lr)
     sched_cfg = type(cfg.optim)(**{**cfg.optim.__dict__, "min_lr": w.lr * 0.1, "warmup_steps": min(50, w.steps // 10)})
     sched = build_scheduler(opt, sched_cfg, w.steps)
     losses: list[float] = []
@@ -151,9 +151,7 @@ def run_warmup(model, data: WarmupData, cfg: CaOPDConfig, real_vocab_size: int, 
             loss = rows_loss(model, rows, data, real_vocab_size, pad_id)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            clip_grad_norm([p for p in model.parameters() if p.requires_grad], 1.0)
-            opt.step()
-            sched.step()
+            optimizer_step(model, opt, sched, 1.0)
             losses.append(float(loss.detach()))
         if hasattr(bar, "set_postfix") and step % 10 == 0:
             bar.set_postfix(loss=f"{losses[-1]:.3f}")

@@ -16,11 +16,21 @@ Design decisions:
   5. ``Tensor.cuda()``: ``LanguageModule.setup_embeddings_and_output_layer`` moves the tied embedding to CUDA
      before all-reducing it between the first and last pipeline stages (PP > 1 with tied embeddings). Without
      CUDA the call can only raise, so it returns the tensor itself (the gloo all-reduce takes CPU tensors).
+  6. The distributed optimizer (``parallel.use_distributed_optimizer``): ``optimizer.optimizer``,
+     ``optimizer.clip_grads``, ``optimizer.distrib_optimizer`` and ``utils.local_multi_tensor_l2_norm``
+     (the norm without apex) allocate flags and norms with a literal ``device="cuda"`` (handled as in 3), and they sort parameters by their type *name*:
+     ``DistributedOptimizer.__init__`` accepts only ``torch.cuda.{Float,Half,BFloat16}Tensor`` and
+     ``clip_grad_by_total_norm_fp32`` asserts ``grad.type() == 'torch.cuda.FloatTensor'``. Exactly those two
+     callables run with ``Tensor.type()`` (no argument, nothing else changes) naming a CPU tensor's CUDA
+     counterpart, so a CPU fp32 tensor takes the fp32 branch; outside those calls ``Tensor.type`` is torch's.
+     gloo needs no shim: torch 2.13's gloo has ``reduce_scatter_tensor``, ``all_gather_into_tensor`` and
+     the coalescing manager that the DDP buffers use for the reduce-scatter / all-gather.
 - Everything is reversible in principle but in practice applied once per process before models are built;
   ``activate()`` is idempotent and returns which shims are active so the log can say so.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import types
@@ -43,6 +53,10 @@ _LITERAL_CUDA_MODULES = (
     "megatron.core.tensor_parallel.data",
     "megatron.core.distributed.param_and_grad_buffer",
     "megatron.core.optimizer.grad_scaler",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.utils",  # local_multi_tensor_l2_norm, the norm of the optimizer's clipping without apex
 )
 
 
@@ -161,6 +175,36 @@ def _patch_literal_cuda_modules() -> list[str]:
     return patched
 
 
+def _cuda_type_names(fn):
+    """``fn`` run with ``Tensor.type()`` (no argument) answering ``torch.cuda.X`` for a CPU ``torch.X``."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        original = torch.Tensor.type
+
+        def named_as_cuda(self, dtype=None, non_blocking=False, **kw):
+            if dtype is not None or kw:
+                return original(self, dtype, non_blocking, **kw)
+            name = original(self)
+            return "torch.cuda." + name[len("torch."):] if not name.startswith("torch.cuda.") else name
+
+        torch.Tensor.type = named_as_cuda  # type: ignore[method-assign]
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.Tensor.type = original  # type: ignore[method-assign]
+    return wrapper
+
+
+def _patch_type_name_checks() -> None:
+    clip_grads = importlib.import_module("megatron.core.optimizer.clip_grads")
+    optimizer = importlib.import_module("megatron.core.optimizer.optimizer")
+    distrib = importlib.import_module("megatron.core.optimizer.distrib_optimizer")
+    clip = _cuda_type_names(clip_grads.clip_grad_by_total_norm_fp32)
+    clip_grads.clip_grad_by_total_norm_fp32 = clip
+    optimizer.clip_grad_by_total_norm_fp32 = clip  # imported by name there
+    distrib.DistributedOptimizer.__init__ = _cuda_type_names(distrib.DistributedOptimizer.__init__)
+
+
 def activate() -> list[str]:
     """Install the CPU shims when CUDA is absent; return the names of the active shims (empty on GPU)."""
     global _ACTIVE
@@ -172,7 +216,9 @@ def activate() -> list[str]:
     _patch_torch_cuda()
     _patch_megatron_rng()
     modules = _patch_literal_cuda_modules()
-    _ACTIVE = ["torch.cuda->cpu", "Tensor.cuda->self", "rng-tracker->cpu-generator"] + [f"{m}:cuda->cpu" for m in modules]
+    _patch_type_name_checks()
+    _ACTIVE = (["torch.cuda->cpu", "Tensor.cuda->self", "rng-tracker->cpu-generator", "distrib-optimizer:type-names"]
+               + [f"{m}:cuda->cpu" for m in modules])
     log.info("CUDA absent: megatron-core CPU shims active (%s)", ", ".join(_ACTIVE))
     return _ACTIVE
 

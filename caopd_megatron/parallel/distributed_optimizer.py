@@ -1,0 +1,181 @@
+"""megatron-core's ``DistributedOptimizer`` (Adam state and fp32 main weights sharded over DP) behind the small
+optimizer interface the steps, the LR schedule and the checkpoints use.
+
+Design decisions:
+- Built by megatron's own ``get_megatron_optimizer`` for a student that ``wrap_student`` wrapped with
+  ``use_distributed_optimizer=True`` (``parallel.use_distributed_optimizer`` and DP > 1). ``OptimConfig``
+  maps one to one: AdamW (decoupled weight decay), ``lr`` (or the warm-up's override), ``weight_decay``,
+  ``beta1``/``beta2``, ``eps``; bf16/fp16 follow the model's ``params_dtype`` (fp32 main weights then;
+  fp16 gets a constant loss scale of 1 since our losses are not scaled). ``config_overrides={}`` keeps every
+  parameter in one group with weight decay, as the plain torch AdamW does (megatron's default would exempt
+  biases and 1-D parameters).
+- What is sharded: DDP's contiguous grad buffer (and, with this option, a param buffer) is cut into DP equal
+  ranges; DP rank r owns range r and keeps Adam's ``exp_avg``/``exp_avg_sq`` (and fp32 main weights for
+  16-bit models) for the parameter elements in it only: about 1/DP of the optimizer state per rank. Each
+  1-D state tensor is the flattened slice of its parameter's shard (this TP/PP rank's shard) that falls
+  into range r; fp32 parameters are updated in place through views of the param buffer.
+- Collectives per step: ``finalize_model_grads`` reduce-scatters the buffer over the DP group (SUM of
+  gradients pre-scaled by 1/DP; ``loss_scale_for_dp`` cancels the 1/DP exactly as for the all-reduce), the
+  step's norm is summed over every rank (each holds different ranges; TP-duplicated and tied ``shared``
+  copies are skipped like in ``distill.optim.clip_grad_norm``), and after the update the param buffer is
+  all-gathered over DP, so every replica ends the step with the full updated parameters.
+- Clipping happens inside megatron's step with ``clip_grad`` set per call (``clip_and_step``); the norm it
+  returns (before clipping) is the one the step reports, and ``distill.optim.optimizer_step`` does not clip
+  again.
+- Without Transformer Engine or apex megatron-core falls back to ``torch.optim.AdamW`` for the inner
+  optimizer (logged); on CPU, ``runtime/cpu_compat.py`` makes megatron's CUDA-only type checks accept CPU
+  tensors.
+- Checkpoints: ``state_dict()`` returns everything this rank needs to resume in the same layout: megatron's
+  non-sharded part (parameter groups, Adam step) and, per parameter, this rank's 1-D slices of
+  ``fp32_param``/``exp_avg``/``exp_avg_sq`` in megatron's ``fully_sharded_model_space`` order (the tensors
+  of megatron's own ``sharded_state_dict``, unwrapped). It is what the per-rank checkpoint files store, with
+  no communication (megatron's own ``state_dict()`` omits the sharded part). ``sharded_state_dict`` hands
+  megatron's ``fully_sharded_model_space`` form to ``dist_checkpointing`` for the layout-independent copy.
+  A fresh optimizer's state is first given AdamW's step-0 state (zero moments), which changes nothing about
+  its next step and gives loading tensors to read into.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from caopd_megatron.config.schema import OptimConfig
+from caopd_megatron.parallel.data_parallel import unwrap
+
+log = logging.getLogger(__name__)
+
+FORMAT = "megatron_distributed_optimizer"
+PER_RANK = "dp_reshardable"  # megatron's name for this rank's buffer ranges as they are (per-rank files)
+RESHARDABLE = "fully_reshardable"  # parameter-shaped tensors, any layout (the distributed copy)
+
+
+class DistributedAdamW:
+    """AdamW sharded over the data-parallel group (megatron-core ``DistributedOptimizer``).
+
+    ``param_groups``: the inner optimizer's groups (what ``LRSchedule`` sets ``lr`` on). Every call is
+    collective over all ranks, like the step itself.
+    """
+
+    def __init__(self, model, cfg: OptimConfig, lr: float | None = None) -> None:
+        import megatron.core.optimizer as mopt
+
+        dtype = unwrap(model).config.params_dtype
+        self.config = mopt.OptimizerConfig(
+            optimizer="adam", lr=cfg.lr if lr is None else lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
+            adam_beta1=cfg.beta1, adam_beta2=cfg.beta2, adam_eps=cfg.eps, decoupled_weight_decay=True,
+            clip_grad=0.0, use_distributed_optimizer=True, params_dtype=dtype, bf16=dtype == torch.bfloat16,
+            fp16=dtype == torch.float16, loss_scale=1.0 if dtype == torch.float16 else None)
+        self.model = model
+        self.megatron = mopt.get_megatron_optimizer(self.config, [model], config_overrides={})
+        if len(self.megatron.chained_optimizers) != 1:  # a second one would hold expert (MoE) parameters
+            raise NotImplementedError("the distributed optimizer is wired for dense models (one optimizer)")
+        self._dist = self.megatron.chained_optimizers[0]
+        inner = "torch.optim.AdamW (Transformer Engine / apex absent)" if mopt.USING_PYTORCH_OPTIMIZER else "fused Adam"
+        log.info("megatron-core DistributedOptimizer over %s: %d of %d optimizer-state elements on this DP rank",
+                 inner, self.local_state_numel(), sum(p.numel() for p in model.parameters() if p.requires_grad))
+
+    # ---- the optimizer interface of the steps and the LR schedule
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.megatron.param_groups
+
+    def local_state_numel(self) -> int:
+        """Elements of this rank's main-parameter ranges (each has an ``exp_avg`` and ``exp_avg_sq`` of its size)."""
+        return sum(p.numel() for g in self.param_groups for p in g["params"])
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.megatron.zero_grad(set_to_none)
+
+    def clip_and_step(self, max_norm: float) -> float:
+        """Clip to ``max_norm`` (0 = off), update this rank's ranges, all-gather the parameters; returns the
+        global gradient norm before clipping."""
+        self._dist.config.clip_grad = max(0.0, float(max_norm))
+        ok, norm, _ = self.megatron.step()
+        if not ok:
+            raise FloatingPointError("the distributed optimizer found inf/nan gradients and skipped the step")
+        return float(norm)
+
+    # ---- checkpoints
+
+    def _ensure_state(self) -> None:
+        from caopd_megatron.distill.optim import init_adam_state
+
+        if not self._dist.is_stub_optimizer:
+            init_adam_state(self._dist.optimizer)
+
+    def state_dict(self) -> dict:
+        """This rank's complete state, plain tensors, no communication: ``{"format", "common", "param_state"}``.
+
+        ``common``: megatron's ``state_dict()`` (parameter groups with the Adam step); ``param_state``: its
+        ``get_parameter_state_dp_reshardable()``, per buffer, dtype and bucket the list of this rank's
+        parameter ranges, each ``{"param", "exp_avg", "exp_avg_sq": [n], "step", "gbuf_local_start/end",
+        "padding": False}`` (``[n]``: the range's element count; ``padding`` is the flag megatron's own
+        reader expects, which its sharded writer adds).
+        """
+        self._ensure_state()
+        param_state = self._dist.get_parameter_state_dp_reshardable()
+        for gbuf_idx in range(len(self._dist.gbuf_ranges)):
+            for buckets in param_state[gbuf_idx].values():
+                for bucket in buckets:
+                    for i, entry in enumerate(bucket):
+                        # Clones: the main parameters of fp32 models are views of the whole param buffer.
+                        bucket[i] = {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in entry.items()}
+                        bucket[i]["padding"] = False
+        return {"format": FORMAT, "common": self.megatron.state_dict(), "param_state": param_state}
+
+    def check_state_dict(self, saved) -> None:
+        """Raise ``ValueError`` naming the mismatch if ``saved`` (a ``state_dict()``) cannot load here."""
+        if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+            raise ValueError("optimizer state was written by a torch optimizer, but this run uses megatron's "
+                             "distributed optimizer (parallel.use_distributed_optimizer=true with DP > 1): "
+                             "resume with the setting the checkpoint was written with")
+        for key in ("per_bucket_numel", "per_bucket_numel_unpadded"):
+            if saved["param_state"].get(key) != getattr(self._dist, key):
+                raise ValueError(f"distributed-optimizer buffers differ: {key} is {saved['param_state'].get(key)} "
+                                 f"in the checkpoint but {getattr(self._dist, key)} in this run")
+
+    @torch.no_grad()  # fp32 main parameters are views of the (grad-requiring) model parameters
+    def load_state_dict(self, saved: dict) -> None:
+        self.check_state_dict(saved)
+        self._ensure_state()
+        self.megatron.load_state_dict({**saved["common"], "param_state": saved["param_state"],
+                                       "param_state_sharding_type": PER_RANK})
+        self._unshare_steps()
+
+    def _unshare_steps(self) -> None:
+        """megatron's ``load_state_dict`` gives every parameter of torch's AdamW the *same* ``step`` tensor;
+        AdamW increments each parameter's step in place, so a shared one would advance once per parameter
+        per step (wrong bias correction after a resume). Each parameter gets its own copy."""
+        for st in self._dist.optimizer.state.values():
+            if "step" in st:
+                st["step"] = st["step"].clone()
+
+    def sharded_state_dict(self, model_sharded: dict, is_loading: bool = False) -> dict:
+        """megatron's ``fully_reshardable`` state for ``dist_checkpointing``: per parameter, tensors of the
+        parameter's (local shard's) shape under ``optimizer.state.{param,exp_avg,exp_avg_sq}.<its key>``,
+        gathered over DP when saving (collective); ``model_sharded`` is the student's ``sharded_state_dict``."""
+        self._ensure_state()
+        return self.megatron.sharded_state_dict(model_sharded, is_loading=is_loading,
+                                                metadata={"distrib_optim_sharding_type": RESHARDABLE})
+
+    @torch.no_grad()
+    def load_sharded_state_dict(self, loaded: dict) -> None:
+        """Restore from what ``dist_checkpointing.load`` returned for ``sharded_state_dict(..., is_loading=True)``.
+
+        Two calls instead of megatron's one ``load_state_dict``: its ``fully_reshardable`` reader copies every
+        per-parameter state entry of the inner optimizer, which for torch's AdamW (the fallback without TE /
+        apex) includes a ``step`` the checkpoint does not hold per parameter (it is in the parameter groups,
+        restored by the first call); the steps are set aside while the ranges are read.
+        """
+        self.megatron.load_state_dict({k: v for k, v in loaded.items()
+                                       if k not in ("param_state", "param_state_sharding_type")})
+        state = self._dist.optimizer.state
+        steps = {p: st.pop("step") for p, st in state.items() if "step" in st}
+        try:
+            self._dist.load_parameter_state_from_fully_reshardable(loaded["param_state"])
+        finally:
+            for p, step in steps.items():
+                state[p]["step"] = step
+            self._unshare_steps()
