@@ -141,15 +141,29 @@ def _resume(tp: int, pp: int, ref: dict, root: str) -> dict:
     return out
 
 
+def _resume_resharded(tp: int, pp: int, ref: dict, root: str) -> dict:
+    """Resume ``_resume``'s DP=2 checkpoint under this (other) layout with the distributed optimizer: the
+    layout differs, so ``load_checkpoint`` reads the distributed copy and megatron re-cuts the Adam state."""
+    from caopd_megatron.checkpointing.checkpoint import load_checkpoint
+    from caopd_megatron.parallel.state import gather_full_state_dict
+
+    objs = _objects("A", tp, pp, ref, distributed_optimizer=True)
+    load_checkpoint(root, student=objs[0], optimizer=objs[2], scheduler=objs[3], teacher=objs[1])
+    stats = _distill("A", *objs[:4])
+    return {"loss": stats.loss, "grad_norm": stats.grad_norm, "weights": gather_full_state_dict(objs[0])}
+
+
 def _reference(rank: int, world: int) -> dict:
     _init_parallel(1, 1)
     return {name: _step(name, 1, 1, None, steps=2) for name in SCENARIOS}
 
 
-def _layouts(rank: int, world: int, layouts: list, refs: dict, distopt: tuple = (), resume_root: str = "") -> dict:
+def _layouts(rank: int, world: int, layouts: list, refs: dict, distopt: tuple = (), resume_root: str = "",
+             reshard_root: str = "") -> dict:
     """Every scenario under each (tp, pp) of ``layouts``; the (tp, pp) in ``distopt`` also with megatron's
     distributed optimizer for two steps (keys ``("distopt", tp, pp, name)``) and, with ``resume_root``, the
-    save/resume check (key ``("resume", tp, pp)``)."""
+    save/resume check (key ``("resume", tp, pp)``), with ``reshard_root`` the resume of that checkpoint
+    under this layout (key ``("resharded", tp, pp)``)."""
     from megatron.core import parallel_state
 
     results = {}
@@ -167,6 +181,8 @@ def _layouts(rank: int, world: int, layouts: list, refs: dict, distopt: tuple = 
             results[("distopt", tp, pp, name)] = r
         if resume_root:
             results[("resume", tp, pp)] = _resume(tp, pp, refs["A"], resume_root)
+        if reshard_root:
+            results[("resharded", tp, pp)] = _resume_resharded(tp, pp, refs["A"], reshard_root)
     return results
 
 
@@ -188,8 +204,6 @@ def _close_dicts(got: dict, want: dict, what: str, atol: float = 2e-6) -> None:
 def _check(results: dict, refs: dict, world: int) -> None:
     """Every layout run in ``results`` (plain and distributed-optimizer ones) against the reference."""
     for key, r in results.items():
-        if key[0] == "resume":
-            continue
         *kind, tp, pp, name = key
         ref = refs[name]
         label = f"TP={tp} PP={pp} DP={r['dp']} scenario {name}" + (" distributed optimizer" if kind else "")
@@ -218,16 +232,21 @@ def _check(results: dict, refs: dict, world: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def two_process(references, tmp_path_factory) -> list[dict]:
-    """One 2-process world: TP=2, PP=2, DP=2; DP=2 also with the distributed optimizer and its save/resume."""
-    root = str(tmp_path_factory.mktemp("distopt_resume"))
-    return run_distributed(_layouts, 2, LAYOUTS_2, references, ((1, 1),), root)
+def resume_root(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("distopt_resume"))
 
 
 @pytest.fixture(scope="module")
-def four_process(references) -> list[dict]:
-    """One 4-process world: TP2xPP2, TP2xDP2, PP2xDP2; TP2xDP2 also with the distributed optimizer."""
-    return run_distributed(_layouts, 4, LAYOUTS_4, references, ((2, 1),))
+def two_process(references, resume_root) -> list[dict]:
+    """One 2-process world: TP=2, PP=2, DP=2; DP=2 also with the distributed optimizer and its save/resume."""
+    return run_distributed(_layouts, 2, LAYOUTS_2, references, ((1, 1),), resume_root)
+
+
+@pytest.fixture(scope="module")
+def four_process(references, two_process, resume_root) -> list[dict]:
+    """One 4-process world: TP2xPP2, TP2xDP2, PP2xDP2; TP2xDP2 also with the distributed optimizer, and
+    resuming the 2-process world's DP=2 checkpoint (so ``two_process`` runs first)."""
+    return run_distributed(_layouts, 4, LAYOUTS_4, references, ((2, 1),), "", resume_root)
 
 
 def test_reference_is_a_real_step(references) -> None:
@@ -241,7 +260,7 @@ def test_reference_is_a_real_step(references) -> None:
 
 
 def _plain(results: dict) -> dict:
-    return {k: v for k, v in results.items() if k[0] not in ("distopt", "resume")}
+    return {k: v for k, v in results.items() if k[0] not in ("distopt", "resume", "resharded")}
 
 
 def test_two_process_layouts_tp2_pp2_dp2(two_process, references) -> None:
@@ -306,6 +325,17 @@ def test_distributed_optimizer_resume_takes_the_uninterrupted_step(two_process) 
             _close_dicts(got["weights"], want["weights"], source, atol=0.0)
             assert any(not torch.equal(got["weights"][k], two_process[0][("distopt", 1, 1, "A")]["weights"][k])
                        for k in got["weights"]), "the second step moved the weights"
+
+
+def test_distributed_optimizer_checkpoint_resumes_under_tp2xdp2(two_process, four_process) -> None:
+    """The DP=2 checkpoint resumed under TP=2 x DP=2 (per-rank files do not fit: the distributed copy is read,
+    Adam state re-cut by megatron's ``fully_reshardable`` format) takes the uninterrupted run's second step."""
+    want = two_process[0][("resume", 1, 1)]["uninterrupted"]
+    for results in four_process:
+        got = results[("resharded", 2, 1)]
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5, abs=1e-6)
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
+        _close_dicts(got["weights"], want["weights"], "resharded resume", atol=1e-5)
 
 
 @pytest.mark.parametrize("tp, pp, world, model, needle", [
