@@ -8,7 +8,11 @@ Design decisions:
 - Contents, each under its own key prefix: ``student.*`` and ``teacher.*`` weights (the teacher may be
   another size), the student's torch-optimizer state (``optimizer.*``: Adam moments are elementwise
   companions of their parameter, so megatron's ``optim_state_to_sharding_state`` gives them the parameter's
-  sharding, SwiGLU and tied-embedding special cases included), and a small "common" part saved by rank 0
+  sharding, SwiGLU and tied-embedding special cases included) or, for megatron's distributed optimizer
+  (``parallel/distributed_optimizer.py``), its own ``fully_reshardable`` sharded state (the DP ranges
+  gathered into parameter-shaped ``param``/``exp_avg``/``exp_avg_sq``, re-cut like ours on load, vocabulary
+  padding included); the two optimizer kinds are not interchangeable and a mismatch is refused with a
+  message (``common.distributed_optimizer`` records which), and a small "common" part saved by rank 0
   (LR-scheduler state, caller metadata such as the step and data position). RNG streams are not included:
   they are per rank and mean nothing in another layout (a resumed run re-seeds).
 - Vocabulary padding depends on TP (megatron pads to a multiple of ``make_vocab_size_divisible_by x TP``),

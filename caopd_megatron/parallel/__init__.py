@@ -9,6 +9,8 @@ Design decisions (the full note is ``design.md`` beside this file):
   response positions per micro-batch, which the student's last stage projects in the loss.
 - ``steps``: the distillation and supervised steps built on the schedule (DP slicing, sequence-count
   weighting, one gradient finalisation per optimizer step).
+- ``distributed_optimizer``: megatron-core's ``DistributedOptimizer`` (``parallel.use_distributed_optimizer``):
+  AdamW state sharded over DP, reduce-scattered gradients, all-gathered parameters, and its checkpoints.
 - ``generation``: stage-by-stage decoding for the sampler under PP (hidden states p2p, tokens broadcast).
 - ``state``: describe, gather and load parameter shards by their global names (tests, tools).
 """

@@ -25,14 +25,26 @@ Design decisions:
 - Without Transformer Engine or apex megatron-core falls back to ``torch.optim.AdamW`` for the inner
   optimizer (logged); on CPU, ``runtime/cpu_compat.py`` makes megatron's CUDA-only type checks accept CPU
   tensors.
-- Checkpoints: ``state_dict()`` returns everything this rank needs to resume in the same layout: megatron's
-  non-sharded part (parameter groups, Adam step) and, per parameter, this rank's 1-D slices of
-  ``fp32_param``/``exp_avg``/``exp_avg_sq`` in megatron's ``fully_sharded_model_space`` order (the tensors
-  of megatron's own ``sharded_state_dict``, unwrapped). It is what the per-rank checkpoint files store, with
-  no communication (megatron's own ``state_dict()`` omits the sharded part). ``sharded_state_dict`` hands
-  megatron's ``fully_sharded_model_space`` form to ``dist_checkpointing`` for the layout-independent copy.
-  A fresh optimizer's state is first given AdamW's step-0 state (zero moments), which changes nothing about
-  its next step and gives loading tensors to read into.
+- Checkpoints (megatron's ``state_dict()`` omits the sharded part, so it cannot be stored as is):
+  - per-rank files (``checkpointing/checkpoint.py``, same layout): ``state_dict()`` = megatron's
+    ``state_dict()`` (parameter groups, Adam step) + its ``get_parameter_state_dp_reshardable()``, this
+    rank's ranges as they sit in the buffers (``param``/``exp_avg``/``exp_avg_sq`` 1-D tensors per
+    parameter range), cloned into plain tensors. No communication and no rank holds more than its 1/DP,
+    which is the per-rank format's point; ``check_state_dict`` compares the buffer layout
+    (``per_bucket_numel[_unpadded]``) before anything is loaded.
+  - the distributed copy (``checkpointing/distributed_checkpoint.py``, any layout): megatron's
+    ``sharded_state_dict`` in its ``fully_reshardable`` format: the ranges are gathered over DP into
+    parameter-shaped tensors keyed ``optimizer.state.{param,exp_avg,exp_avg_sq}.<parameter key>`` (sharded
+    like the parameter over TP/PP), so another TP/PP/DP layout re-cuts them on load. The gather is
+    collective and briefly holds the full TP/PP shard's state on every DP rank (what the plain AdamW holds
+    all the time). (``fully_sharded_model_space``, megatron's default, needs flattened ShardedTensors,
+    which megatron-core 0.16 refuses.) It loads only into a run that also uses this optimizer.
+  - Two fixes around megatron's loading with the torch AdamW fallback: its ``load_state_dict`` hands one
+    shared ``step`` tensor to every parameter (AdamW would then count one step per parameter, corrupting
+    the bias correction after a resume: ``_unshare_steps``), and its ``fully_reshardable`` reader expects
+    no per-parameter ``step`` (set aside meanwhile, ``load_sharded_state_dict``).
+  - A fresh optimizer first gets AdamW's step-0 state (zero moments; the next step is unchanged), so
+    there are tensors to save and to read into.
 """
 from __future__ import annotations
 
@@ -41,6 +53,7 @@ import logging
 import torch
 
 from caopd_megatron.config.schema import OptimConfig
+from caopd_megatron.distill.optim import init_adam_state
 from caopd_megatron.parallel.data_parallel import unwrap
 
 log = logging.getLogger(__name__)
@@ -53,8 +66,10 @@ RESHARDABLE = "fully_reshardable"  # parameter-shaped tensors, any layout (the d
 class DistributedAdamW:
     """AdamW sharded over the data-parallel group (megatron-core ``DistributedOptimizer``).
 
-    ``param_groups``: the inner optimizer's groups (what ``LRSchedule`` sets ``lr`` on). Every call is
-    collective over all ranks, like the step itself.
+    ``param_groups``: the inner optimizer's groups (what ``LRSchedule`` sets ``lr`` on); their parameters
+    are this rank's main-parameter ranges, 1-D ``[n]`` tensors (fp32) of this TP/PP shard, disjoint across
+    the DP group. ``clip_and_step`` and ``sharded_state_dict`` are collective (every rank of the job);
+    ``state_dict``/``load_state_dict`` are local to the rank.
     """
 
     def __init__(self, model, cfg: OptimConfig, lr: float | None = None) -> None:
@@ -89,8 +104,8 @@ class DistributedAdamW:
         self.megatron.zero_grad(set_to_none)
 
     def clip_and_step(self, max_norm: float) -> float:
-        """Clip to ``max_norm`` (0 = off), update this rank's ranges, all-gather the parameters; returns the
-        global gradient norm before clipping."""
+        """Clip to ``max_norm`` (0 = off), update this rank's ranges, all-gather the parameters over DP;
+        returns the global gradient norm before clipping (the same float on every rank)."""
         self._dist.config.clip_grad = max(0.0, float(max_norm))
         ok, norm, _ = self.megatron.step()
         if not ok:
@@ -100,8 +115,6 @@ class DistributedAdamW:
     # ---- checkpoints
 
     def _ensure_state(self) -> None:
-        from caopd_megatron.distill.optim import init_adam_state
-
         if not self._dist.is_stub_optimizer:
             init_adam_state(self._dist.optimizer)
 
