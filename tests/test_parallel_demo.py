@@ -1,5 +1,6 @@
 """The embedded default under ``parallel.tensor_model_parallel_size=2``, ``parallel.pipeline_model_parallel_size=2``
-and plain data parallelism (two CPU processes under torchrun, gloo) reproduces the single-process run: same
+and plain data parallelism, with the all-reduce + AdamW or with megatron's distributed optimizer (two CPU
+processes under torchrun, gloo) reproduces the single-process run: same
 per-question evaluation responses for base / OPD / CaOPD, same metrics, same training-loss trajectory (fp32
 tolerance).
 
@@ -54,10 +55,12 @@ def single(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("override", ["parallel.tensor_model_parallel_size=2",
                                       "parallel.pipeline_model_parallel_size=2",
-                                      "parallel.backend=gloo"])  # no TP/PP: DP=2 (warm-up and steps DP-split)
+                                      "parallel.backend=gloo",  # no TP/PP: DP=2 (warm-up and steps DP-split)
+                                      # DP=2 with megatron's distributed optimizer (warm-up's and training's)
+                                      "parallel.backend=gloo parallel.use_distributed_optimizer=true"])
 def test_demo_under_two_process_layout_matches_single_process(single: Path, tmp_path: Path, override: str) -> None:
     out = tmp_path / "demo"
-    _demo(out, 2, override)
+    _demo(out, 2, *override.split())
     want, got = json.loads((single / "summary.json").read_text()), json.loads((out / "summary.json").read_text())
     assert set(got) == set(want)
     for name in ("base", "OPD", "CaOPD"):

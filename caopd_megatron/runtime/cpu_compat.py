@@ -165,7 +165,7 @@ def _patch_literal_cuda_modules() -> list[str]:
             log.debug("cpu_compat: skip %s (%s)", name, exc)
             continue
         mod.torch = shim  # type: ignore[attr-defined]
-        patched.append(name.rsplit(".", 1)[-1])
+        patched.append(name[len("megatron.core."):])
     # get_default_causal_mask is lru-cached and imported by name: clear the cache of masks built before.
     utils = importlib.import_module("megatron.core.transformer.utils")
     for fn_name in ("get_default_causal_mask", "get_sliding_window_causal_mask"):
