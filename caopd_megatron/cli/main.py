@@ -24,7 +24,10 @@ log = logging.getLogger("caopd")
 
 # `caopd demo` starts from these overrides (the user's come after and win): the demo's tiny model needs a
 # frozen teacher (README, "What we learned"); the paper's default (EMA) stays the default everywhere else.
-DEMO_PRESET = ["teacher.mode=frozen"]
+# The embedded default's two departures from the library defaults (README, "What we learned"): a frozen teacher
+# (a tiny EMA teacher forgets the privileged note) and no gradient clipping (a clip of 1 against norms of 3-15
+# favoured OPD's answer learning over CaOPD's, which also carries the confidence tokens' divergence).
+DEMO_PRESET = ["teacher.mode=frozen", "distill.grad_clip=0"]
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
