@@ -16,16 +16,9 @@ from caopd_megatron.data.prompts import (
     write_prompts,
 )
 
-EVAL_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "caopd-eval"
+from real_eval import real_eval_file as _eval_file
 
 GOOD = {"id": "a", "question": "1 2", "reference": "3", "task": "digit_sum"}
-
-
-def _eval_file(name: str) -> Path:
-    path = EVAL_DIR / name
-    if not path.is_file():
-        pytest.skip(f"real eval set {name} not present at {EVAL_DIR} (shared data folder absent)")
-    return path
 
 
 def _write_lines(path: Path, lines: list[str]) -> Path:

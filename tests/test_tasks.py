@@ -21,14 +21,7 @@ from caopd_megatron.data.tasks.tooluse import (
     verify_tooluse,
 )
 
-EVAL_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "caopd-eval"
-
-
-def _eval_file(name: str) -> Path:
-    path = EVAL_DIR / name
-    if not path.is_file():
-        pytest.skip(f"real eval set {name} not present at {EVAL_DIR} (shared data folder absent)")
-    return path
+from real_eval import real_eval_file as _eval_file
 
 
 # --- base ------------------------------------------------------------------------------------------
