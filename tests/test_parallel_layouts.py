@@ -91,11 +91,21 @@ def _step(name: str, tp: int, pp: int, init: dict | None, distributed_optimizer:
         out["seeded_student"], out["seeded_teacher"] = seeded["student"], seeded["teacher"]
     if name == "A" and not distributed_optimizer:
         # Decoding through the pipeline / TP shards: sampled and greedy, prompts of different lengths.
+        # Two batches (3 + 2 prompts): under DP=2 each replica decodes one and the results are all-gathered.
+        import caopd_megatron.rollout.sampler as sampler
+        from caopd_megatron.parallel.data_parallel import data_parallel_rank
+
         prompts = [e.student_prompt_ids for e in _examples()]
-        for temperature in (1.0, 0.0):
-            gens = generate(student, prompts, SamplingParams(max_new_tokens=5, temperature=temperature, seed=7),
-                            eos_id=3, real_vocab_size=VOCAB, batch_size=3)
-            out[f"generate_t{temperature}"] = [(g.response_ids, g.logprobs) for g in gens]
+        decode, rows = sampler._generate_batch, []
+        sampler._generate_batch = lambda model, batch, *a: rows.append(len(batch)) or decode(model, batch, *a)
+        try:
+            for temperature in (1.0, 0.0):
+                gens = generate(student, prompts, SamplingParams(max_new_tokens=5, temperature=temperature, seed=7),
+                                eos_id=3, real_vocab_size=VOCAB, batch_size=3)
+                out[f"generate_t{temperature}"] = [(g.response_ids, g.logprobs) for g in gens]
+        finally:
+            sampler._generate_batch = decode
+        out["decoded_rows"], out["dp_rank"] = rows, data_parallel_rank()
     stats = _distill(name, student, teacher, opt, sched)
     out.update(loss=stats.loss, grad_norm=stats.grad_norm, tokens=stats.tokens, sequences=stats.sequences,
                weights=gather_full_state_dict(student))
@@ -222,6 +232,9 @@ def _check(results: dict, refs: dict, world: int) -> None:
             assert r["loss2"] == pytest.approx(ref["loss2"], rel=1e-5, abs=1e-6), label
             assert r["grad_norm2"] == pytest.approx(ref["grad_norm2"], rel=1e-5), label
             _close_dicts(r["weights2"], ref["weights2"], f"{label} weight after step 2", atol=1e-5)
+        if "decoded_rows" in r:  # this replica decoded only its round-robin share, once per temperature
+            share = [3, 2] if r["dp"] == 1 else [[3], [2]][r["dp_rank"]]
+            assert r["decoded_rows"] == share * 2, label
         for key in ("generate_t1.0", "generate_t0.0"):
             if key in r:
                 assert [g[0] for g in r[key]] == [g[0] for g in ref[key]], f"{label} {key} tokens"
@@ -265,18 +278,16 @@ def _plain(results: dict) -> dict:
 
 def test_two_process_layouts_tp2_pp2_dp2(two_process, references) -> None:
     results = [_plain(r) for r in two_process]
-    # Every rank gathered the same replica; compare rank 0's and check the others agree on the loss.
-    _check(results[0], references, 2)
-    for key in results[0]:
-        assert results[1][key]["loss"] == results[0][key]["loss"]
+    # Every rank gathered the same replica; compare every rank's (the loss, weights and generations are the
+    # same everywhere; the decoded share differs between DP ranks).
+    for r in results:
+        _check(r, references, 2)
 
 
 def test_four_process_layouts_tp2xpp2_tp2xdp2_pp2xdp2(four_process, references) -> None:
     results = [_plain(r) for r in four_process]
-    _check(results[0], references, 4)
-    for rank in range(1, 4):
-        for key in results[0]:
-            assert results[rank][key]["loss"] == results[0][key]["loss"]
+    for r in results:
+        _check(r, references, 4)
 
 
 def _distopt(results: dict) -> dict:

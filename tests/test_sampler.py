@@ -144,6 +144,26 @@ def test_sampling_is_reproducible_per_seed_and_logprobs_match_reference(model):
         assert g.logprobs == pytest.approx(reference_logprobs(model, g.prompt_ids, g.response_ids), abs=1e-4)
 
 
+def test_samples_do_not_depend_on_batching_or_order(model):
+    """Counter-based noise: a prompt's sample depends on (seed, its sequence id, position) only, so batch size,
+    the prompts' order and which other prompts share the call change nothing (what lets data-parallel
+    replicas split a rollout)."""
+    params = SamplingParams(max_new_tokens=6, temperature=1.0, top_p=0.95, seed=21)
+    full = generate(model, PROMPTS, params, eos_id=NEVER, real_vocab_size=REAL_VOCAB, batch_size=256)
+    for batch_size in (1, 3):
+        other = generate(model, PROMPTS, params, eos_id=NEVER, real_vocab_size=REAL_VOCAB, batch_size=batch_size)
+        assert [g.response_ids for g in other] == [g.response_ids for g in full]
+    order = [4, 0, 6]
+    subset = generate(model, [PROMPTS[i] for i in order], params, eos_id=NEVER, real_vocab_size=REAL_VOCAB,
+                      seq_ids=order)
+    assert [g.response_ids for g in subset] == [full[i].response_ids for i in order]
+    # Another sequence id is another draw: the same prompt repeated gives different samples.
+    repeated = generate(model, [PROMPTS[2]] * 6, params, eos_id=NEVER, real_vocab_size=REAL_VOCAB)
+    assert len({tuple(g.response_ids) for g in repeated}) > 1
+    with pytest.raises(ValueError, match="seq_ids has 2 entries for 3 prompts"):
+        generate(model, PROMPTS[:3], params, eos_id=NEVER, real_vocab_size=REAL_VOCAB, seq_ids=[0, 1])
+
+
 def test_logprobs_ignore_temperature_and_truncation(model):
     params = SamplingParams(max_new_tokens=4, temperature=0.7, top_k=5, top_p=0.9, seed=3)
     gens = generate(model, PROMPTS, params, eos_id=NEVER, real_vocab_size=REAL_VOCAB)

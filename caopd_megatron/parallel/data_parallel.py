@@ -30,8 +30,11 @@ Design decisions:
 from __future__ import annotations
 
 import logging
+from typing import Sequence, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +154,34 @@ def dp_slice(n: int) -> slice:
     size, rank = data_parallel_size(), data_parallel_rank()
     per = -(-n // size)
     return slice(min(n, rank * per), min(n, (rank + 1) * per))
+
+
+def round_robin_dp(items: Sequence[T]) -> list[T]:
+    """This DP rank's items when ``items`` are dealt round-robin over the replicas: ``items[rank::DP]``.
+
+    Round-robin rather than contiguous: work items sorted by size (length-sorted generation batches) then
+    cost about the same on every replica.
+    """
+    return list(items[data_parallel_rank()::data_parallel_size()])
+
+
+def all_gather_dp(value: torch.Tensor) -> list[torch.Tensor]:
+    """Every DP rank's ``value`` (1-D or more; the leading dimension may differ between ranks), in DP-rank
+    order. Sizes are exchanged first, then one padded ``all_gather`` (gloo and nccl need equal shapes)."""
+    from megatron.core import parallel_state
+
+    if data_parallel_size() == 1:
+        return [value]
+    group = parallel_state.get_data_parallel_group()
+    size = torch.tensor([value.size(0)], dtype=torch.long, device=value.device)
+    sizes = [torch.empty_like(size) for _ in range(data_parallel_size())]
+    torch.distributed.all_gather(sizes, size, group=group)
+    longest = int(max(int(s) for s in sizes))
+    padded = value.new_zeros((longest, *value.shape[1:]))
+    padded[: value.size(0)] = value
+    out = [torch.empty_like(padded) for _ in sizes]
+    torch.distributed.all_gather(out, padded, group=group)
+    return [o[: int(s)] for o, s in zip(out, sizes)]
 
 
 def all_reduce_dp(value: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ Design decisions:
   megatron's ``StaticInferenceContext`` as KV cache); under PP each forward call becomes
   ``stage_forward``: a non-first stage receives the previous stage's ``[s, b, h]`` activations by p2p
   (``recv`` from the previous pipeline rank), runs its layers with its own KV cache, and sends its output on;
-  only the last stage has logits. Sampling happens on the last stage (same generator, same draws as one
+  only the last stage has logits. Sampling happens on the last stage (same keyed noise, same draws as one
   process) and the chosen tokens and their log-probabilities are broadcast over the pipeline group, so every
   stage returns identical generations (rollouts and revision are replicated on every rank).
 - Blocking ``send``/``recv`` are enough: decoding is strictly sequential (stage k+1 needs stage k's output of
@@ -15,8 +15,8 @@ Design decisions:
   token. Stages idle while others compute (no micro-batch interleaving across generation batches): simple and
   exactly equal to the single-process sampler, which is what this path is for; a production rollout fleet
   would use megatron's inference engine or a dedicated server.
-- Data-parallel replicas each generate the whole rollout (identical, since weights and seeds are identical):
-  redundant work, but the samples are exactly those of the single-process run.
+- Data-parallel replicas split the batches (``rollout/sampler.py``); each replica's pipeline decodes its own
+  share with this code, and the replicas' results are all-gathered over DP afterwards.
 """
 from __future__ import annotations
 

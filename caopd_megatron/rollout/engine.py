@@ -3,7 +3,9 @@
 Design decisions:
 - Each prompt is repeated K times in one generation call, so the K samples of a prompt share batches and
   the KV-cache prefill work is batched.
-- The seed of a rollout is ``rollout.seed + step``: any step's samples can be regenerated exactly.
+- The seed of a rollout is ``rollout.seed + step`` and sample k of the step's j-th prompt has sequence id
+  ``j * K + k`` (the key of its sampling noise): any step's samples can be regenerated exactly, by any
+  number of data-parallel replicas and with any generation batch size.
 """
 from __future__ import annotations
 

@@ -7,26 +7,35 @@ Design decisions:
   prompt, then decoded one position at a time; a row still inside its prompt is fed its next prompt token
   instead of the sample (megatron's static engine does the same). Nothing is ever attended through padding,
   so no attention mask is needed and outputs equal an unbatched run.
-- Padded vocabulary rows (>= the real vocab size) are cut off before sampling: they can never be drawn, and
-  the number of random draws (one per column in torch's multinomial) is the same whatever the TP size pads.
-- Randomness comes from one ``torch.Generator`` seeded per call, so a rollout is reproducible from its seed
-  and every tensor-parallel rank draws the same tokens (logits are gathered over TP for the last position
-  only, which megatron-core requires in inference mode).
+- Padded vocabulary rows (>= the real vocab size) are cut off before sampling: they can never be drawn.
+- Randomness is counter-based (``rollout/keyed_noise.py``): the token drawn for sequence i at position t is
+  Gumbel-max over noise keyed by ``(seed, i, t, token)``, not the next draws of a generator stream. A
+  sequence's sample is then the same whatever batch it shares, however the prompts are split over
+  data-parallel replicas, and on every tensor-parallel rank (logits are gathered over TP for the last
+  position only, which megatron-core requires in inference mode). ``seq_ids`` default to the prompt's index.
 - Under pipeline parallelism each forward runs stage by stage (``parallel.generation``): the last stage
   samples and broadcasts the tokens, so every rank returns the same generations as a single process would.
+- Under data parallelism the replicas split the work (``parallel.data_parallel.round_robin_dp``): the length-sorted
+  batches are dealt round-robin, each replica generates its own, and the results are all-gathered over DP.
+  Batches have the single-process composition, so even the logits are bitwise the single-process ones.
 - ``logprobs`` are the model's log-probabilities (temperature 1, untruncated) of the emitted tokens: what
   the sampled-token estimator and importance weights need, independent of the sampling knobs.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
-from caopd_megatron.parallel.data_parallel import pipeline_parallel_size
+from caopd_megatron.parallel.data_parallel import (all_gather_dp, data_parallel_size, pipeline_parallel_size,
+                                                   round_robin_dp)
 from caopd_megatron.parallel.generation import broadcast_step, stage_forward
+from caopd_megatron.rollout.keyed_noise import gumbel_argmax, row_keys
 from caopd_megatron.runtime.progress import progress
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -72,16 +81,18 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return out
 
 
-def _sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> torch.Tensor:
+def _sample(logits: torch.Tensor, params: SamplingParams, seq_ids: torch.Tensor, position: int) -> torch.Tensor:
+    """One token per row of ``logits`` ``[b, V]``; the noise is keyed by (seed, ``seq_ids`` ``[b]``, position)."""
     if params.temperature == 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(filter_logits(logits / params.temperature, params.top_k, params.top_p), dim=-1)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+    scores = filter_logits(logits / params.temperature, params.top_k, params.top_p)
+    keys = row_keys(params.seed, seq_ids, torch.full_like(seq_ids, position))
+    return gumbel_argmax(scores, keys)
 
 
 @torch.no_grad()
 def _generate_batch(model, prompts: Sequence[Sequence[int]], params: SamplingParams, eos_id: int,
-                    real_vocab_size: int, gen: torch.Generator, device: torch.device) -> list[Generation]:
+                    real_vocab_size: int, seq_ids: torch.Tensor, device: torch.device) -> list[Generation]:
     from megatron.core.inference.contexts import StaticInferenceContext
 
     b = len(prompts)
@@ -115,10 +126,9 @@ def _generate_batch(model, prompts: Sequence[Sequence[int]], params: SamplingPar
         cur = t
         in_prompt = t < lens
         if logits is not None:
-            # Only the real vocabulary: padded rows can never be drawn, and the sampler's random draws (torch's
-            # multinomial draws one exponential per column) do not depend on the TP-dependent padding.
+            # Only the real vocabulary: padded rows (their number depends on TP) can never be drawn.
             last = logits[:, -1, :real_vocab_size].float()
-            nxt = _sample(last, params, gen)
+            nxt = _sample(last, params, seq_ids, t)
             nxt = torch.where(in_prompt, tokens[:, t], nxt)
             lp = torch.log_softmax(last, dim=-1).gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
         else:
@@ -148,34 +158,66 @@ def _generate_batch(model, prompts: Sequence[Sequence[int]], params: SamplingPar
     return out
 
 
+def _gather_over_dp(local: dict[int, Generation], prompts: Sequence[Sequence[int]],
+                    device: torch.device) -> dict[int, Generation]:
+    """Every data-parallel replica's generations (``{prompt index: Generation}``), on every rank.
+
+    Packed as three flat tensors per replica (``[n, 3]`` index / length / finished, the response tokens, their
+    float32 log-probabilities, exact as the sampler stored them) rather than pickled objects: a rollout of
+    thousands of long responses is megabytes of tensors instead of a Python-object pickle per rank.
+    """
+    if data_parallel_size() == 1:
+        return local
+    idx = sorted(local)
+    meta = torch.tensor([[i, len(local[i].response_ids), int(local[i].finished)] for i in idx],
+                        dtype=torch.long, device=device).reshape(-1, 3)
+    tokens = torch.tensor([t for i in idx for t in local[i].response_ids], dtype=torch.long, device=device)
+    logprobs = torch.tensor([x for i in idx for x in local[i].logprobs], dtype=torch.float32, device=device)
+    out: dict[int, Generation] = {}
+    for m, tok, lp in zip(all_gather_dp(meta), all_gather_dp(tokens), all_gather_dp(logprobs)):
+        ends = m[:, 1].cumsum(0).tolist()
+        for (i, n, fin), end in zip(m.tolist(), ends):
+            out[i] = Generation(list(prompts[i]), tok[end - n: end].tolist(), lp[end - n: end].tolist(), bool(fin))
+    return out
+
+
 def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams, *, eos_id: int, real_vocab_size: int,
-             batch_size: int = 256, desc: str | None = None) -> list[Generation]:
+             batch_size: int = 256, desc: str | None = None, seq_ids: Sequence[int] | None = None) -> list[Generation]:
     """Sample one response per prompt (repeat a prompt K times for K samples).
 
     Args:
-        model: this rank's megatron-core GPTModel stage (possibly DDP-wrapped); any TP / PP size (all ranks
-            must call with the same arguments; every rank returns the same generations).
+        model: this rank's megatron-core GPTModel stage (possibly DDP-wrapped); any TP / PP / DP size (all ranks
+            must call with the same arguments; every rank returns the same generations, data-parallel replicas
+            each generating a share of the batches).
         prompts: token ids per prompt.
         batch_size: sequences per forward; prompts are sorted by length so batches stay homogeneous.
+        seq_ids: the key of each prompt's sampling noise (default: its index); equal ids and seeds give
+            equal samples of the same prompt.
     Returns: generations in the order of ``prompts``.
     """
     if not prompts:
         return []
+    if seq_ids is None:
+        seq_ids = range(len(prompts))
+    if len(seq_ids) != len(prompts):
+        raise ValueError(f"seq_ids has {len(seq_ids)} entries for {len(prompts)} prompts")
     device = next(model.parameters()).device
-    gen = torch.Generator(device="cpu").manual_seed(params.seed)
-    if device.type != "cpu":
-        gen = torch.Generator(device=device).manual_seed(params.seed)
+    ids = torch.as_tensor(list(seq_ids), dtype=torch.long, device=device)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    results: list[Generation | None] = [None] * len(prompts)
+    batches = [order[s: s + batch_size] for s in range(0, len(order), batch_size)]
+    if len(batches) < data_parallel_size():
+        log.info("%d generation batches of <= %d sequences for %d data-parallel replicas: %d replicas idle "
+                 "(a smaller batch size spreads the work)", len(batches), batch_size, data_parallel_size(),
+                 data_parallel_size() - len(batches))
+    results: dict[int, Generation] = {}
     was_training = model.training
     model.eval()
     try:
-        starts = list(range(0, len(order), batch_size))
-        for s in progress(starts, desc=desc, unit="batch"):
-            idx = order[s: s + batch_size]
-            batch = _generate_batch(model, [prompts[i] for i in idx], params, eos_id, real_vocab_size, gen, device)
-            for i, g in zip(idx, batch):
-                results[i] = g
+        for idx in progress(round_robin_dp(batches), desc=desc, unit="batch"):
+            batch = _generate_batch(model, [prompts[i] for i in idx], params, eos_id, real_vocab_size, ids[idx],
+                                    device)
+            results.update(zip(idx, batch))
     finally:
         model.train(was_training)
-    return results  # type: ignore[return-value]
+    results = _gather_over_dp(results, prompts, device)
+    return [results[i] for i in range(len(prompts))]
