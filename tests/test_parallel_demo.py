@@ -1,5 +1,6 @@
 """The embedded default under ``parallel.tensor_model_parallel_size=2``, ``parallel.pipeline_model_parallel_size=2``
-and plain data parallelism, with the all-reduce + AdamW or with megatron's distributed optimizer (two CPU
+and plain data parallelism, with the all-reduce + AdamW (also overlapped with the backward) or with megatron's
+distributed optimizer (two CPU
 processes under torchrun, gloo) reproduces the single-process run: same
 per-question evaluation responses for base / OPD / CaOPD, same metrics, same training-loss trajectory (fp32
 tolerance).
@@ -57,7 +58,10 @@ def single(tmp_path_factory) -> Path:
                                       "parallel.pipeline_model_parallel_size=2",
                                       "parallel.backend=gloo",  # no TP/PP: DP=2 (warm-up and steps DP-split)
                                       # DP=2 with megatron's distributed optimizer (warm-up's and training's)
-                                      "parallel.backend=gloo parallel.use_distributed_optimizer=true"])
+                                      "parallel.backend=gloo parallel.use_distributed_optimizer=true",
+                                      # DP=2, reductions overlapped with the backward, many small buckets
+                                      "parallel.backend=gloo parallel.overlap_grad_reduce=true "
+                                      "parallel.ddp_bucket_size=4000"])
 def test_demo_under_two_process_layout_matches_single_process(single: Path, tmp_path: Path, override: str) -> None:
     out = tmp_path / "demo"
     _demo(out, 2, *override.split())

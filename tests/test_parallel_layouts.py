@@ -34,11 +34,16 @@ SCENARIOS = {
               distill=dict(loss="jsd", beta=0.3, fused=True, chunk_size=3, micro_batch_size=2, skip_first_tokens=1),
               replay=0, ema=None),
 }
+# Run only with overlapped gradient reduction: one replay row, so under DP=2 one replica has no micro-batch in
+# the step's last call (the path where no hook may launch a reduction).
+OVERLAP_ONLY = {"C": {**SCENARIOS["A"], "replay": 1}}
+OVERLAP_BUCKET = 2000  # elements: the tiny student spans many buckets, so reductions really interleave
 LAYOUTS_2 = [(2, 1), (1, 2), (1, 1)]  # (TP, PP); DP = world / (TP x PP)
 LAYOUTS_4 = [(2, 2), (2, 1), (1, 2)]
 
 
-def _objects(name: str, tp: int, pp: int, init: dict | None, distributed_optimizer: bool = False):
+def _objects(name: str, tp: int, pp: int, init: dict | None, distributed_optimizer: bool = False,
+             overlap: bool = False):
     """Student (wrapped), frozen teacher, optimizer, schedule of scenario ``name``; ``init`` None = seeded
     weights (the reference), else ``init``'s weights. Returns them and the seeded weights (gathered)."""
     from caopd_megatron.config.schema import OptimConfig
@@ -47,7 +52,7 @@ def _objects(name: str, tp: int, pp: int, init: dict | None, distributed_optimiz
     from caopd_megatron.parallel.data_parallel import wrap_student
     from caopd_megatron.parallel.state import gather_full_state_dict, load_full_state_dict
 
-    sc = SCENARIOS[name]
+    sc = {**SCENARIOS, **OVERLAP_ONLY}[name]
     student = _build(sc["student"], tp, pp, seed=1)
     teacher = freeze(_build(sc["teacher"], tp, pp, seed=2))
     seeded = {"student": gather_full_state_dict(student), "teacher": gather_full_state_dict(teacher)}
@@ -55,7 +60,8 @@ def _objects(name: str, tp: int, pp: int, init: dict | None, distributed_optimiz
         # Seeded builds start from the single-process weights in every layout (builder's CPU initialisation).
         load_full_state_dict(student, init["init_student"])
         load_full_state_dict(teacher, init["init_teacher"])
-    student = wrap_student(student, distributed_optimizer=distributed_optimizer)
+    student = wrap_student(student, distributed_optimizer=distributed_optimizer, overlap_grad_reduce=overlap,
+                           bucket_size=OVERLAP_BUCKET if overlap else None)
     ocfg = OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant", weight_decay=0.1)
     opt = build_optimizer(student, ocfg)
     return student, teacher, opt, build_scheduler(opt, ocfg, 10), seeded
@@ -66,7 +72,7 @@ def _distill(name: str, student, teacher, opt, sched):
     from caopd_megatron.distill.sft import SupervisedRows
     from caopd_megatron.distill.step import distill_step
 
-    sc = SCENARIOS[name]
+    sc = {**SCENARIOS, **OVERLAP_ONLY}[name]
     examples = _examples()
     chosen = examples[1:1 + sc["replay"]]
     replay = SupervisedRows([e.teacher_prompt_ids for e in chosen], [e.response_ids for e in chosen], 0) if chosen else None
@@ -75,21 +81,32 @@ def _distill(name: str, student, teacher, opt, sched):
 
 
 def _step(name: str, tp: int, pp: int, init: dict | None, distributed_optimizer: bool = False,
-          steps: int = 1) -> dict:
+          steps: int = 1, overlap: bool = False) -> dict:
     """Scenario ``name`` under (tp, pp): one step (loss, norm, gradients, weights, EMA teacher) and, with
-    ``steps=2``, a second one (``loss2``, ``grad_norm2``, ``weights2``: Adam's moments from step 1 matter)."""
+    ``steps=2``, a second one (``loss2``, ``grad_norm2``, ``weights2``: Adam's moments from step 1 matter).
+    ``overlap``: overlapped DP gradient reduction; ``launched`` records, per step, how many bucket reductions
+    the backward hooks had issued before the finaliser ran, and the number of buckets."""
+    import caopd_megatron.parallel.data_parallel as dpm
+
     from caopd_megatron.models.teacher import ema_update
     from caopd_megatron.parallel.state import gather_full_state_dict
     from caopd_megatron.rollout.sampler import SamplingParams, generate
 
-    sc = SCENARIOS[name]
-    student, teacher, opt, sched, seeded = _objects(name, tp, pp, init, distributed_optimizer)
+    sc = {**SCENARIOS, **OVERLAP_ONLY}[name]
+    student, teacher, opt, sched, seeded = _objects(name, tp, pp, init, distributed_optimizer, overlap)
+    launched, finish = [], dpm.finish_gradients
+    if overlap:
+        def finish_and_count(model):
+            groups = model.bucket_groups
+            launched.append((sum(g.grad_reduce_handle is not None for g in groups), len(groups)))
+            finish(model)
+        dpm.finish_gradients = finish_and_count
     out: dict = {}
     if init is None:
         out["init_student"], out["init_teacher"] = seeded["student"], seeded["teacher"]
     else:
         out["seeded_student"], out["seeded_teacher"] = seeded["student"], seeded["teacher"]
-    if name == "A" and not distributed_optimizer:
+    if name == "A" and not distributed_optimizer and not overlap:
         # Decoding through the pipeline / TP shards: sampled and greedy, prompts of different lengths.
         # Two batches (3 + 2 prompts): under DP=2 each replica decodes one and the results are all-gathered.
         import caopd_megatron.rollout.sampler as sampler
@@ -117,6 +134,8 @@ def _step(name: str, tp: int, pp: int, init: dict | None, distributed_optimizer:
     if steps == 2:
         stats = _distill(name, student, teacher, opt, sched)
         out.update(loss2=stats.loss, grad_norm2=stats.grad_norm, weights2=gather_full_state_dict(student))
+    dpm.finish_gradients = finish
+    out["launched"] = launched
     if distributed_optimizer:
         from megatron.core import parallel_state
 
@@ -165,15 +184,17 @@ def _resume_resharded(tp: int, pp: int, ref: dict, root: str) -> dict:
 
 def _reference(rank: int, world: int) -> dict:
     _init_parallel(1, 1)
-    return {name: _step(name, 1, 1, None, steps=2) for name in SCENARIOS}
+    return {name: _step(name, 1, 1, None, steps=2) for name in {**SCENARIOS, **OVERLAP_ONLY}}
 
 
 def _layouts(rank: int, world: int, layouts: list, refs: dict, distopt: tuple = (), resume_root: str = "",
-             reshard_root: str = "") -> dict:
+             reshard_root: str = "", overlap: tuple = ()) -> dict:
     """Every scenario under each (tp, pp) of ``layouts``; the (tp, pp) in ``distopt`` also with megatron's
     distributed optimizer for two steps (keys ``("distopt", tp, pp, name)``) and, with ``resume_root``, the
     save/resume check (key ``("resume", tp, pp)``), with ``reshard_root`` the resume of that checkpoint
-    under this layout (key ``("resharded", tp, pp)``)."""
+    under this layout (key ``("resharded", tp, pp)``); the (tp, pp) in ``overlap`` with overlapped gradient
+    reduction for two steps, also with the distributed optimizer where in ``distopt`` (keys
+    ``("overlap", tp, pp, name)``, ``("overlap", "distopt", tp, pp, name)``), scenario C included."""
     from megatron.core import parallel_state
 
     results = {}
@@ -183,6 +204,12 @@ def _layouts(rank: int, world: int, layouts: list, refs: dict, distopt: tuple = 
             r = _step(name, tp, pp, refs[name])
             r["dp"] = parallel_state.get_data_parallel_world_size()
             results[(tp, pp, name)] = r
+        if (tp, pp) in overlap:
+            for name in {**SCENARIOS, **OVERLAP_ONLY}:
+                for sharded in ((False, True) if (tp, pp) in distopt else (False,)):
+                    r = _step(name, tp, pp, refs[name], distributed_optimizer=sharded, steps=2, overlap=True)
+                    r["dp"] = parallel_state.get_data_parallel_world_size()
+                    results[("overlap", "distopt", tp, pp, name) if sharded else ("overlap", tp, pp, name)] = r
         if (tp, pp) not in distopt:
             continue
         for name in SCENARIOS:
@@ -216,7 +243,7 @@ def _check(results: dict, refs: dict, world: int) -> None:
     for key, r in results.items():
         *kind, tp, pp, name = key
         ref = refs[name]
-        label = f"TP={tp} PP={pp} DP={r['dp']} scenario {name}" + (" distributed optimizer" if kind else "")
+        label = " ".join([f"TP={tp} PP={pp} DP={r['dp']} scenario {name}", *kind])
         assert r["dp"] == world // (tp * pp)
         assert r["loss"] == pytest.approx(ref["loss"], rel=1e-5, abs=1e-6), label
         assert r["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5), label
@@ -226,12 +253,14 @@ def _check(results: dict, refs: dict, world: int) -> None:
         if "grads" in r:
             _close_dicts(r["grads"], ref["grads"], f"{label} grad")
         # Adam's first step is ~lr * g / (|g| + eps): for |g| near eps an fp32-rounding difference in g moves the
-        # update by a visible fraction of lr, so weights are compared to 1e-3 of one step (lr = 1e-2).
-        _close_dicts(r["weights"], ref["weights"], f"{label} weight", atol=1e-5)
+        # update by a visible fraction of lr, so weights are compared to 2e-3 of one step (lr = 1e-2). Measured:
+        # an embedding gradient of -1.8e-8 under TP2xDP2 (scenario C) lands 1.2e-5 from the reference (the
+        # same with and without overlapped reduction, which are bitwise equal to each other).
+        _close_dicts(r["weights"], ref["weights"], f"{label} weight", atol=2e-5)
         if "loss2" in r:  # second step: Adam's moments of step 1 (sharded with the distributed optimizer) matter
             assert r["loss2"] == pytest.approx(ref["loss2"], rel=1e-5, abs=1e-6), label
             assert r["grad_norm2"] == pytest.approx(ref["grad_norm2"], rel=1e-5), label
-            _close_dicts(r["weights2"], ref["weights2"], f"{label} weight after step 2", atol=1e-5)
+            _close_dicts(r["weights2"], ref["weights2"], f"{label} weight after step 2", atol=2e-5)
         if "decoded_rows" in r:  # this replica decoded only its round-robin share, once per temperature
             share = [3, 2] if r["dp"] == 1 else [[3], [2]][r["dp_rank"]]
             assert r["decoded_rows"] == share * 2, label
@@ -252,14 +281,14 @@ def resume_root(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def two_process(references, resume_root) -> list[dict]:
     """One 2-process world: TP=2, PP=2, DP=2; DP=2 also with the distributed optimizer and its save/resume."""
-    return run_distributed(_layouts, 2, LAYOUTS_2, references, ((1, 1),), resume_root)
+    return run_distributed(_layouts, 2, LAYOUTS_2, references, ((1, 1),), resume_root, "", ((1, 1),))
 
 
 @pytest.fixture(scope="module")
 def four_process(references, two_process, resume_root) -> list[dict]:
     """One 4-process world: TP2xPP2, TP2xDP2, PP2xDP2; TP2xDP2 also with the distributed optimizer, and
     resuming the 2-process world's DP=2 checkpoint (so ``two_process`` runs first)."""
-    return run_distributed(_layouts, 4, LAYOUTS_4, references, ((2, 1),), "", resume_root)
+    return run_distributed(_layouts, 4, LAYOUTS_4, references, ((2, 1),), "", resume_root, ((2, 1), (1, 2)))
 
 
 def test_reference_is_a_real_step(references) -> None:
@@ -273,7 +302,7 @@ def test_reference_is_a_real_step(references) -> None:
 
 
 def _plain(results: dict) -> dict:
-    return {k: v for k, v in results.items() if k[0] not in ("distopt", "resume", "resharded")}
+    return {k: v for k, v in results.items() if k[0] not in ("distopt", "resume", "resharded", "overlap")}
 
 
 def test_two_process_layouts_tp2_pp2_dp2(two_process, references) -> None:
@@ -305,6 +334,26 @@ def test_distributed_optimizer_dp2_and_tp2xdp2_take_the_single_process_steps(two
             for key, r in _distopt(results[rank]).items():
                 assert (r["loss"], r["loss2"]) == (results[0][key]["loss"], results[0][key]["loss2"])
                 _close_dicts(r["weights2"], results[0][key]["weights2"], f"rank {rank} {key}", atol=0.0)
+
+
+def test_overlapped_gradient_reduction_takes_the_single_process_steps(two_process, four_process,
+                                                                     references) -> None:
+    """``parallel.overlap_grad_reduce`` with 2,000-element buckets: two steps under DP=2 (all-reduce and
+    distributed optimizer), TP=2 x DP=2 (both) and PP=2 x DP=2 equal the single-process steps. From the
+    second step on the backward hooks issue every bucket's reduction before the finaliser runs (the first
+    step is megatron's calibration pass), except in scenario C, where one replica has no replay micro-batch
+    and every replica defers to the finaliser."""
+    for world, results, n_runs in ((2, two_process, 6), (4, four_process, 9)):
+        for rank_results in results:
+            runs = {k: v for k, v in rank_results.items() if k[0] == "overlap"}
+            assert len(runs) == n_runs
+            _check(runs, references, world)
+            for key, r in runs.items():
+                (first, buckets), (second, buckets2) = r["launched"]
+                # megatron buckets only the first pipeline stage (later stages reduce in one bucket).
+                assert buckets == buckets2 >= (1 if key[-2] > 1 else 2), key
+                assert first == 0, key
+                assert second == (0 if key[-1] == "C" else buckets), key
 
 
 def test_distributed_optimizer_shards_adam_state_over_dp(two_process, four_process) -> None:

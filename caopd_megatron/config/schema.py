@@ -55,6 +55,11 @@ class ParallelConfig:
     # reduce-scattered, parameters all-gathered. Only with DP > 1 (PP > 1 or DP > 1 runs the parallel path);
     # with DP = 1 it is ignored (logged) and the plain AdamW runs.
     use_distributed_optimizer: bool = False
+    # DP gradient reduction overlapped with the backward: megatron-core DDP launches each bucket's all-reduce
+    # (reduce-scatter with the distributed optimizer) asynchronously as soon as the last micro-batch's backward
+    # has produced all of that bucket's gradients. DP > 1 only (ignored, logged, at DP = 1).
+    overlap_grad_reduce: bool = False
+    ddp_bucket_size: Optional[int] = None  # elements per bucket; None = megatron's default (>= 40M with overlap)
 
 
 @dataclass

@@ -7,7 +7,7 @@ Design decisions:
 - Why megatron's DDP under PP even when DP = 1: its ``finalize_model_grads`` is what all-reduces the tied
   word-embedding gradient between the first and last pipeline stages (and layer-norm gradients under
   sequence parallelism). Using it for every parallel layout keeps one code path.
-- DDP configuration: no overlap, gradients reduced in the parameters' dtype, and one of two reductions:
+- DDP configuration: gradients reduced in the parameters' dtype, and one of two reductions:
   - all-reduce (default): gradients accumulate into DDP's contiguous ``main_grad`` buffers during the
     micro-batch backwards; ``finish_gradients`` runs ``finalize_model_grads`` exactly once per optimizer step
     (after the distillation *and* the replay backward, so the tied-embedding all-reduce never double counts)
@@ -19,6 +19,15 @@ Design decisions:
     the buffer only, and ``param.grad`` is left alone: megatron's ``DistributedOptimizer``
     (``parallel/distributed_optimizer.py``) reads its range, clips, updates it and all-gathers the
     parameters. With DP = 1 there is nothing to shard and the flag is ignored (logged).
+- Overlap (``parallel.overlap_grad_reduce``, DP > 1): DDP's backward hooks launch each bucket's reduction
+  asynchronously once the *last* micro-batch's backward has filled it, and ``finalize_model_grads`` waits.
+  A step may run several schedule calls (distillation, then replay): only the step's last call may sync
+  (``gradient_sync``); earlier calls run entirely under ``no_sync``, and the schedule's own ``no_sync_func``
+  is switched off for them, because its exit would re-enable syncing inside our outer ``no_sync``. When some
+  replica has no micro-batch in the last call (fewer examples than replicas; one MIN all-reduce of the
+  micro-batch count decides, identically on every rank) that call runs under ``no_sync`` too, and
+  ``finish_gradients`` launches every bucket in bucket order on every replica: collectives are issued in the
+  same order everywhere (what nccl requires), never by hooks on some replicas and by the finaliser on others.
 - DDP pre-scales gradients by 1/DP before its SUM all-reduce or SUM reduce-scatter (megatron's "average
   over replicas"). Our per-micro-batch losses are already weighted by their share of the *global* batch, so
   the loss is multiplied by ``loss_scale_for_dp() = DP`` to cancel that pre-scaling: the reduced gradient
@@ -29,6 +38,7 @@ Design decisions:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Sequence, TypeVar
 
@@ -79,27 +89,60 @@ def is_wrapped(model) -> bool:
     return hasattr(model, "finish_grad_sync") and hasattr(model, "module")
 
 
-def wrap_student(model, distributed_optimizer: bool = False):
+def wrap_student(model, distributed_optimizer: bool = False, overlap_grad_reduce: bool = False,
+                 bucket_size: int | None = None):
     """Wrap ``model`` in megatron-core DDP when the parallel path is active; return it unchanged otherwise.
 
     ``distributed_optimizer`` (``parallel.use_distributed_optimizer``): with DP > 1, reduce-scatter gradients
     for megatron's distributed optimizer (``build_optimizer`` then builds that optimizer for this model).
+    ``overlap_grad_reduce`` / ``bucket_size`` (``parallel.*``): with DP > 1, reduce bucket by bucket during
+    the last micro-batch's backward (module docstring).
     The replicas' parameters are broadcast from DP rank 0, so they start identical whatever each rank built.
     """
-    sharded = distributed_optimizer and data_parallel_size() > 1
+    dp = data_parallel_size()
+    sharded = distributed_optimizer and dp > 1
+    overlap = overlap_grad_reduce and dp > 1
     if distributed_optimizer and not sharded:
         log.info("parallel.use_distributed_optimizer: DP=1, nothing to shard; the plain AdamW is used")
+    if overlap_grad_reduce and not overlap:
+        log.info("parallel.overlap_grad_reduce: DP=1, no data-parallel reduction to overlap")
     if not needs_parallel_path() or is_wrapped(model):
         return model
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=False, overlap_grad_reduce=False,
-                                               use_distributed_optimizer=sharded, check_for_nan_in_grad=False)
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=False, overlap_grad_reduce=overlap,
+                                               bucket_size=bucket_size, use_distributed_optimizer=sharded,
+                                               check_for_nan_in_grad=False)
     ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
     ddp.broadcast_params()
-    log.info("student wrapped in megatron-core DDP (DP=%d, PP=%d, gradients %s)", data_parallel_size(),
-             pipeline_parallel_size(), "reduce-scattered for the distributed optimizer" if sharded else "all-reduced")
+    log.info("student wrapped in megatron-core DDP (DP=%d, PP=%d, gradients %s%s)", dp, pipeline_parallel_size(),
+             "reduce-scattered for the distributed optimizer" if sharded else "all-reduced",
+             f", overlapped with the backward in {len(ddp.bucket_groups)} bucket(s)" if overlap else "")
     return ddp
+
+
+def overlaps_grad_reduce(model) -> bool:
+    return is_wrapped(model) and bool(model.ddp_config.overlap_grad_reduce)
+
+
+@contextlib.contextmanager
+def gradient_sync(model, last_call: bool):
+    """Around one schedule call of a training step: with overlapped reduction, a call that is not the step's
+    last runs entirely under DDP's ``no_sync`` (its gradients only accumulate); the last call lets megatron's
+    schedule enable syncing for its last micro-batch. A no-op without overlap."""
+    if not overlaps_grad_reduce(model):
+        yield
+        return
+    config = unwrap(model).config
+    saved = config.no_sync_func
+    # The schedule enters no_sync_func for all micro-batches but the last; for an earlier call it must not
+    # touch syncing at all (its exit would flip DDP back to "last micro-batch" inside our no_sync).
+    config.no_sync_func = model.no_sync if last_call else None
+    try:
+        with contextlib.nullcontext() if last_call else model.no_sync():
+            yield
+    finally:
+        config.no_sync_func = saved
 
 
 def uses_distributed_optimizer(model) -> bool:
@@ -137,6 +180,12 @@ def finish_gradients(model) -> None:
         return
     from megatron.core.distributed import finalize_model_grads
 
+    if overlaps_grad_reduce(model):
+        # No call synced this step (a replica had an empty share, see gradient_sync): every replica issues
+        # every bucket here, in bucket order. After the first step megatron no longer does this itself.
+        for group in model.bucket_groups + model.expert_parallel_bucket_groups:
+            if group.grad_reduce_handle is None and not group.is_first_batch:
+                group.start_grad_sync()
     finalize_model_grads([model])
     if uses_distributed_optimizer(model):
         return
@@ -182,6 +231,17 @@ def all_gather_dp(value: torch.Tensor) -> list[torch.Tensor]:
     out = [torch.empty_like(padded) for _ in sizes]
     torch.distributed.all_gather(out, padded, group=group)
     return [o[: int(s)] for o, s in zip(out, sizes)]
+
+
+def min_over_dp(value: int, device: torch.device) -> int:
+    """The smallest ``value`` over the data-parallel replicas (one scalar all-reduce)."""
+    from megatron.core import parallel_state
+
+    if data_parallel_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.long, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=parallel_state.get_data_parallel_group())
+    return int(t)
 
 
 def all_reduce_dp(value: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,8 @@ Design decisions:
 - ``loss_fn`` returns the micro-batch's contribution to the *step* loss (already weighted); the schedules
   divide the returned loss by the number of micro-batches, so we return it multiplied by that number.
 - No gradient finalisation happens inside a call (the model config's ``finalize_model_grads_func`` stays
-  unset): a step may run several calls (distillation, replay) and finalises once (``data_parallel``).
+  unset): a step may run several calls (distillation, replay) and finalises once (``data_parallel``); with
+  overlapped DP reduction only the step's last call (``last_call``) may launch it.
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from caopd_megatron.distill.batching import PackedBatch, gather_positions
-from caopd_megatron.parallel.data_parallel import pipeline_parallel_size, unwrap
+from caopd_megatron.parallel.data_parallel import (gradient_sync, min_over_dp, overlaps_grad_reduce,
+                                                   pipeline_parallel_size, unwrap)
 
 
 def is_last_stage() -> bool:
@@ -62,7 +64,8 @@ def real_rows(output: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
 
 
 def forward_backward(model, batches: Sequence[PackedBatch], post_fn: Callable[[torch.Tensor, int], Any], *,
-                     forward_only: bool = False, collect: bool = False, hidden: bool = False) -> list:
+                     forward_only: bool = False, collect: bool = False, hidden: bool = False,
+                     last_call: bool = True) -> list:
     """Run ``batches`` (equal shapes under PP) through ``model`` on megatron's schedule.
 
     Args:
@@ -71,6 +74,9 @@ def forward_backward(model, batches: Sequence[PackedBatch], post_fn: Callable[[t
             ``i`` (``[b, L, V/tp]`` logits on the TP group, or ``[b, L, h]`` final hidden states with
             ``hidden=True``). With ``collect`` its return values are collected; otherwise it returns the scalar
             loss contribution whose backward runs.
+        last_call: the optimizer step's last backward call; with overlapped DP reduction only that call may
+            launch the reductions (``data_parallel.gradient_sync``). Every DP rank must make the call, even
+            with no batches of its own.
     Returns:
         On the last stage, one entry per micro-batch (``post_fn``'s value with ``collect``, else the detached
         loss contribution); an empty list on other stages.
@@ -80,6 +86,10 @@ def forward_backward(model, batches: Sequence[PackedBatch], post_fn: Callable[[t
     from caopd_megatron.distill.step import _HiddenCapture
 
     n = len(batches)
+    sync = contextlib.nullcontext()
+    if not forward_only and overlaps_grad_reduce(model):
+        # Hooks may launch the reductions only if every replica runs a last micro-batch (collective order).
+        sync = gradient_sync(model, last_call and min_over_dp(n, next(model.parameters()).device) > 0)
     if n == 0:
         return []
     inner = unwrap(model)
@@ -99,10 +109,11 @@ def forward_backward(model, batches: Sequence[PackedBatch], post_fn: Callable[[t
 
         return out, loss_func
 
-    store = get_forward_backward_func()(
-        forward_step_func=step, data_iterator=iter(enumerate(batches)), model=model, num_microbatches=n,
-        seq_length=batches[0].tokens.size(1), micro_batch_size=batches[0].tokens.size(0),
-        forward_only=forward_only, collect_non_loss_data=collect)
+    with sync:
+        store = get_forward_backward_func()(
+            forward_step_func=step, data_iterator=iter(enumerate(batches)), model=model, num_microbatches=n,
+            seq_length=batches[0].tokens.size(1), micro_batch_size=batches[0].tokens.size(0),
+            forward_only=forward_only, collect_non_loss_data=collect)
     if not is_last_stage():
         return []
     return list(store) if collect else [d["loss"] for d in store]

@@ -51,10 +51,10 @@ def _step_total(values: Sequence[torch.Tensor]) -> float:
 
 
 def distill_backward(student, teacher, examples, cfg: DistillConfig, pad_id: int, real_vocab_size: int,
-                     n_valid: int) -> float:
+                     n_valid: int, last_call: bool = True) -> float:
     """Forward/backward of the distillation loss over this DP rank's slice; returns the global step loss.
 
-    Gradients are left in DDP's buffers (not finalised).
+    Gradients are left in DDP's buffers (not finalised); ``last_call``: no backward follows in this step.
     """
     from caopd_megatron.distill.losses import fused_chunked_divergence, masked_sequence_mean, vocab_parallel_divergence
     from caopd_megatron.distill.sft import tp_group_or_none
@@ -100,11 +100,11 @@ def distill_backward(student, teacher, examples, cfg: DistillConfig, pad_id: int
         return weighted * scale
 
     student.train()
-    losses = forward_backward(student, s_batches, loss_fn, hidden=cfg.fused)
+    losses = forward_backward(student, s_batches, loss_fn, hidden=cfg.fused, last_call=last_call)
     return _step_total([v / scale for v in losses])
 
 
-def sft_backward(model, rows, real_vocab_size: int, micro_batch_size: int) -> float:
+def sft_backward(model, rows, real_vocab_size: int, micro_batch_size: int, last_call: bool = True) -> float:
     """Forward/backward of ``rows`` (a ``distill.sft.SupervisedRows``): the mean cross entropy over all response
     tokens of all rows, this DP rank's slice in micro-batches. Returns the global loss; gradients not finalised.
     """
@@ -135,7 +135,7 @@ def sft_backward(model, rows, real_vocab_size: int, micro_batch_size: int) -> fl
         return loss / max(1, total_tokens) * scale
 
     model.train()
-    losses = forward_backward(model, batches, loss_fn)
+    losses = forward_backward(model, batches, loss_fn, last_call=last_call)
     return _step_total([v / scale for v in losses])
 
 
@@ -172,10 +172,15 @@ def distill_step_parallel(student, teacher, optimizer, scheduler, examples, cfg:
     s_all = pack([e.student_prompt_ids for e in examples], [e.response_ids for e in examples], pad_id,
                  cfg.skip_first_tokens)
     n_valid = int((s_all.mask.sum(1) > 0).sum())
+    replay = isinstance(extra_loss, SupervisedRows) and len(extra_loss) > 0
+    closure = extra_loss is not None and not isinstance(extra_loss, SupervisedRows)
     dp.start_gradients(student, optimizer)
-    total = distill_backward(student, teacher, examples, cfg, pad_id, real_vocab_size, n_valid) if n_valid else 0.0
+    total = 0.0
+    if n_valid:
+        total = distill_backward(student, teacher, examples, cfg, pad_id, real_vocab_size, n_valid,
+                                 last_call=not (replay or closure))
     if isinstance(extra_loss, SupervisedRows):
-        if len(extra_loss):
+        if replay:
             sft_backward(student, extra_loss, real_vocab_size, cfg.micro_batch_size)
     elif extra_loss is not None:
         # Every replica computes the same closure: DDP's 1/DP-scaled sum of identical gradients is that gradient.

@@ -70,7 +70,8 @@ def build_student(s: Session):
 
     model = build_gpt_model(s.cfg.model, s.cfg.parallel, s.vocab, s.backend)
     log.info("student: %s parameters on this rank", f"{count_parameters(model):,}")
-    return wrap_student(model, s.cfg.parallel.use_distributed_optimizer)
+    par = s.cfg.parallel
+    return wrap_student(model, par.use_distributed_optimizer, par.overlap_grad_reduce, par.ddp_bucket_size)
 
 
 def build_teacher(s: Session, student) -> torch.nn.Module:
