@@ -42,13 +42,14 @@ def init_parallel(tp: int, pp: int) -> None:
     distributed.initialize(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp), seed=0)
 
 
-def build(model_kw: dict, tp: int, pp: int, seed: int):
-    """This rank's stage of a seeded GPTModel (the same initial weights in every layout)."""
+def build(model_kw: dict, tp: int, pp: int, seed: int, sp: bool = False):
+    """This rank's stage of a seeded GPTModel (the same initial weights in every layout); ``sp``: sequence
+    parallelism (with TP > 1)."""
     from caopd_megatron.config.schema import ModelConfig, ParallelConfig
     from caopd_megatron.models.builder import build_gpt_model, resolve_vocab
     from caopd_megatron.runtime.backend import detect_backend
 
     mc = ModelConfig(**model_kw)
     torch.manual_seed(seed)
-    return build_gpt_model(mc, ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
-                           resolve_vocab(mc, VOCAB, tp), detect_backend())
+    return build_gpt_model(mc, ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                              sequence_parallel=sp), resolve_vocab(mc, VOCAB, tp), detect_backend())

@@ -34,16 +34,18 @@ SCENARIOS = {
               distill=dict(loss="jsd", beta=0.3, fused=True, chunk_size=3, micro_batch_size=2, skip_first_tokens=1),
               replay=0, ema=None),
 }
-# Run only with overlapped gradient reduction: one replay row, so under DP=2 one replica has no micro-batch in
-# the step's last call (the path where no hook may launch a reduction).
-OVERLAP_ONLY = {"C": {**SCENARIOS["A"], "replay": 1}}
+# Scenarios of some runs only. C (overlapped reduction): one replay row, so under DP=2 one replica has no
+# micro-batch in the step's last call (the path where no hook may launch a reduction). Q (sequence-parallel
+# layouts, with and without SP): Qwen3's QK norms, whose gradients each TP rank holds only for its own heads.
+_QK = {**STUDENT, "qk_layernorm": True}
+OVERLAP_ONLY = {"C": {**SCENARIOS["A"], "replay": 1}, "Q": {**SCENARIOS["A"], "student": _QK, "teacher": _QK}}
 OVERLAP_BUCKET = 2000  # elements: the tiny student spans many buckets, so reductions really interleave
 LAYOUTS_2 = [(2, 1), (1, 2), (1, 1)]  # (TP, PP); DP = world / (TP x PP)
 LAYOUTS_4 = [(2, 2), (2, 1), (1, 2)]
 
 
 def _objects(name: str, tp: int, pp: int, init: dict | None, distributed_optimizer: bool = False,
-             overlap: bool = False):
+             overlap: bool = False, sp: bool = False):
     """Student (wrapped), frozen teacher, optimizer, schedule of scenario ``name``; ``init`` None = seeded
     weights (the reference), else ``init``'s weights. Returns them and the seeded weights (gathered)."""
     from caopd_megatron.config.schema import OptimConfig
@@ -53,8 +55,8 @@ def _objects(name: str, tp: int, pp: int, init: dict | None, distributed_optimiz
     from caopd_megatron.parallel.state import gather_full_state_dict, load_full_state_dict
 
     sc = {**SCENARIOS, **OVERLAP_ONLY}[name]
-    student = _build(sc["student"], tp, pp, seed=1)
-    teacher = freeze(_build(sc["teacher"], tp, pp, seed=2))
+    student = _build(sc["student"], tp, pp, seed=1, sp=sp)
+    teacher = freeze(_build(sc["teacher"], tp, pp, seed=2, sp=sp))
     seeded = {"student": gather_full_state_dict(student), "teacher": gather_full_state_dict(teacher)}
     if init is not None:
         # Seeded builds start from the single-process weights in every layout (builder's CPU initialisation).
@@ -81,11 +83,12 @@ def _distill(name: str, student, teacher, opt, sched):
 
 
 def _step(name: str, tp: int, pp: int, init: dict | None, distributed_optimizer: bool = False,
-          steps: int = 1, overlap: bool = False) -> dict:
+          steps: int = 1, overlap: bool = False, sp: bool = False) -> dict:
     """Scenario ``name`` under (tp, pp): one step (loss, norm, gradients, weights, EMA teacher) and, with
     ``steps=2``, a second one (``loss2``, ``grad_norm2``, ``weights2``: Adam's moments from step 1 matter).
     ``overlap``: overlapped DP gradient reduction; ``launched`` records, per step, how many bucket reductions
-    the backward hooks had issued before the finaliser ran, and the number of buckets."""
+    the backward hooks had issued before the finaliser ran, and the number of buckets. ``sp``: sequence
+    parallelism (training on TP-padded micro-batches, decoding with it switched off)."""
     import caopd_megatron.parallel.data_parallel as dpm
 
     from caopd_megatron.models.teacher import ema_update
@@ -93,7 +96,7 @@ def _step(name: str, tp: int, pp: int, init: dict | None, distributed_optimizer:
     from caopd_megatron.rollout.sampler import SamplingParams, generate
 
     sc = {**SCENARIOS, **OVERLAP_ONLY}[name]
-    student, teacher, opt, sched, seeded = _objects(name, tp, pp, init, distributed_optimizer, overlap)
+    student, teacher, opt, sched, seeded = _objects(name, tp, pp, init, distributed_optimizer, overlap, sp)
     launched, finish = [], dpm.finish_gradients
     if overlap:
         def finish_and_count(model):
@@ -106,7 +109,7 @@ def _step(name: str, tp: int, pp: int, init: dict | None, distributed_optimizer:
         out["init_student"], out["init_teacher"] = seeded["student"], seeded["teacher"]
     else:
         out["seeded_student"], out["seeded_teacher"] = seeded["student"], seeded["teacher"]
-    if name == "A" and not distributed_optimizer and not overlap:
+    if name in "AQ" and not distributed_optimizer and not overlap:
         # Decoding through the pipeline / TP shards: sampled and greedy, prompts of different lengths.
         # Two batches (3 + 2 prompts): under DP=2 each replica decodes one and the results are all-gathered.
         import caopd_megatron.rollout.sampler as sampler
@@ -188,13 +191,14 @@ def _reference(rank: int, world: int) -> dict:
 
 
 def _layouts(rank: int, world: int, layouts: list, refs: dict, distopt: tuple = (), resume_root: str = "",
-             reshard_root: str = "", overlap: tuple = ()) -> dict:
+             reshard_root: str = "", overlap: tuple = (), sp: tuple = ()) -> dict:
     """Every scenario under each (tp, pp) of ``layouts``; the (tp, pp) in ``distopt`` also with megatron's
     distributed optimizer for two steps (keys ``("distopt", tp, pp, name)``) and, with ``resume_root``, the
     save/resume check (key ``("resume", tp, pp)``), with ``reshard_root`` the resume of that checkpoint
     under this layout (key ``("resharded", tp, pp)``); the (tp, pp) in ``overlap`` with overlapped gradient
     reduction for two steps, also with the distributed optimizer where in ``distopt`` (keys
-    ``("overlap", tp, pp, name)``, ``("overlap", "distopt", tp, pp, name)``), scenario C included."""
+    ``("overlap", tp, pp, name)``, ``("overlap", "distopt", tp, pp, name)``), scenario C included; the
+    (tp, pp) in ``sp`` also with sequence parallelism (keys ``("sp", tp, pp, name)``)."""
     from megatron.core import parallel_state
 
     results = {}
@@ -204,8 +208,13 @@ def _layouts(rank: int, world: int, layouts: list, refs: dict, distopt: tuple = 
             r = _step(name, tp, pp, refs[name])
             r["dp"] = parallel_state.get_data_parallel_world_size()
             results[(tp, pp, name)] = r
+        if (tp, pp) in sp:
+            for kind, name in [("sp", "A"), ("sp", "B"), ("sp", "Q"), ("qk", "Q")]:
+                r = _step(name, tp, pp, refs[name], sp=kind == "sp")
+                r["dp"] = parallel_state.get_data_parallel_world_size()
+                results[(kind, tp, pp, name)] = r
         if (tp, pp) in overlap:
-            for name in {**SCENARIOS, **OVERLAP_ONLY}:
+            for name in [*SCENARIOS, "C"]:
                 for sharded in ((False, True) if (tp, pp) in distopt else (False,)):
                     r = _step(name, tp, pp, refs[name], distributed_optimizer=sharded, steps=2, overlap=True)
                     r["dp"] = parallel_state.get_data_parallel_world_size()
@@ -281,14 +290,15 @@ def resume_root(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def two_process(references, resume_root) -> list[dict]:
     """One 2-process world: TP=2, PP=2, DP=2; DP=2 also with the distributed optimizer and its save/resume."""
-    return run_distributed(_layouts, 2, LAYOUTS_2, references, ((1, 1),), resume_root, "", ((1, 1),))
+    return run_distributed(_layouts, 2, LAYOUTS_2, references, ((1, 1),), resume_root, "", ((1, 1),), ((2, 1),))
 
 
 @pytest.fixture(scope="module")
 def four_process(references, two_process, resume_root) -> list[dict]:
     """One 4-process world: TP2xPP2, TP2xDP2, PP2xDP2; TP2xDP2 also with the distributed optimizer, and
     resuming the 2-process world's DP=2 checkpoint (so ``two_process`` runs first)."""
-    return run_distributed(_layouts, 4, LAYOUTS_4, references, ((2, 1),), "", resume_root, ((2, 1), (1, 2)))
+    return run_distributed(_layouts, 4, LAYOUTS_4, references, ((2, 1),), "", resume_root, ((2, 1), (1, 2)),
+                           ((2, 2), (2, 1)))
 
 
 def test_reference_is_a_real_step(references) -> None:
@@ -302,7 +312,7 @@ def test_reference_is_a_real_step(references) -> None:
 
 
 def _plain(results: dict) -> dict:
-    return {k: v for k, v in results.items() if k[0] not in ("distopt", "resume", "resharded", "overlap")}
+    return {k: v for k, v in results.items() if k[0] not in ("distopt", "resume", "resharded", "overlap", "sp", "qk")}
 
 
 def test_two_process_layouts_tp2_pp2_dp2(two_process, references) -> None:
@@ -354,6 +364,20 @@ def test_overlapped_gradient_reduction_takes_the_single_process_steps(two_proces
                 assert buckets == buckets2 >= (1 if key[-2] > 1 else 2), key
                 assert first == 0, key
                 assert second == (0 if key[-1] == "C" else buckets), key
+
+
+def test_sequence_parallel_tp2_tp2xpp2_tp2xdp2(two_process, four_process, references) -> None:
+    """``parallel.sequence_parallel`` under TP=2, TP=2 x PP=2 and TP=2 x DP=2: one step (micro-batch lengths
+    padded to a multiple of TP, fused loss on hidden states gathered from the sequence-parallel region, layer
+    norm gradients all-reduced over TP by the finaliser) and decoding (sequence parallelism switched off)
+    equal the single-process run, in scenarios A, B and Q (QK norms); Q also without SP (the QK norms'
+    gradients are summed over TP, so the two ranks' copies stay equal to the single-process weights)."""
+    for world, results, n_runs in ((2, two_process, 4), (4, four_process, 8)):
+        for rank_results in results:
+            runs = {k: v for k, v in rank_results.items() if k[0] in ("sp", "qk")}
+            assert len(runs) == n_runs
+            _check(runs, references, world)
+            assert all("generate_t1.0" in r for k, r in runs.items() if k[-1] in "AQ")
 
 
 def test_distributed_optimizer_shards_adam_state_over_dp(two_process, four_process) -> None:

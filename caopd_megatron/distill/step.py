@@ -49,6 +49,12 @@ class _HiddenCapture:
         layer = self.layer
 
         def passthrough(input_, weight=None, runtime_gather_output=None, **_):
+            if getattr(layer, "sequence_parallel", False):
+                # [s/tp, b, h] -> [s, b, h]. Backward is a plain slice, not a reduce-scatter: the fused loss
+                # already all-reduces its hidden gradient over TP (distill/losses.py, note 7).
+                from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+                input_ = gather_from_sequence_parallel_region(input_, tensor_parallel_output_grad=False)
             return input_, None
 
         self._orig = layer.forward
@@ -119,7 +125,7 @@ def distill_step(student, teacher, optimizer, scheduler, examples: Sequence[Dist
     """
     from caopd_megatron.parallel.data_parallel import needs_parallel_path
 
-    if needs_parallel_path():
+    if needs_parallel_path(student):
         from caopd_megatron.parallel.steps import distill_step_parallel
 
         return distill_step_parallel(student, teacher, optimizer, scheduler, examples, cfg, pad_id, real_vocab_size,

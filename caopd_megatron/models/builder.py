@@ -6,7 +6,8 @@ Design decisions:
   embeddings. The converters in ``checkpointing/hf`` map HF configs onto the same ``ModelConfig``.
 - Layer spec: Transformer Engine's when TE is usable (and asked for or ``auto``), megatron-core's local
   spec otherwise; ``transformer_impl=transformer_engine`` without a usable TE is an error, not a silent
-  fallback. FP8 requires TE.
+  fallback. FP8 requires TE. Sequence parallelism on the local spec swaps its norms for
+  ``models.norms.SequenceParallelRMSNorm`` (megatron's local norm refuses it).
 - The padded vocabulary is a multiple of ``make_vocab_size_divisible_by * TP`` (megatron-LM's rule), so
   each TP rank holds an equal shard; the real size is kept so losses and sampling ignore padded rows.
 - Fusions that need CUDA kernels (bias-dropout, masked softmax, RoPE, gradient-accumulation) are off on
@@ -123,7 +124,9 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, backend: Ba
     )
 
 
-def layer_spec(model: ModelConfig, backend: Backend):
+def layer_spec(model: ModelConfig, backend: Backend, config):
+    """The decoder spec: TE's layer spec, megatron's local layer spec, or (local and sequence-parallel) a block
+    spec whose norms are ``SequenceParallelRMSNorm`` (megatron's local norm refuses sequence parallelism)."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
@@ -131,7 +134,20 @@ def layer_spec(model: ModelConfig, backend: Backend):
 
     if use_transformer_engine(model, backend):
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
-    return get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization="RMSNorm")
+    if not config.sequence_parallel:
+        return spec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    from caopd_megatron.models.norms import SequenceParallelRMSNorm
+
+    layer = spec.submodules
+    layer.input_layernorm = layer.pre_mlp_layernorm = SequenceParallelRMSNorm
+    if model.qk_layernorm:
+        attention = layer.self_attention.submodules
+        attention.q_layernorm = attention.k_layernorm = SequenceParallelRMSNorm
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config),
+                                      layer_norm=SequenceParallelRMSNorm)
 
 
 def build_gpt_model(model: ModelConfig, parallel: ParallelConfig, vocab: VocabInfo, backend: Backend,
@@ -152,7 +168,7 @@ def build_gpt_model(model: ModelConfig, parallel: ParallelConfig, vocab: VocabIn
     rng_before = torch.get_rng_state()
     gpt = GPTModel(
         config=cfg,
-        transformer_layer_spec=layer_spec(model, backend),
+        transformer_layer_spec=layer_spec(model, backend, cfg),
         vocab_size=vocab.padded,
         max_sequence_length=model.max_position_embeddings,
         pre_process=pre_process,

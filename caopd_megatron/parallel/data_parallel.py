@@ -1,9 +1,14 @@
 """Data-parallel gradient reduction with megatron-core's ``DistributedDataParallel``.
 
 Design decisions:
-- One switch, ``needs_parallel_path()``: PP > 1 or DP > 1. Then the student is wrapped in megatron-core's
-  DDP and every training phase runs through ``parallel.schedule``; otherwise (single process, TP only) the
-  model stays a plain ``GPTModel`` and the original path runs unchanged.
+- One switch, ``needs_parallel_path(model)``: PP > 1 or DP > 1, or TP-partial gradients (below). Then the
+  student is wrapped in megatron-core's DDP and every training phase runs through ``parallel.schedule``;
+  otherwise (single process, plain TP) the model stays a plain ``GPTModel`` and the original path runs.
+- TP-partial gradients take the parallel path even at DP = PP = 1: some parameters are replicated over TP
+  but each rank's gradient covers only part of the data, so ``finalize_model_grads`` must sum them over TP:
+  layer norms under sequence parallelism (each rank sees its slice of the sequence; micro-batch lengths are
+  also padded to a multiple of TP there) and QK norms (Qwen3: each rank normalises its own heads). Without
+  the sum the TP ranks' copies would drift apart.
 - Why megatron's DDP under PP even when DP = 1: its ``finalize_model_grads`` is what all-reduces the tied
   word-embedding gradient between the first and last pipeline stages (and layer-norm gradients under
   sequence parallelism). Using it for every parallel layout keeps one code path.
@@ -73,9 +78,26 @@ def pipeline_parallel_size() -> int:
     return parallel_state.get_pipeline_model_parallel_world_size()
 
 
-def needs_parallel_path() -> bool:
-    """True when the step must run on megatron's schedules with a DDP-wrapped student (PP > 1 or DP > 1)."""
-    return pipeline_parallel_size() > 1 or data_parallel_size() > 1
+def needs_parallel_path(model=None) -> bool:
+    """True when the step must run on megatron's schedules with a DDP-wrapped student: PP > 1, DP > 1, or
+    ``model`` (any wrapper) has TP-partial gradients."""
+    return pipeline_parallel_size() > 1 or data_parallel_size() > 1 or (model is not None and
+                                                                      tp_partial_gradients(model))
+
+
+def tp_partial_gradients(model) -> bool:
+    """TP-replicated parameters with per-rank partial gradients: norms under sequence parallelism, QK norms."""
+    cfg = unwrap(model).config
+    return cfg.tensor_model_parallel_size > 1 and bool(cfg.sequence_parallel or cfg.qk_layernorm)
+
+
+def uses_sequence_parallel(model) -> bool:
+    return model is not None and bool(getattr(unwrap(model).config, "sequence_parallel", False))
+
+
+def sequence_multiple(model) -> int:
+    """What every micro-batch length must be a multiple of for ``model``: TP under sequence parallelism, else 1."""
+    return unwrap(model).config.tensor_model_parallel_size if uses_sequence_parallel(model) else 1
 
 
 def unwrap(model):
@@ -106,7 +128,7 @@ def wrap_student(model, distributed_optimizer: bool = False, overlap_grad_reduce
         log.info("parallel.use_distributed_optimizer: DP=1, nothing to shard; the plain AdamW is used")
     if overlap_grad_reduce and not overlap:
         log.info("parallel.overlap_grad_reduce: DP=1, no data-parallel reduction to overlap")
-    if not needs_parallel_path() or is_wrapped(model):
+    if not needs_parallel_path(model) or is_wrapped(model):
         return model
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
@@ -115,7 +137,8 @@ def wrap_student(model, distributed_optimizer: bool = False, overlap_grad_reduce
                                                check_for_nan_in_grad=False)
     ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
     ddp.broadcast_params()
-    log.info("student wrapped in megatron-core DDP (DP=%d, PP=%d, gradients %s%s)", dp, pipeline_parallel_size(),
+    log.info("student wrapped in megatron-core DDP (DP=%d, PP=%d, SP=%s, gradients %s%s)", dp,
+             pipeline_parallel_size(), uses_sequence_parallel(model),
              "reduce-scattered for the distributed optimizer" if sharded else "all-reduced",
              f", overlapped with the backward in {len(ddp.bucket_groups)} bucket(s)" if overlap else "")
     return ddp
@@ -151,7 +174,7 @@ def uses_distributed_optimizer(model) -> bool:
 
 
 def require_wrapped(model, what: str) -> None:
-    if needs_parallel_path() and not is_wrapped(model):
+    if needs_parallel_path(model) and not is_wrapped(model):
         raise RuntimeError(f"{what} under PP={pipeline_parallel_size()} / DP={data_parallel_size()} needs the student "
                            f"wrapped by caopd_megatron.parallel.data_parallel.wrap_student (build_student does it)")
 

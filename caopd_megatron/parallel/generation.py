@@ -15,10 +15,16 @@ Design decisions:
   token. Stages idle while others compute (no micro-batch interleaving across generation batches): simple and
   exactly equal to the single-process sampler, which is what this path is for; a production rollout fleet
   would use megatron's inference engine or a dedicated server.
+- Sequence parallelism is off while decoding (``sequence_parallel_off``): a decode step feeds one token per
+  sequence, which cannot be split over TP ranks, and megatron's own inference runs dense layers without it.
+  The switch is megatron's per-module attributes (what its ``set_model_to_sequence_parallel`` flips), saved
+  and restored exactly rather than reset to one value, so training resumes with the layers as built.
 - Data-parallel replicas split the batches (``rollout/sampler.py``); each replica's pipeline decodes its own
   share with this code, and the replicas' results are all-gathered over DP afterwards.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.distributed as dist
@@ -44,6 +50,29 @@ def stage_forward(model, tokens: torch.Tensor, positions: torch.Tensor, inferenc
         dist.send(out.contiguous(), dst=parallel_state.get_pipeline_model_parallel_next_rank())
         return None
     return out
+
+
+# Module attributes megatron consults for sequence parallelism (embedding scatter, linear layers' gathers).
+_SP_ATTRS = ("sequence_parallel", "scatter_to_sequence_parallel", "reduce_scatter_embeddings")
+
+
+@contextlib.contextmanager
+def sequence_parallel_off(model):
+    """Run the block with ``model``'s sequence parallelism switched off (a no-op without it)."""
+    inner = unwrap(model)
+    if not getattr(inner.config, "sequence_parallel", False):
+        yield
+        return
+    saved = [(m, a, getattr(m, a)) for m in inner.modules() for a in _SP_ATTRS if hasattr(m, a)]
+    for m, a, _ in saved:
+        setattr(m, a, False)
+    inner.config.sequence_parallel = False
+    try:
+        yield
+    finally:
+        inner.config.sequence_parallel = True
+        for m, a, value in saved:
+            setattr(m, a, value)
 
 
 def broadcast_step(tokens: torch.Tensor, logprobs: torch.Tensor) -> None:

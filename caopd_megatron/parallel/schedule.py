@@ -6,9 +6,11 @@ Design decisions:
   p2p of activations and gradients between stages.
 - The schedules send one activation shape per call, ``[seq, micro_batch, hidden]``. Under PP every micro-batch
   of a call is therefore right-padded to the call's longest sequence and largest row count
-  (``pad_for_pipeline``): extra columns are pad tokens *after* every real token (causal attention: they never
-  influence a real position) and extra rows are all-pad sequences. Only ``tokens``/``positions`` are padded;
-  the loss slices the last stage's output back to the real rows, so padding adds no loss and no gradient.
+  (``pad_for_schedule``): extra columns are pad tokens *after* every real token (causal attention: they never
+  influence a real position) and extra rows are all-pad sequences. Under sequence parallelism the length is
+  also rounded up to a multiple of TP (the sequence is split over the TP ranks). Only ``tokens``/``positions``
+  are padded; the loss slices the last stage's output back to the real rows and gathers real positions by
+  index, so padding adds no loss and no gradient.
 - The teacher runs first, in its own forward-only schedule call (``teacher_response_hidden``), because its
   activations have another shape than the student's (privileged prompts are longer, and the teacher may be
   another size). The last stage keeps, per micro-batch, only the final hidden states at response positions,
@@ -40,17 +42,26 @@ def is_last_stage() -> bool:
     return parallel_state.is_pipeline_last_stage()
 
 
-def pad_for_pipeline(batches: Sequence[PackedBatch], pad_id: int) -> list[PackedBatch]:
-    """Under PP: ``tokens``/``positions`` of every batch padded to one ``[rows, L]`` shape; unchanged without PP.
+def pad_for_schedule(batches: Sequence[PackedBatch], pad_id: int, seq_multiple: int = 1) -> list[PackedBatch]:
+    """``tokens``/``positions`` padded for the schedule: under PP every batch to one ``[rows, L]`` shape; the
+    length (each batch's, or the common one) rounded up to ``seq_multiple`` (TP under sequence parallelism).
+    Unchanged when neither applies.
 
     ``index``/``mask``/``targets`` keep their real rows (``index.size(0)`` is the real row count).
     """
-    if pipeline_parallel_size() == 1 or not batches:
+    pipelined = pipeline_parallel_size() > 1
+    if not batches or (not pipelined and seq_multiple == 1):
         return list(batches)
-    rows = max(b.tokens.size(0) for b in batches)
-    length = max(b.tokens.size(1) for b in batches)
+
+    def round_up(n: int) -> int:
+        return -(-n // seq_multiple) * seq_multiple
+
+    common_rows = max(b.tokens.size(0) for b in batches)
+    common_length = round_up(max(b.tokens.size(1) for b in batches))
     out = []
     for b in batches:
+        rows = common_rows if pipelined else b.tokens.size(0)
+        length = common_length if pipelined else round_up(b.tokens.size(1))
         tokens = torch.full((rows, length), pad_id, dtype=b.tokens.dtype, device=b.tokens.device)
         tokens[: b.tokens.size(0), : b.tokens.size(1)] = b.tokens
         positions = torch.arange(length, device=b.tokens.device).unsqueeze(0).expand(rows, -1).contiguous()

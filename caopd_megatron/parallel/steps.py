@@ -29,7 +29,7 @@ from caopd_megatron.distill.batching import gather_positions, pack
 from caopd_megatron.parallel import data_parallel as dp
 from caopd_megatron.parallel.schedule import (
     forward_backward,
-    pad_for_pipeline,
+    pad_for_schedule,
     real_rows,
     teacher_response_hidden,
 )
@@ -73,8 +73,8 @@ def distill_backward(student, teacher, examples, cfg: DistillConfig, pad_id: int
                               cfg.skip_first_tokens))
         shares.append(share)
     device = next(student.parameters()).device
-    s_batches = [b.to(device) for b in pad_for_pipeline(s_batches, pad_id)]
-    t_batches = [b.to(device) for b in pad_for_pipeline(t_batches, pad_id)]
+    s_batches = [b.to(device) for b in pad_for_schedule(s_batches, pad_id, dp.sequence_multiple(student))]
+    t_batches = [b.to(device) for b in pad_for_schedule(t_batches, pad_id, dp.sequence_multiple(teacher))]
 
     t_hidden = teacher_response_hidden(teacher, t_batches)
     inner_student, inner_teacher = dp.unwrap(student), dp.unwrap(teacher)
@@ -121,7 +121,7 @@ def sft_backward(model, rows, real_vocab_size: int, micro_batch_size: int, last_
         batches.append(b)
         rows_of.append(range(sl.start, sl.stop))
     device = next(model.parameters()).device
-    batches = [b.to(device) for b in pad_for_pipeline(batches, rows.pad_id)]
+    batches = [b.to(device) for b in pad_for_schedule(batches, rows.pad_id, dp.sequence_multiple(model))]
     scale = dp.loss_scale_for_dp()
 
     def loss_fn(output: torch.Tensor, i: int) -> torch.Tensor:

@@ -140,11 +140,11 @@ def run_warmup(model, data: WarmupData, cfg: CaOPDConfig, real_vocab_size: int, 
     losses: list[float] = []
     model.train()
     bar = progress(range(w.steps), desc="warm-up (SFT)", unit="step")
-    parallel = needs_parallel_path()
+    parallel = needs_parallel_path(model)
     for step in bar:
         rows = data.batch(w.batch_size)
         if parallel:
-            # PP/DP: the rows go through megatron's schedule in micro-batches, split over DP ranks.
+            # PP/DP/SP: the rows go through megatron's schedule in micro-batches, split over DP ranks.
             losses.append(supervised_step(model, opt, sched, supervised_rows(rows, data, pad_id), real_vocab_size,
                                           cfg.distill.micro_batch_size, 1.0))
         else:

@@ -13,6 +13,7 @@ Design decisions:
   sequence's sample is then the same whatever batch it shares, however the prompts are split over
   data-parallel replicas, and on every tensor-parallel rank (logits are gathered over TP for the last
   position only, which megatron-core requires in inference mode). ``seq_ids`` default to the prompt's index.
+- Sequence parallelism is switched off for the call (``parallel.generation.sequence_parallel_off``).
 - Under pipeline parallelism each forward runs stage by stage (``parallel.generation``): the last stage
   samples and broadcasts the tokens, so every rank returns the same generations as a single process would.
 - Under data parallelism the replicas split the work (``parallel.data_parallel.round_robin_dp``): the length-sorted
@@ -31,7 +32,7 @@ import torch
 
 from caopd_megatron.parallel.data_parallel import (all_gather_dp, data_parallel_size, pipeline_parallel_size,
                                                    round_robin_dp)
-from caopd_megatron.parallel.generation import broadcast_step, stage_forward
+from caopd_megatron.parallel.generation import broadcast_step, sequence_parallel_off, stage_forward
 from caopd_megatron.rollout.keyed_noise import gumbel_argmax, row_keys
 from caopd_megatron.runtime.progress import progress
 
@@ -213,10 +214,11 @@ def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
     was_training = model.training
     model.eval()
     try:
-        for idx in progress(round_robin_dp(batches), desc=desc, unit="batch"):
-            batch = _generate_batch(model, [prompts[i] for i in idx], params, eos_id, real_vocab_size, ids[idx],
-                                    device)
-            results.update(zip(idx, batch))
+        with sequence_parallel_off(model):
+            for idx in progress(round_robin_dp(batches), desc=desc, unit="batch"):
+                batch = _generate_batch(model, [prompts[i] for i in idx], params, eos_id, real_vocab_size,
+                                        ids[idx], device)
+                results.update(zip(idx, batch))
     finally:
         model.train(was_training)
     results = _gather_over_dp(results, prompts, device)
