@@ -1,5 +1,5 @@
-"""The embedded default under ``parallel.tensor_model_parallel_size=2``, ``parallel.pipeline_model_parallel_size=2``
-and plain data parallelism, with the all-reduce + AdamW (also overlapped with the backward) or with megatron's
+"""The embedded default under ``parallel.tensor_model_parallel_size=2`` (also with sequence parallelism),
+``parallel.pipeline_model_parallel_size=2`` and plain data parallelism, with the all-reduce + AdamW (also overlapped with the backward) or with megatron's
 distributed optimizer (two CPU
 processes under torchrun, gloo) reproduces the single-process run: same
 per-question evaluation responses for base / OPD / CaOPD, same metrics, same training-loss trajectory (fp32
@@ -55,6 +55,7 @@ def single(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("override", ["parallel.tensor_model_parallel_size=2",
+                                      "parallel.tensor_model_parallel_size=2 parallel.sequence_parallel=true",
                                       "parallel.pipeline_model_parallel_size=2",
                                       "parallel.backend=gloo",  # no TP/PP: DP=2 (warm-up and steps DP-split)
                                       # DP=2 with megatron's distributed optimizer (warm-up's and training's)
