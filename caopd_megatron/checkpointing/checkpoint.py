@@ -91,7 +91,7 @@ _LAYOUT_ABBREV = {"world_size": "world_size", "tensor_model_parallel_size": "TP"
 # Optimizer state entries that are elementwise companions of their parameter (same shape). Other entries
 # (scalars, factored second moments) are not shape-checked.
 _ELEMENTWISE_OPT_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg",
-                          "acc_delta", "sum", "ax", "prev")
+                          "acc_delta", "sum", "ax", "prev", "main_param")
 
 
 class CheckpointError(RuntimeError):

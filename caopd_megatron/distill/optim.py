@@ -6,11 +6,18 @@ Design decisions:
   it drives megatron-core's distributed optimizer too, see ``parallel/distributed_optimizer.py``), and its
   state is a plain dict with ``LambdaLR``'s keys (``last_epoch``, ``base_lrs``), so checkpoints written with
   the former ``LambdaLR`` load unchanged.
-- ``build_optimizer`` is the one place that picks the optimizer: torch AdamW over the trainable parameters,
-  or, for a student wrapped for megatron's distributed optimizer (``parallel.use_distributed_optimizer``
+- ``build_optimizer`` is the one place that picks the optimizer: torch AdamW over fp32 parameters,
+  ``MasterWeightAdamW`` when any parameter is 16-bit, or, for a student wrapped for megatron's distributed optimizer (``parallel.use_distributed_optimizer``
   with DP > 1), that optimizer behind the same small interface. ``optimizer_step`` is the one place that
   clips, steps and advances the schedule; megatron's optimizer clips inside its own step (norm over all
   ranks, each holding other shards), so ``clip_grad_norm`` below is then not applied a second time.
+- 16-bit parameters get fp32 master weights (``MasterWeightAdamW``): AdamW applied to a bf16 tensor directly
+  rounds every update to bf16, and an update below half a bf16 ulp of the weight (2^-9 relative: a step of
+  lr 1e-6 on any weight above ~5e-4) is lost entirely, so a bf16 run at the 70B config's lr would silently
+  not train. The fp32 copy and fp32 moments live in the optimizer state *of the model parameter*
+  (``main_param``, ``exp_avg``, ``exp_avg_sq``, all parameter-shaped), so per-rank and distributed checkpoints
+  store and re-shard them like any elementwise state. megatron's distributed optimizer keeps its own fp32
+  main weights.
 - Gradient clipping computes the global norm over the whole model: squared norms of this rank's shards are
   summed over the model-parallel group (TP x PP), counting TP-duplicated parameters (norms, replicated
   biases) on one TP rank only, and the last pipeline stage's copy of a tied word embedding (megatron marks it
@@ -44,8 +51,69 @@ def build_optimizer(model_or_params, cfg: OptimConfig, lr: float | None = None):
     params = [p for p in model_or_params if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters")
+    if any(p.dtype in (torch.bfloat16, torch.float16) for p in params):
+        return MasterWeightAdamW(params, lr=cfg.lr if lr is None else lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                 weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr if lr is None else lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                              weight_decay=cfg.weight_decay)
+
+
+class MasterWeightAdamW(torch.optim.AdamW):
+    """AdamW whose 16-bit parameters are updated through fp32 master weights (fp32 ones as in torch's AdamW).
+
+    Per 16-bit parameter ``p``, ``state[p]`` holds ``main_param`` (fp32 copy of ``p``), ``exp_avg`` and
+    ``exp_avg_sq`` (fp32), ``step``. A step applies decoupled weight decay and the bias-corrected Adam update
+    to ``main_param`` with ``p.grad`` in fp32, then writes ``main_param`` rounded into ``p``. Parameter groups,
+    hyper-parameters and ``state_dict`` are torch's.
+    """
+
+    def init_state(self, p: torch.nn.Parameter) -> dict:
+        """The step-0 state of ``p`` (zero moments; fp32 master copy for a 16-bit ``p``)."""
+        st = self.state[p]
+        if not st:
+            st["step"] = torch.zeros((), dtype=torch.float32)
+            st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+            if p.dtype != torch.float32:
+                st["main_param"] = p.detach().float().clone(memory_format=torch.preserve_format)
+        return st
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's loader, except that fp32 state stays fp32 (torch casts every floating state tensor to its
+        parameter's dtype, which would round the master weights and moments to bf16)."""
+        kept = {pid: {k: v for k, v in st.items() if k != "step" and torch.is_tensor(v)}
+                for pid, st in state_dict["state"].items()}
+        super().load_state_dict(state_dict)
+        ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for pid, p in zip(ids, params):
+            for key, value in kept.get(pid, {}).items():
+                self.state[p][key] = value.to(device=p.device, dtype=torch.float32)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("MasterWeightAdamW.step takes no closure")
+        for group in self.param_groups:
+            if group.get("amsgrad") or group.get("maximize"):
+                raise NotImplementedError("MasterWeightAdamW implements plain AdamW (no amsgrad / maximize)")
+            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.init_state(p)
+                master = st.get("main_param", p)
+                grad = p.grad.float()
+                st["step"] += 1
+                t = float(st["step"])
+                master.mul_(1 - lr * wd)
+                st["exp_avg"].lerp_(grad, 1 - beta1)
+                st["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                denom = (st["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2 ** t)).add_(eps)
+                master.addcdiv_(st["exp_avg"], denom, value=-lr / (1 - beta1 ** t))
+                if master is not p:
+                    p.copy_(master)
 
 
 def lr_multiplier(step: int, total_steps: int, cfg: OptimConfig, base_lr: float) -> float:
@@ -119,6 +187,9 @@ def init_adam_state(optimizer: torch.optim.Optimizer) -> None:
     creates on its first step, so the optimizer behaves the same; checkpoint loading reads into these."""
     for group in optimizer.param_groups:
         for p in group["params"]:
+            if isinstance(optimizer, MasterWeightAdamW):
+                optimizer.init_state(p)
+                continue
             st = optimizer.state[p]
             if not st:
                 st["step"] = torch.zeros((), dtype=torch.float32)
