@@ -37,7 +37,17 @@ MODEL = dict(num_layers=4, hidden_size=256, num_attention_heads=8, num_query_gro
 
 
 def _rollout(rank: int, world: int, port: int, args, queue) -> None:
-    """One process: build the seeded model, time ``generate`` on the shared prompts, report the samples."""
+    """One process: build the seeded model, time ``generate`` on the shared prompts, report the samples (or the
+    traceback, so the parent never waits on a dead child)."""
+    try:
+        _timed_rollout(rank, world, port, args, queue)
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        import traceback
+
+        queue.put((rank, None, None, traceback.format_exc()))
+
+
+def _timed_rollout(rank: int, world: int, port: int, args, queue) -> None:
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                           LOCAL_RANK=str(rank))
@@ -62,7 +72,9 @@ def _rollout(rank: int, world: int, port: int, args, queue) -> None:
     params = sampler.SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, seed=5)
     torch.distributed.barrier()
     start = time.perf_counter()
-    gens = sampler.generate(model, prompts, params, eos_id=-1, real_vocab_size=args.vocab, batch_size=args.batch_size)
+    # EOS = the first padded vocabulary row: a valid embedding index that is never sampled (fixed-length rollout).
+    gens = sampler.generate(model, prompts, params, eos_id=args.vocab, real_vocab_size=args.vocab,
+                            batch_size=args.batch_size)
     wall = time.perf_counter() - start
     queue.put((rank, wall, sum(rows), [g.response_ids for g in gens] if rank == 0 else None))
     distributed.teardown()
@@ -82,6 +94,9 @@ def _run(world: int, distributed_run: bool, args) -> dict:
     out = [queue.get(timeout=1800) for _ in procs]
     for p in procs:
         p.join()
+    failed = [err for _, wall, _, err in out if wall is None]
+    if failed:
+        raise RuntimeError("a rollout process failed:\n" + failed[0])
     samples = next(s for *_, s in out if s is not None)
     return {"wall_s": max(w for _, w, _, _ in out), "decoded_per_process": sorted(n for _, _, n, _ in out),
             "samples": samples}
@@ -110,9 +125,9 @@ def _sampling_cost(vocab: int, rows: int, reps: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sequences", type=int, default=256)
+    ap.add_argument("--sequences", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--new-tokens", type=int, default=24)
+    ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--vocab", type=int, default=1000)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args()
