@@ -7,7 +7,7 @@ Design decisions:
   (``recv`` from the previous pipeline rank), runs its layers with its own KV cache, and sends its output on;
   only the last stage has logits. Sampling happens on the last stage (same keyed noise, same draws as one
   process) and the chosen tokens and their log-probabilities are broadcast over the pipeline group, so every
-  stage returns identical generations (rollouts and revision are replicated on every rank).
+  stage returns identical generations (and, after the DP all-gather, every rank holds the whole rollout).
 - Blocking ``send``/``recv`` are enough: decoding is strictly sequential (stage k+1 needs stage k's output of
   the same step), so there is nothing to overlap; the shapes are known on both sides (the step's new tokens x
   batch x hidden), so no shape exchange is needed.

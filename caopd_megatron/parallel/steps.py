@@ -1,7 +1,7 @@
 """The distillation and supervised steps under pipeline and/or data parallelism.
 
 Design decisions:
-- Every rank holds the step's full example list (rollout and revision are replicated); DP rank r trains on
+- Every rank holds the step's full example list (rollouts all-gathered over DP, revision replicated); DP rank r trains on
   its contiguous slice (``dp_slice``) and every weight is computed from the *global* counts, which each rank
   knows without communication: a distillation micro-batch weighs ``valid sequences in it / valid sequences in
   the step`` (the single-process rule: mean over a sequence's tokens, then over sequences), a supervised one
