@@ -123,6 +123,10 @@ def _step(name: str, tp: int, pp: int, init: dict | None, distributed_optimizer:
                 gens = generate(student, prompts, SamplingParams(max_new_tokens=5, temperature=temperature, seed=7),
                                 eos_id=3, real_vocab_size=VOCAB, batch_size=3)
                 out[f"generate_t{temperature}"] = [(g.response_ids, g.logprobs) for g in gens]
+            # One batch for two replicas: DP rank 1 decodes nothing and still joins the all-gather.
+            gens = generate(student, prompts, SamplingParams(max_new_tokens=5, temperature=1.0, seed=7),
+                            eos_id=3, real_vocab_size=VOCAB, batch_size=8)
+            out["generate_one_batch"] = [(g.response_ids, g.logprobs) for g in gens]
         finally:
             sampler._generate_batch = decode
         out["decoded_rows"], out["dp_rank"] = rows, data_parallel_rank()
@@ -272,8 +276,9 @@ def _check(results: dict, refs: dict, world: int) -> None:
             _close_dicts(r["weights2"], ref["weights2"], f"{label} weight after step 2", atol=2e-5)
         if "decoded_rows" in r:  # this replica decoded only its round-robin share, once per temperature
             share = [3, 2] if r["dp"] == 1 else [[3], [2]][r["dp_rank"]]
-            assert r["decoded_rows"] == share * 2, label
-        for key in ("generate_t1.0", "generate_t0.0"):
+            one_batch = [5] if r["dp"] == 1 or r["dp_rank"] == 0 else []
+            assert r["decoded_rows"] == share * 2 + one_batch, label
+        for key in ("generate_t1.0", "generate_t0.0", "generate_one_batch"):
             if key in r:
                 assert [g[0] for g in r[key]] == [g[0] for g in ref[key]], f"{label} {key} tokens"
                 for (_, lp), (_, lp_ref) in zip(r[key], ref[key]):
@@ -303,6 +308,9 @@ def four_process(references, two_process, resume_root) -> list[dict]:
 
 def test_reference_is_a_real_step(references) -> None:
     assert references["A"]["grad_norm"] > 0.5  # clipping (grad_clip=0.5) is exercised
+    # Keyed sampling noise: one batch of 5 or batches of 3 + 2 give the same samples.
+    ref = references["A"]
+    assert [g[0] for g in ref["generate_one_batch"]] == [g[0] for g in ref["generate_t1.0"]]
     for name, ref in references.items():
         assert ref["loss"] > 0
         moved = max(float((ref["weights"][k] - ref["init_student"][k]).abs().max()) for k in ref["weights"])
