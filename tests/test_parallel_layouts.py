@@ -446,6 +446,13 @@ def test_impossible_layouts_name_the_numbers(tp, pp, world, model, needle) -> No
     assert needle in str(info.value)
 
 
+def test_bad_bucket_size_names_the_setting() -> None:
+    from caopd_megatron.parallel.data_parallel import wrap_student
+
+    with pytest.raises(ValueError, match="parallel.ddp_bucket_size must be a positive number of elements, got 0"):
+        wrap_student(torch.nn.Linear(2, 2), overlap_grad_reduce=True, bucket_size=0)
+
+
 def test_teacher_of_another_size_must_split_the_same_way_at_start(tmp_path) -> None:
     """The teacher shares the student's layout: its numbers are checked at start, before any process group."""
     import os

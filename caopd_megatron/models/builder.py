@@ -79,6 +79,8 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, backend: Ba
     """megatron-core ``TransformerConfig`` for this model under this parallel layout."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    if parallel.sequence_parallel and parallel.tensor_model_parallel_size == 1:
+        log.info("parallel.sequence_parallel: TP=1, no sequence to split; off")
     if model.hidden_size % model.num_attention_heads and model.kv_channels is None:
         raise ModelConfigError(f"model.hidden_size={model.hidden_size} is not divisible by "
                                f"model.num_attention_heads={model.num_attention_heads}; set model.kv_channels")

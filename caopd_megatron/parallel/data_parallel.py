@@ -121,6 +121,8 @@ def wrap_student(model, distributed_optimizer: bool = False, overlap_grad_reduce
     the last micro-batch's backward (module docstring).
     The replicas' parameters are broadcast from DP rank 0, so they start identical whatever each rank built.
     """
+    if bucket_size is not None and bucket_size < 1:
+        raise ValueError(f"parallel.ddp_bucket_size must be a positive number of elements, got {bucket_size}")
     dp = data_parallel_size()
     sharded = distributed_optimizer and dp > 1
     overlap = overlap_grad_reduce and dp > 1
