@@ -51,11 +51,20 @@ def build_optimizer(model_or_params, cfg: OptimConfig, lr: float | None = None):
     params = [p for p in model_or_params if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters")
-    if any(p.dtype in (torch.bfloat16, torch.float16) for p in params):
-        return MasterWeightAdamW(params, lr=cfg.lr if lr is None else lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                                 weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr if lr is None else lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             weight_decay=cfg.weight_decay)
+    half = any(p.dtype in (torch.bfloat16, torch.float16) for p in params)
+    cls = MasterWeightAdamW if half else torch.optim.AdamW
+    return cls(params, lr=cfg.lr if lr is None else lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+               weight_decay=cfg.weight_decay)
+
+
+def _fresh_adam_state(p: torch.Tensor, dtype: torch.dtype, amsgrad: bool = False) -> dict:
+    """AdamW's state at step 0 for ``p``: zero moments (``dtype``), step 0."""
+    st = {"step": torch.zeros((), dtype=torch.float32),
+          "exp_avg": torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format),
+          "exp_avg_sq": torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)}
+    if amsgrad:
+        st["max_exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+    return st
 
 
 class MasterWeightAdamW(torch.optim.AdamW):
@@ -71,9 +80,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
         """The step-0 state of ``p`` (zero moments; fp32 master copy for a 16-bit ``p``)."""
         st = self.state[p]
         if not st:
-            st["step"] = torch.zeros((), dtype=torch.float32)
-            st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-            st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+            st.update(_fresh_adam_state(p, torch.float32))
             if p.dtype != torch.float32:
                 st["main_param"] = p.detach().float().clone(memory_format=torch.preserve_format)
         return st
@@ -185,18 +192,13 @@ def optimizer_step(model, optimizer, scheduler, max_norm: float) -> tuple[float,
 def init_adam_state(optimizer: torch.optim.Optimizer) -> None:
     """Give every parameter without state AdamW's state at step 0 (zero moments): what a fresh AdamW
     creates on its first step, so the optimizer behaves the same; checkpoint loading reads into these."""
+    own = getattr(optimizer, "init_state", None)  # MasterWeightAdamW: fp32 moments and master weights
     for group in optimizer.param_groups:
         for p in group["params"]:
-            if isinstance(optimizer, MasterWeightAdamW):
-                optimizer.init_state(p)
-                continue
-            st = optimizer.state[p]
-            if not st:
-                st["step"] = torch.zeros((), dtype=torch.float32)
-                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if group.get("amsgrad"):
-                    st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if own is not None:
+                own(p)
+            elif not optimizer.state[p]:
+                optimizer.state[p] = _fresh_adam_state(p, p.dtype, bool(group.get("amsgrad")))
 
 
 def _is_tp_duplicate(p: torch.nn.Parameter) -> bool:

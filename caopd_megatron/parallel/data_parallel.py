@@ -92,7 +92,7 @@ def tp_partial_gradients(model) -> bool:
 
 
 def uses_sequence_parallel(model) -> bool:
-    return model is not None and bool(getattr(unwrap(model).config, "sequence_parallel", False))
+    return bool(unwrap(model).config.sequence_parallel)
 
 
 def sequence_multiple(model) -> int:
@@ -151,13 +151,15 @@ def overlaps_grad_reduce(model) -> bool:
 
 
 @contextlib.contextmanager
-def gradient_sync(model, last_call: bool):
-    """Around one schedule call of a training step: with overlapped reduction, a call that is not the step's
-    last runs entirely under DDP's ``no_sync`` (its gradients only accumulate); the last call lets megatron's
-    schedule enable syncing for its last micro-batch. A no-op without overlap."""
+def gradient_sync(model, last_call: bool, local_microbatches: int):
+    """Around one training schedule call (every DP rank enters it, even with no micro-batch of its own): with
+    overlapped reduction, a call runs entirely under DDP's ``no_sync`` (its gradients only accumulate) unless
+    it is the step's last and every replica has a micro-batch in it (one MIN all-reduce decides); then
+    megatron's schedule enables syncing for its last micro-batch. A no-op without overlap."""
     if not overlaps_grad_reduce(model):
         yield
         return
+    last_call = last_call and min_over_dp(local_microbatches, next(model.parameters()).device) > 0
     config = unwrap(model).config
     saved = config.no_sync_func
     # The schedule enters no_sync_func for all micro-batches but the last; for an earlier call it must not
@@ -239,23 +241,26 @@ def round_robin_dp(items: Sequence[T]) -> list[T]:
     return list(items[data_parallel_rank()::data_parallel_size()])
 
 
-def all_gather_dp(value: torch.Tensor) -> list[torch.Tensor]:
+def all_gather_dp(value: torch.Tensor, sizes: Sequence[int] | None = None) -> list[torch.Tensor]:
     """Every DP rank's ``value`` (1-D or more; the leading dimension may differ between ranks), in DP-rank
-    order. Sizes are exchanged first, then one padded ``all_gather`` (gloo and nccl need equal shapes)."""
+    order, as one padded ``all_gather`` (gloo and nccl need equal shapes). ``sizes``: every rank's leading
+    dimension when the caller knows them; otherwise they are exchanged first."""
     from megatron.core import parallel_state
 
     if data_parallel_size() == 1:
         return [value]
     group = parallel_state.get_data_parallel_group()
-    size = torch.tensor([value.size(0)], dtype=torch.long, device=value.device)
-    sizes = [torch.empty_like(size) for _ in range(data_parallel_size())]
-    torch.distributed.all_gather(sizes, size, group=group)
-    longest = int(max(int(s) for s in sizes))
+    if sizes is None:
+        size = torch.tensor([value.size(0)], dtype=torch.long, device=value.device)
+        gathered = [torch.empty_like(size) for _ in range(data_parallel_size())]
+        torch.distributed.all_gather(gathered, size, group=group)
+        sizes = [int(s) for s in gathered]
+    longest = max(sizes)
     padded = value.new_zeros((longest, *value.shape[1:]))
     padded[: value.size(0)] = value
     out = [torch.empty_like(padded) for _ in sizes]
     torch.distributed.all_gather(out, padded, group=group)
-    return [o[: int(s)] for o, s in zip(out, sizes)]
+    return [o[:s] for o, s in zip(out, sizes)]
 
 
 def min_over_dp(value: int, device: torch.device) -> int:

@@ -29,7 +29,7 @@ import contextlib
 import torch
 import torch.distributed as dist
 
-from caopd_megatron.parallel.data_parallel import unwrap
+from caopd_megatron.parallel.data_parallel import unwrap, uses_sequence_parallel
 
 
 def stage_forward(model, tokens: torch.Tensor, positions: torch.Tensor, inference_context) -> torch.Tensor | None:
@@ -59,10 +59,10 @@ _SP_ATTRS = ("sequence_parallel", "scatter_to_sequence_parallel", "reduce_scatte
 @contextlib.contextmanager
 def sequence_parallel_off(model):
     """Run the block with ``model``'s sequence parallelism switched off (a no-op without it)."""
-    inner = unwrap(model)
-    if not getattr(inner.config, "sequence_parallel", False):
+    if not uses_sequence_parallel(model):
         yield
         return
+    inner = unwrap(model)
     saved = [(m, a, getattr(m, a)) for m in inner.modules() for a in _SP_ATTRS if hasattr(m, a)]
     for m, a, _ in saved:
         setattr(m, a, False)

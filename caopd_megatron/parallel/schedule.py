@@ -32,8 +32,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from caopd_megatron.distill.batching import PackedBatch, gather_positions
-from caopd_megatron.parallel.data_parallel import (gradient_sync, min_over_dp, overlaps_grad_reduce,
-                                                   pipeline_parallel_size, unwrap)
+from caopd_megatron.parallel.data_parallel import gradient_sync, pipeline_parallel_size, unwrap
 
 
 def is_last_stage() -> bool:
@@ -97,12 +96,6 @@ def forward_backward(model, batches: Sequence[PackedBatch], post_fn: Callable[[t
     from caopd_megatron.distill.step import _HiddenCapture
 
     n = len(batches)
-    sync = contextlib.nullcontext()
-    if not forward_only and overlaps_grad_reduce(model):
-        # Hooks may launch the reductions only if every replica runs a last micro-batch (collective order).
-        sync = gradient_sync(model, last_call and min_over_dp(n, next(model.parameters()).device) > 0)
-    if n == 0:
-        return []
     inner = unwrap(model)
 
     def step(data_iterator, stage):
@@ -120,7 +113,9 @@ def forward_backward(model, batches: Sequence[PackedBatch], post_fn: Callable[[t
 
         return out, loss_func
 
-    with sync:
+    with contextlib.nullcontext() if forward_only else gradient_sync(model, last_call, n):
+        if n == 0:
+            return []
         store = get_forward_backward_func()(
             forward_step_func=step, data_iterator=iter(enumerate(batches)), model=model, num_microbatches=n,
             seq_length=batches[0].tokens.size(1), micro_batch_size=batches[0].tokens.size(0),

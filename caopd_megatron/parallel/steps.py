@@ -179,10 +179,9 @@ def distill_step_parallel(student, teacher, optimizer, scheduler, examples, cfg:
     if n_valid:
         total = distill_backward(student, teacher, examples, cfg, pad_id, real_vocab_size, n_valid,
                                  last_call=not (replay or closure))
-    if isinstance(extra_loss, SupervisedRows):
-        if replay:
-            sft_backward(student, extra_loss, real_vocab_size, cfg.micro_batch_size)
-    elif extra_loss is not None:
+    if replay:
+        sft_backward(student, extra_loss, real_vocab_size, cfg.micro_batch_size)
+    elif closure:
         # Every replica computes the same closure: DDP's 1/DP-scaled sum of identical gradients is that gradient.
         extra_loss().backward()
     dp.finish_gradients(student)

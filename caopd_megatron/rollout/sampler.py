@@ -174,8 +174,10 @@ def _gather_over_dp(local: dict[int, Generation], prompts: Sequence[Sequence[int
                         dtype=torch.long, device=device).reshape(-1, 3)
     tokens = torch.tensor([t for i in idx for t in local[i].response_ids], dtype=torch.long, device=device)
     logprobs = torch.tensor([x for i in idx for x in local[i].logprobs], dtype=torch.float32, device=device)
+    metas = all_gather_dp(meta)
+    lengths = [int(m[:, 1].sum()) for m in metas]  # every replica's token count, known from its meta
     out: dict[int, Generation] = {}
-    for m, tok, lp in zip(all_gather_dp(meta), all_gather_dp(tokens), all_gather_dp(logprobs)):
+    for m, tok, lp in zip(metas, all_gather_dp(tokens, lengths), all_gather_dp(logprobs, lengths)):
         ends = m[:, 1].cumsum(0).tolist()
         for (i, n, fin), end in zip(m.tolist(), ends):
             out[i] = Generation(list(prompts[i]), tok[end - n: end].tolist(), lp[end - n: end].tolist(), bool(fin))
