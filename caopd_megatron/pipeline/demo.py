@@ -63,7 +63,10 @@ def run_demo(cfg: CaOPDConfig) -> dict:
     train, held_out = train_prompts(s), eval_prompts(s)
     student = build_student(s)
     data = WarmupData(train, s.tokenizer, cfg, seed=cfg.run.seed)
-    run_warmup(student, data, cfg, s.vocab.real, s.tokenizer.pad_id)
+    warmup_losses = run_warmup(student, data, cfg, s.vocab.real, s.tokenizer.pad_id)
+    if is_main_rank():
+        (s.run_dir / "warmup_log.jsonl").write_text(
+            "".join(json.dumps({"step": i, "loss": v}) + "\n" for i, v in enumerate(warmup_losses)))
     warm_state = copy.deepcopy(student.state_dict())
 
     reports: dict[str, CalibrationReport] = {}
