@@ -15,9 +15,11 @@ Design decisions:
   and merged afterwards with the log-sum-exp rule from one all-gather of a few fp32 scalars per token; the
   gathered ``[tp, N, k]`` tensor is reduced locally in rank order, so the loss is bitwise identical on every
   TP rank. JSD needs two (its mixture needs the global normalisers first).
-- fp32 arithmetic; log-normalisers are (row max, log Z) pairs subtracted one after the other, so ``log p``
-  stays accurate for logits of magnitude 1e4. Helpers ending in ``_`` overwrite their ``[c, n]`` fp32 work
-  buffers (``c`` tokens, ``n`` real columns of the local shard), never the caller's tensors.
+- fp32 arithmetic. Log-normalisers are (raw row max, log Z) pairs: the max is subtracted *before* dividing
+  by T and log Z after, so ``log p`` stays accurate for logits of magnitude 1e4 at any temperature.
+  Helpers ending in ``_`` overwrite their ``[c, n]`` fp32 work buffers (``c`` tokens, ``n`` real columns
+  of the local shard), never the caller's tensors.
+- Masked vocabularies: a -inf logit is read as ``MASKED_LOGIT`` (below), so every divergence is finite.
 """
 from __future__ import annotations
 
@@ -31,6 +33,13 @@ import torch.nn.functional as F
 from caopd_megatron.distill.vocab_realign import Piece, tp_rank_and_size
 
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
+
+# A -inf logit (a masked vocabulary entry, e.g. a teacher under constrained decoding) is read as this value.
+# exp underflows to exactly 0 in fp32 for anything ~104 T below the row max, so forward KL and JSD equal
+# their 0 log 0 = 0 limits; reverse KL stays finite: student mass p on a masked teacher token costs
+# p (log p + (M - MASKED_LOGIT) / T + log Z) with M the teacher's max logit -- a steep, finite penalty whose
+# gradient moves that mass away (mathematically KL(p||q) is +inf there, which no optimiser can use).
+MASKED_LOGIT = -1.0e4
 
 
 def resolve_divergence(divergence: str, beta: float, temperature: float) -> str:
@@ -55,27 +64,48 @@ class VocabParallelDivergence:
     """
 
     @staticmethod
-    def load_scaled_(
+    def load_(buf: torch.Tensor, pieces: Sequence[Piece], rows: slice) -> torch.Tensor:
+        """``buf[c, n]`` (fp32) <- ``logits[rows]`` from ``pieces``, a masked (-inf) entry read as ``MASKED_LOGIT``.
+
+        The upcast happens in the copy, so a bf16 shard never exists as a whole fp32 tensor.
+        """
+        for start, stop, src in pieces:
+            buf[:, start:stop].copy_(src[rows])
+        return VocabParallelDivergence.unmask_(buf)
+
+    @staticmethod
+    def unmask_(logits: torch.Tensor) -> torch.Tensor:
+        """Replace -inf by ``MASKED_LOGIT`` in place (NaN and +inf stay what they are)."""
+        return logits.nan_to_num_(nan=math.nan, posinf=math.inf, neginf=MASKED_LOGIT)
+
+    @staticmethod
+    def scale_(logit_difference: torch.Tensor, temperature: float) -> torch.Tensor:
+        """``d / T`` in place, for a difference of raw logits (untouched when T = 1)."""
+        if temperature == 1.0:
+            return logit_difference
+        # Division (not multiplication by 1/T) matches `logits / T` in references bit for bit.
+        return logit_difference.div_(temperature)
+
+    @staticmethod
+    def load_log_probs_(
         buf: torch.Tensor,
         pieces: Sequence[Piece],
         rows: slice,
         temperature: float,
-        shifts: Sequence[torch.Tensor] = (),
+        row_max: torch.Tensor,
+        log_z: torch.Tensor,
     ) -> torch.Tensor:
-        """``buf[c, n]`` (fp32) <- ``logits[rows] / T - shift_1[rows] - shift_2[rows] ...``, from ``pieces``.
+        """``buf[c, n]`` <- ``(logits[rows] - max[rows]) / T - log Z[rows]``: log-probabilities.
 
-        The upcast happens in the copy, so a bf16 shard never exists as a whole fp32 tensor. Shifts are
-        applied one at a time: ``(s - max) - log Z`` keeps log Z's precision when |s| is large, whereas
-        ``s - (max + log Z)`` would round log Z to the ulp of the max (1e-3 at 1e4, i.e. 0.1% error in p).
+        ``row_max`` (raw logit units) and ``log_z`` (scaled units) are the global normaliser pair ``[N]``.
+        Subtracting the max before dividing by T keeps the precision of logits of magnitude 1e4 (dividing
+        first rounds each to the ulp of z / T). Shifts are applied one at a time: ``(s - max) - log Z`` keeps
+        log Z's precision, whereas ``s - (max + log Z)`` would round it to the ulp of the max.
         """
-        for start, stop, src in pieces:
-            buf[:, start:stop].copy_(src[rows])
-        if temperature != 1.0:
-            # Division (not multiplication by 1/T) matches `logits / T` in references bit for bit.
-            buf.div_(temperature)
-        for shift in shifts:
-            buf.sub_(shift[rows].unsqueeze(-1))
-        return buf
+        VocabParallelDivergence.load_(buf, pieces, rows)
+        buf.sub_(row_max[rows].unsqueeze(-1))
+        VocabParallelDivergence.scale_(buf, temperature)
+        return buf.sub_(log_z[rows].unsqueeze(-1))
 
     @staticmethod
     def shift_by_row_max_(buf: torch.Tensor) -> torch.Tensor:
@@ -85,18 +115,20 @@ class VocabParallelDivergence:
         return row_max
 
     @staticmethod
-    def kl_partial_stats_(x: torch.Tensor, y: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
-        """Local statistics of KL(softmax(x) || softmax(y)) for one chunk; overwrites all three buffers.
+    def kl_partial_stats_(x: torch.Tensor, y: torch.Tensor, scratch: torch.Tensor, temperature: float) -> torch.Tensor:
+        """Local statistics of KL(softmax(x / T) || softmax(y / T)) for one chunk; overwrites all three buffers.
 
         Args:
-            x, y: ``[c, n]`` scaled logits (unshifted) of the distribution the expectation is over, and of
-                the other one.
+            x, y: ``[c, n]`` raw logits of the distribution the expectation is over, and of the other one.
         Returns:
-            ``[c, 5]`` = (max_x, sum exp(x - max_x), max_y, sum exp(y - max_y),
-            sum exp(x - max_x) * ((x - max_x) - (y - max_y))), all local to this shard.
+            ``[c, 5]`` = (max_x, sum exp(x' - max_x'), max_y, sum exp(y' - max_y'),
+            sum exp(x' - max_x') * ((x' - max_x') - (y' - max_y'))), with ``x' = x / T``, all local to this
+            shard; the maxima are in raw logit units (see ``merge_kl_stats``).
         """
         max_x = VocabParallelDivergence.shift_by_row_max_(x)
         max_y = VocabParallelDivergence.shift_by_row_max_(y)
+        VocabParallelDivergence.scale_(x, temperature)
+        VocabParallelDivergence.scale_(y, temperature)
         sum_y = torch.exp(y, out=scratch).sum(dim=-1)
         diff = torch.sub(x, y, out=y)
         exp_x = x.exp_()
@@ -105,28 +137,33 @@ class VocabParallelDivergence:
         return torch.stack((max_x, sum_x, max_y, sum_y, numerator), dim=-1)
 
     @staticmethod
-    def merge_log_normaliser(row_max: torch.Tensor, sum_exp: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``[tp, N]`` per-shard (max, sum exp(. - max)) -> global (max ``[N]``, log sum exp(. - max) ``[N]``).
+    def merge_log_normaliser(row_max: torch.Tensor, sum_exp: torch.Tensor,
+                             temperature: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``[tp, N]`` per-shard (raw max, sum exp((. - max) / T)) -> global (raw max, log sum exp), ``[N]`` each.
 
-        Kept as a pair (see ``load_scaled_``). All-padding shards carry (-inf, 0) and drop out (exp(-inf) = 0).
+        Kept as a pair (see ``load_log_probs_``). All-padding shards carry (-inf, 0) and drop out.
         """
         global_max = row_max.amax(dim=0)
-        return global_max, torch.log((torch.exp(row_max - global_max) * sum_exp).sum(dim=0))
+        scale_ = VocabParallelDivergence.scale_
+        return global_max, torch.log((torch.exp(scale_(row_max - global_max, temperature)) * sum_exp).sum(dim=0))
 
     @staticmethod
-    def merge_kl_stats(gathered: torch.Tensor) -> Tuple[tuple, tuple, torch.Tensor]:
+    def merge_kl_stats(gathered: torch.Tensor, temperature: float) -> Tuple[tuple, tuple, torch.Tensor]:
         """``[tp, N, 5]`` gathered ``kl_partial_stats_`` -> ((M_x, log Z_x), (M_y, log Z_y), KL), all ``[N]``.
 
-        ``KL = E_x[(x - M_x) - (y - M_y)] - log Z_x + log Z_y`` with global maxima ``M`` and normalisers
-        ``Z`` relative to them; each shard's numerator is moved from its local maxima to the global ones.
+        ``KL = E_x[(x - M_x) / T - (y - M_y) / T] - log Z_x + log Z_y`` with global raw maxima ``M`` and
+        normalisers ``Z`` relative to them; each shard's numerator is moved from its local maxima to the global ones.
         """
+        scale_ = VocabParallelDivergence.scale_
         max_x, sum_x, max_y, sum_y, numerator = gathered.unbind(dim=-1)
         global_max_x = max_x.amax(dim=0)
         global_max_y = max_y.amax(dim=0)
-        weight_x = torch.exp(max_x - global_max_x)
+        offset_x = scale_(max_x - global_max_x, temperature)
+        offset_y = scale_(max_y - global_max_y, temperature)
+        weight_x = torch.exp(offset_x)
         z_x = (weight_x * sum_x).sum(dim=0)
-        z_y = (torch.exp(max_y - global_max_y) * sum_y).sum(dim=0)
-        shift = (max_x - global_max_x) - (max_y - global_max_y)
+        z_y = (torch.exp(offset_y) * sum_y).sum(dim=0)
+        shift = offset_x - offset_y
         # An all-padding shard has max = -inf, hence shift = NaN; its contribution is exactly zero.
         term = torch.where(sum_x > 0, weight_x * (numerator + shift * sum_x), torch.zeros_like(sum_x))
         log_z_x, log_z_y = torch.log(z_x), torch.log(z_y)
@@ -144,16 +181,15 @@ class VocabParallelDivergence:
         """Local sums (KL(q||m), KL(p||m)) ``[c, 2]`` from normalised log-probs; overwrites the buffers.
 
         With ``x = log q - log p + log(beta/(1-beta))`` the mixture is handled without forming ``m``:
-        ``log p - log m = -log(1-beta) - softplus(x)`` and ``log q - log m = -log beta - softplus(x) + x``,
-        stable for any ``x`` (softplus never overflows, and p or q = 0 multiplies a finite number).
+        ``log p - log m = -log(1-beta) - softplus(x)`` and ``log q - log m = -log beta - softplus(-x)``, stable
+        for any finite ``x`` (softplus never overflows). The second is not written ``x - softplus(x)``: that
+        cancels catastrophically as beta -> 1, where x ~ log(beta / (1 - beta)) is large.
         """
         log_b, log_1mb, logit_b = VocabParallelDivergence.jsd_constants(beta)
         x = torch.sub(logq, logp, out=scratch).add_(logit_b)
-        softplus_x = F.softplus(x)
-        p, q = logp.exp_(), logq.exp_()
-        q_term = x.sub_(softplus_x).sub_(log_b)
-        p_term = softplus_x.neg_().sub_(log_1mb)
-        return torch.stack((q_term.mul_(q).sum(dim=-1), p_term.mul_(p).sum(dim=-1)), dim=-1)
+        p_sum = F.softplus(x).neg_().sub_(log_1mb).mul_(logp.exp_()).sum(dim=-1)
+        q_sum = F.softplus(x.neg_()).neg_().sub_(log_b).mul_(logq.exp_()).sum(dim=-1)
+        return torch.stack((q_sum, p_sum), dim=-1)
 
     @staticmethod
     def reverse_kl_grad_(logp: torch.Tensor, logq: torch.Tensor, kl: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

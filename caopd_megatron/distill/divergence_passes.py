@@ -65,9 +65,9 @@ class TokenStats(NamedTuple):
         return TokenStats(empty, empty, empty, empty, empty, empty)
 
     @staticmethod
-    def from_kl(gathered: torch.Tensor, kind: str) -> "TokenStats":
+    def from_kl(gathered: torch.Tensor, kind: str, temperature: float) -> "TokenStats":
         """``[tp, N, 5]`` gathered ``ShardPass.kl_stats`` of a KL divergence -> its token statistics."""
-        norm_x, norm_y, kl = _Math.merge_kl_stats(gathered)
+        norm_x, norm_y, kl = _Math.merge_kl_stats(gathered, temperature)
         norm_s, norm_t = (norm_x, norm_y) if kind == "reverse_kl" else (norm_y, norm_x)
         return TokenStats(kl, *norm_s, *norm_t, kl)
 
@@ -107,9 +107,9 @@ class ShardPass:
         stats = torch.empty((self.num_rows, 5), dtype=torch.float32, device=self.device)
         chunk_rows, work = self._work_buffers(3)
         for rows, c in token_chunks(self.num_rows, chunk_rows):
-            x = _Math.load_scaled_(work[0, :c], x_pieces, rows, self.temperature)
-            y = _Math.load_scaled_(work[1, :c], y_pieces, rows, self.temperature)
-            stats[rows] = _Math.kl_partial_stats_(x, y, work[2, :c])
+            x = _Math.load_(work[0, :c], x_pieces, rows)
+            y = _Math.load_(work[1, :c], y_pieces, rows)
+            stats[rows] = _Math.kl_partial_stats_(x, y, work[2, :c], self.temperature)
         return stats
 
     def lse_stats(self) -> torch.Tensor:
@@ -121,9 +121,9 @@ class ShardPass:
         chunk_rows, work = self._work_buffers(1)
         for rows, c in token_chunks(self.num_rows, chunk_rows):
             for column, pieces in ((0, self.student), (2, self.teacher)):
-                buf = _Math.load_scaled_(work[0, :c], pieces, rows, self.temperature)
+                buf = _Math.load_(work[0, :c], pieces, rows)
                 stats[rows, column] = _Math.shift_by_row_max_(buf)
-                stats[rows, column + 1] = buf.exp_().sum(dim=-1)
+                stats[rows, column + 1] = _Math.scale_(buf, self.temperature).exp_().sum(dim=-1)
         return stats
 
     def jsd_stats(self, norm_s: Tuple[torch.Tensor, torch.Tensor],
@@ -136,19 +136,19 @@ class ShardPass:
         chunk_rows, work = self._work_buffers(4)
         work = work[:3]
         for rows, c in token_chunks(self.num_rows, chunk_rows):
-            logp = _Math.load_scaled_(work[0, :c], self.student, rows, self.temperature, norm_s)
-            logq = _Math.load_scaled_(work[1, :c], self.teacher, rows, self.temperature, norm_t)
+            logp = _Math.load_log_probs_(work[0, :c], self.student, rows, self.temperature, *norm_s)
+            logq = _Math.load_log_probs_(work[1, :c], self.teacher, rows, self.temperature, *norm_t)
             stats[rows] = _Math.jsd_partial_stats_(logp, logq, work[2, :c], self.beta)
         return stats
 
     def forward(self, tp_group: Optional[dist.ProcessGroup]) -> TokenStats:
         """Global per-token statistics, the same on all ranks of tp_group (1 collective for KL, 2 for JSD)."""
         if self.kind != "jsd":
-            return TokenStats.from_kl(_Math.gather_token_stats(self.kl_stats(), tp_group), self.kind)
+            return TokenStats.from_kl(_Math.gather_token_stats(self.kl_stats(), tp_group), self.kind, self.temperature)
         # JSD collective 1 of 2: per-shard (max, sum exp) of student and teacher.
         gathered = _Math.gather_token_stats(self.lse_stats(), tp_group)
-        norm_s = _Math.merge_log_normaliser(gathered[..., 0], gathered[..., 1])
-        norm_t = _Math.merge_log_normaliser(gathered[..., 2], gathered[..., 3])
+        norm_s = _Math.merge_log_normaliser(gathered[..., 0], gathered[..., 1], self.temperature)
+        norm_t = _Math.merge_log_normaliser(gathered[..., 2], gathered[..., 3], self.temperature)
         # JSD collective 2 of 2: per-shard KL(q||m), KL(p||m) partial sums, summed in rank order.
         kl_qm, kl_pm = _Math.gather_token_stats(self.jsd_stats(norm_s, norm_t), tp_group).sum(dim=0).unbind(dim=-1)
         return TokenStats(self.beta * kl_qm + (1.0 - self.beta) * kl_pm, *norm_s, *norm_t, kl_pm)
@@ -165,8 +165,8 @@ class ShardPass:
         # JSD: 3 buffers + the softplus temporary.
         chunk_rows, work = self._work_buffers(4 if self.kind == "jsd" else 2)
         for rows, c in token_chunks(self.num_rows, chunk_rows):
-            logp = _Math.load_scaled_(work[0, :c], self.student, rows, self.temperature, norm_s)
-            logq = _Math.load_scaled_(work[1, :c], self.teacher, rows, self.temperature, norm_t)
+            logp = _Math.load_log_probs_(work[0, :c], self.student, rows, self.temperature, *norm_s)
+            logq = _Math.load_log_probs_(work[1, :c], self.teacher, rows, self.temperature, *norm_t)
             if self.kind == "reverse_kl":
                 grad = _Math.reverse_kl_grad_(logp, logq, aux[rows], scale[rows])
             elif self.kind == "forward_kl":

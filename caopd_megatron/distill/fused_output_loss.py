@@ -73,7 +73,7 @@ class _FusedChunkedDivergence(torch.autograd.Function):
             del logits, t_logits, shard
         stats = TokenStats(*token_stats)
         if kind != "jsd" and num_rows > 0:
-            stats = TokenStats.from_kl(_Math.gather_token_stats(local_kl, tp_group), kind)
+            stats = TokenStats.from_kl(_Math.gather_token_stats(local_kl, tp_group), kind, temperature)
         ctx.save_for_backward(student_hidden, student_weight, teacher_hidden, *(p[2] for p in w_pieces),
                               *stats[1:])
         ctx.piece_bounds = [p[:2] for p in w_pieces]

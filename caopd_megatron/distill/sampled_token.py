@@ -36,12 +36,12 @@ class SampledTokenAdvantage(NamedTuple):
 
 
 def _owned_values(pieces: Sequence[Piece], local_ids: torch.Tensor, owned: torch.Tensor) -> torch.Tensor:
-    """Value at column ``local_ids`` of the stitched pieces, 0 where not ``owned`` ``[N]`` (fp32)."""
+    """Logit at column ``local_ids`` of the stitched pieces (-inf read as ``MASKED_LOGIT``), 0 where not ``owned``."""
     values = torch.zeros(local_ids.shape, dtype=torch.float32, device=local_ids.device)
     for start, stop, src in pieces:
         inside = owned & (local_ids >= start) & (local_ids < stop)
         index = (local_ids - start).clamp(0, max(stop - start - 1, 0)).unsqueeze(-1)
-        picked = src.gather(-1, index).squeeze(-1).float() if stop > start else values
+        picked = _Math.unmask_(src.gather(-1, index).squeeze(-1).float()) if stop > start else values
         values = torch.where(inside, picked, values)
     return values
 
@@ -83,9 +83,11 @@ def sampled_token_advantage(
     local = torch.cat((shard.kl_stats(), _owned_values(shard.student, ids, owned).unsqueeze(-1),
                        _owned_values(shard.teacher, ids, owned).unsqueeze(-1)), dim=-1)
     gathered = _Math.gather_token_stats(local, tp_group)
-    stats = TokenStats.from_kl(gathered[..., :5], kind)
-    max_s, log_z_s, max_t, log_z_t, kl = stats.max_s, stats.log_z_s, stats.max_t, stats.log_z_t, stats.loss
-    # Exactly one rank owns each id, the others add zeros, so the sum is the owner's value.
-    sampled_s, sampled_t = (gathered[..., 5:].sum(dim=0) / float(temperature)).unbind(dim=-1)
-    log_ratio = ((sampled_t - max_t) - log_z_t) - ((sampled_s - max_s) - log_z_s)
+    stats = TokenStats.from_kl(gathered[..., :5], kind, shard.temperature)
+    # Exactly one rank owns each id, the others add zeros, so the sum is the owner's (raw) logit.
+    sampled_s, sampled_t = gathered[..., 5:].sum(dim=0).unbind(dim=-1)
+    log_q = _Math.scale_(sampled_t - stats.max_t, shard.temperature) - stats.log_z_t
+    log_p = _Math.scale_(sampled_s - stats.max_s, shard.temperature) - stats.log_z_s
+    log_ratio = log_q - log_p
+    kl = stats.loss
     return SampledTokenAdvantage((log_ratio + kl).view(shape), log_ratio.view(shape), kl.view(shape))
