@@ -21,8 +21,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from caopd_megatron.calibration.revise import DistillExample
 from caopd_megatron.config.schema import DistillConfig
+from caopd_megatron.data.records import DistillExample
 from caopd_megatron.distill.batching import PackedBatch, gather_positions, pack
 from caopd_megatron.distill.fused_output_loss import fused_chunked_divergence
 from caopd_megatron.distill.losses import masked_sequence_mean, vocab_parallel_divergence
