@@ -52,7 +52,7 @@ class _HiddenCapture:
         def passthrough(input_, weight=None, runtime_gather_output=None, **_):
             if getattr(layer, "sequence_parallel", False):
                 # [s/tp, b, h] -> [s, b, h]. Backward is a plain slice, not a reduce-scatter: the fused loss
-                # already all-reduces its hidden gradient over TP (distill/losses.py, note 7).
+                # already all-reduces its hidden gradient over TP (distill/fused_output_loss.py).
                 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
                 input_ = gather_from_sequence_parallel_region(input_, tensor_parallel_output_grad=False)
