@@ -11,7 +11,8 @@ Design decisions:
 - The padded vocabulary is a multiple of ``make_vocab_size_divisible_by * TP`` (megatron-LM's rule), so
   each TP rank holds an equal shard; the real size is kept so losses and sampling ignore padded rows.
 - Fusions that need CUDA kernels (bias-dropout, masked softmax, RoPE, gradient-accumulation) are off on
-  CPU; dropout is 0 (distillation fine-tuning of a pretrained model does not use it).
+  CPU; the masked-softmax fusion also needs megatron's compiled extension (NVIDIA's containers have it, pip's
+  megatron-core does not). Dropout is 0 (distillation fine-tuning of a pretrained model does not use it).
 - Layout-invariant seeded initialisation. megatron's CPU initialisation draws each tensor's full master
   weight and keeps this TP rank's slice, so TP splits the single-process weights, except that (a) the
   vocabulary is padded per TP size (128 rows at TP=1, 256 at TP=2 for the demo), so the embedding draws more
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 
 from caopd_megatron.config.schema import ModelConfig, ParallelConfig
 from caopd_megatron.models.fp8 import cuda_capability, fp8_transformer_kwargs
-from caopd_megatron.runtime.backend import Backend, BackendError
+from caopd_megatron.runtime.backend import Backend, BackendError, fused_softmax_kernels_present
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, backend: Ba
         perform_initialization=True,
         bias_activation_fusion=on_gpu,
         bias_dropout_fusion=on_gpu,
-        masked_softmax_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu and fused_softmax_kernels_present(),
         persist_layer_norm=on_gpu,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
