@@ -34,30 +34,44 @@ log = logging.getLogger(__name__)
 EMA_RATE = 0.01
 
 
+def privileged_tokens(sizes: Sizes) -> int:
+    """Length of the teacher's privileged context (prepended to the student's prompt): a quarter of the prompt."""
+    return sizes.step_prompt_tokens // 4
+
+
 def random_examples(sizes: Sizes, real_vocab: int, seed: int) -> list[DistillExample]:
-    """``step_sequences`` examples of random ids (pad id 0 never drawn); teacher and student share the prompt."""
+    """``step_sequences`` examples of random ids (pad id 0 never drawn); the teacher's prompt is a privileged
+    context followed by the student's prompt, so the EMA teacher's distribution differs from the student's."""
     g = torch.Generator().manual_seed(seed)
+
+    def ids(n):
+        return torch.randint(1, real_vocab, (n,), generator=g).tolist()
+
     out = []
     for i in range(sizes.step_sequences):
-        prompt = torch.randint(1, real_vocab, (sizes.step_prompt_tokens,), generator=g).tolist()
-        response = torch.randint(1, real_vocab, (sizes.step_response_tokens,), generator=g).tolist()
+        prompt, response = ids(sizes.step_prompt_tokens), ids(sizes.step_response_tokens)
         out.append(DistillExample(prompt_id=str(i), sample_index=0, student_prompt_ids=prompt,
-                                  teacher_prompt_ids=prompt, response_ids=response, correct=True,
-                                  stated_confidence=None, empirical_confidence=1.0, text=""))
+                                  teacher_prompt_ids=ids(privileged_tokens(sizes)) + prompt, response_ids=response,
+                                  correct=True, stated_confidence=None, empirical_confidence=1.0, text=""))
     return out
+
+
+def forward_flops(sizes: Sizes, vocab_padded: int, seq: int) -> float:
+    """Forward FLOPs over ``step_sequences`` sequences of ``seq`` tokens (see ``common``)."""
+    model = sizes.model
+    per_token = 2.0 * count_matmul_parameters(model, vocab_padded) + attention_flops_per_token(model, seq)
+    return sizes.step_sequences * seq * per_token
 
 
 def step_flops(sizes: Sizes, vocab_padded: int) -> float:
     """Model FLOPs of one distillation step: student 3x forward, teacher 1x forward (see module doc)."""
-    model = sizes.model
-    seq = sizes.step_prompt_tokens + sizes.step_response_tokens
-    tokens = sizes.step_sequences * seq
-    forward = tokens * (2.0 * count_matmul_parameters(model, vocab_padded) + attention_flops_per_token(model, seq))
-    return 4.0 * forward
+    student_seq = sizes.step_prompt_tokens + sizes.step_response_tokens
+    return (3.0 * forward_flops(sizes, vocab_padded, student_seq)
+            + forward_flops(sizes, vocab_padded, student_seq + privileged_tokens(sizes)))
 
 
-def run_step(sizes: Sizes, matmul_tflops: float, device: torch.device) -> list[dict]:
-    """One row per loss variant: ms per step, tokens/s, MFU, peak memory."""
+def run_step(sizes: Sizes, matmul_tflops: float, device: torch.device) -> tuple[list[dict], dict]:
+    """(one row per loss variant: ms per step, tokens/s, MFU, peak memory; the rollout row of ``run_rollout``)."""
     backend = start_runtime(seed=0)
     student, vocab = build_model(sizes.model, backend)
     teacher, _ = build_model(sizes.model, backend)

@@ -2,7 +2,8 @@
 
 Usage (``benchmarks/gpu/run.sh`` calls it; the repository root on ``PYTHONPATH``):
   python -m benchmarks.gpu.suite --out DIR                 # on the GPU: full sizes (common.FULL)
-  python -m benchmarks.gpu.suite --out DIR --dry-run       # anywhere: plan, wheel check, tiny sizes on CPU
+  python -m benchmarks.gpu.suite --out DIR --dry-run       # anywhere: wheel check, tiny sizes on CPU
+  python -m benchmarks.gpu.suite --out DIR --plan [--dry-run]   # the plan and the wheel check only
 
 Design decisions:
 - The report is rewritten after every section (``report.json``, ``report.md``), so a run cut short by its
@@ -32,10 +33,10 @@ log = logging.getLogger("benchmarks.gpu")
 
 PLAN = """GPU run plan (one H200, 8 minutes of wall time; budgets in run.sh)
   1. install the carried wheels ({wheels}) into a private target on PYTHONPATH (--no-index --no-deps;
-     the machine's torch, CUDA and triton are kept): {pins}
+     the machine's torch, CUDA and triton are kept; budget 60 s): {pins}
   2. pytest -m gpu tests/test_gpu.py: losses in bf16 vs fp64, sampler CUDA vs CPU, one distillation step
-     CUDA vs CPU in fp32, CPU shims inactive                                              (budget 150 s)
-  3. measured bf16 matmul rate ({matmul}^3 GEMMs)
+     CUDA vs CPU in fp32, CPU shims inactive (budget 150 s)
+  3. measured bf16 matmul rate ({matmul}^3 GEMMs); steps 3-7 share a budget of 240 s
   4. loss forward+backward, reverse KL, bf16, {loss_tokens} tokens, vocab {vocabs}: ours, ours fused,
      naive, naive+matmul, liger fused (if it imports), memory-traffic floor; time and peak memory
   5. one distillation step, {layers}-layer h={hidden} student + EMA teacher in bf16, {seqs} x {seq} tokens,
@@ -133,20 +134,24 @@ def main(argv=None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="plan, wheel check, tiny sizes on CPU")
     parser.add_argument("--wheels", type=Path, default=Path(__file__).with_name("wheels"))
     parser.add_argument("--tests-xml", type=Path, default=None, help="pytest JUnit XML of the gpu tests")
+    parser.add_argument("--plan", action="store_true", help="print the plan and check the wheels, run nothing")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     sizes = TINY if args.dry_run else FULL
     m = sizes.model
-    print(PLAN.format(wheels=args.wheels, pins=", ".join(f"{p.name}=={p.version}" for p in read_pins()),
-                      matmul=sizes.matmul_size, loss_tokens=sizes.loss_tokens, vocabs=list(sizes.loss_vocabs),
-                      layers=m.num_layers, hidden=m.hidden_size, seqs=sizes.step_sequences,
-                      seq=sizes.step_prompt_tokens + sizes.step_response_tokens, batch=sizes.rollout_batch,
-                      new=sizes.rollout_new_tokens, out=args.out), flush=True)
+    if args.plan:
+        print(PLAN.format(wheels=args.wheels, pins=", ".join(f"{p.name}=={p.version}" for p in read_pins()),
+                          matmul=sizes.matmul_size, loss_tokens=sizes.loss_tokens, vocabs=list(sizes.loss_vocabs),
+                          layers=m.num_layers, hidden=m.hidden_size, seqs=sizes.step_sequences,
+                          seq=sizes.step_prompt_tokens + sizes.step_response_tokens, batch=sizes.rollout_batch,
+                          new=sizes.rollout_new_tokens, out=args.out), flush=True)
     problems = check_folder(args.wheels)
     for problem in problems:
         print(f"wheels: {problem}", flush=True)
     if not problems:
         print(f"wheels: all {len(read_pins())} pinned wheels present with cp312/py3 tags", flush=True)
+    if args.plan:
+        return 1 if problems else 0
     if not args.dry_run and not torch.cuda.is_available():
         print("no CUDA device: run with --dry-run on a machine without a GPU", file=sys.stderr)
         return 2
