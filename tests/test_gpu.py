@@ -8,6 +8,8 @@
   same greedy and keyed-noise samples (tokens equal, log-probs within 1e-4) and, in fp32, the same loss,
   gradient norm and updated weights (unfused and fused loss).
 - The CPU shims stay inactive when CUDA is present (``runtime/cpu_compat.py``).
+- FP8 (only where Transformer Engine is usable, e.g. NVIDIA's container): an FP8 student's logits are bf16,
+  within FP8 rounding of the bf16 teacher's with the same weights, and its loss has finite gradients.
 ``CAOPD_GPU_TESTS_ON_CPU=1`` runs the same tests on the CPU against the CPU process (``run.sh --dry-run``
 uses it to exercise the code paths before a GPU is lent); the shim test is skipped there.
 Unmarked: the builder asks for megatron's masked-softmax fusion only when its compiled extension imports.
@@ -24,10 +26,13 @@ import torch
 
 import gpu_reference
 from caopd_megatron.config.schema import ModelConfig, ParallelConfig
-from caopd_megatron.distill.losses import DIVERGENCES, fused_chunked_divergence
+from caopd_megatron.distill.losses import DIVERGENCES, fused_chunked_divergence, vocab_parallel_divergence
 from caopd_megatron.models.builder import transformer_config
-from caopd_megatron.runtime.backend import Backend, fused_softmax_kernels_present
-from helpers_models import init_runtime
+from caopd_megatron.models.fp8 import teacher_model_config
+from caopd_megatron.models.teacher import copy_weights
+from caopd_megatron.runtime import cpu_compat
+from caopd_megatron.runtime.backend import Backend, detect_backend, fused_softmax_kernels_present
+from helpers_models import init_runtime, tiny_model
 from test_losses import assert_close, make_logits, reference_divergence, reference_with_grad, run
 
 ON_CPU = os.environ.get("CAOPD_GPU_TESTS_ON_CPU") == "1"
@@ -149,9 +154,6 @@ def test_cpu_shims_inactive_with_cuda(device):
         pytest.skip("a CUDA-only property")
     import megatron.core.transformer.utils as mcore_utils
 
-    from caopd_megatron.runtime import cpu_compat
-    from caopd_megatron.runtime.backend import detect_backend
-
     backend = detect_backend()
     assert backend.device == "cuda" and backend.cpu_shims == () and not cpu_compat.is_active()
     assert mcore_utils.torch is torch  # the literal-"cuda" modules see the real torch
@@ -159,6 +161,35 @@ def test_cpu_shims_inactive_with_cuda(device):
     assert torch.zeros(1).cuda().is_cuda  # Tensor.cuda is torch's own
     assert torch.cuda.get_rng_state().device.type == "cpu" and torch.cuda.get_rng_state().numel() != (
         torch.get_rng_state().numel())  # the CUDA generator's state, not the CPU generator's
+
+
+# ------------------------------------------------------------------------------------------------ FP8
+@pytest.mark.gpu
+@pytest.mark.parametrize("recipe", ["delayed", "tensorwise"])
+def test_fp8_student_through_transformer_engine(device, recipe):
+    """Needs TE (NVIDIA's container): an FP8 student's logits stay bf16, are close to the bf16 model's with the
+    same weights, and its loss against a bf16 teacher has finite, non-zero gradients."""
+    backend = init_runtime()
+    if not backend.transformer_engine:
+        pytest.skip("Transformer Engine is not usable here (README, section FP8)")
+    fp8 = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
+               params_dtype="bfloat16", fp8="hybrid", fp8_recipe=recipe)
+    student, vocab = tiny_model(seed=0, **fp8)
+    teacher, _ = tiny_model(seed=0, **vars(teacher_model_config(ModelConfig(**fp8))))
+    copy_weights(teacher, student)
+    assert student.config.fp8 == "hybrid" and teacher.config.fp8 is None
+    tokens = torch.randint(1, vocab.real, (2, 32), device=device)
+    positions = torch.arange(32, device=device).expand(2, -1)
+    s_logits = student(tokens, positions, attention_mask=None)
+    with torch.no_grad():
+        t_logits = teacher(tokens, positions, attention_mask=None)
+    assert s_logits.dtype == t_logits.dtype == torch.bfloat16  # the loss reads bf16 logits
+    error = torch.linalg.norm((s_logits - t_logits).float()) / torch.linalg.norm(t_logits.float())
+    assert 0 < error < 0.1, float(error)  # FP8 GEMMs change the logits, by FP8 rounding only
+    loss = vocab_parallel_divergence(s_logits, t_logits, real_vocab_size=vocab.real).mean()
+    loss.backward()
+    grads = [p.grad for p in student.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
 
 
 # ------------------------------------------------------------------------------------------------ config
