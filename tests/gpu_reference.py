@@ -4,14 +4,20 @@
 runs on the CPU through the project's shims) builds the tiny fp32 student (seed 0) and teacher (seed 1),
 samples with the project's sampler and takes one distillation step (unfused and fused loss), and saves the
 initial weights and every result. The GPU test loads those weights into models on CUDA and runs the same
-functions, so both sides start from bitwise the same numbers.
+functions, so both sides start from bitwise the same numbers. Both sides use megatron's local layers (TE's
+fused layers name their parameters differently, and a CUDA-less process cannot run them).
 """
 from __future__ import annotations
 
 import os
 import sys
 
-import torch
+if __name__ == "__main__":
+    # The CPU reference uses megatron's local layers: keep an installed Transformer Engine (NVIDIA's container)
+    # out of this CUDA-less process.
+    sys.modules["transformer_engine"] = None
+
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -63,8 +69,8 @@ def step_once(student, teacher, fused: bool) -> dict:
 
 def models(initial: dict | None = None):
     """(student, teacher) of the scenario; with ``initial`` their weights are set from it."""
-    student, _ = tiny_model(seed=0)
-    teacher, _ = tiny_model(seed=1)
+    student, _ = tiny_model(seed=0, transformer_impl="local")
+    teacher, _ = tiny_model(seed=1, transformer_impl="local")
     if initial is not None:
         load_weights(student, initial["student"])
         load_weights(teacher, initial["teacher"])
