@@ -6,7 +6,7 @@ Design decisions:
   same code paths at sizes that take seconds on two cores).
 - Time is the median of CUDA-synchronised wall times after warm-up; peak memory is
   ``torch.cuda.max_memory_allocated`` above what was allocated before the call (inputs excluded, outputs and
-  gradients included). On CPU memory is reported as None (the CPU loss benchmark has its own profiler method).
+  gradients included: the benchmarked functions free their gradients before returning), and in total. On CPU memory is reported as None (the CPU loss benchmark has its own profiler method).
 - The card's bf16 matmul rate is measured (square bf16 GEMMs), not taken from a datasheet, so MFU is relative
   to what this card, clocks and torch build deliver.
 - Models come from the project's own builder (``models.builder.build_gpt_model``) after the project's runtime
@@ -68,6 +68,7 @@ def sync(device: torch.device) -> None:
 class Measurement:
     median_ms: float
     peak_bytes: Optional[int]  # above the allocation before the call; None on CPU
+    peak_total_bytes: Optional[int] = None  # everything allocated at the peak (weights, optimizer state, ...)
 
 
 def measure(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> Measurement:
@@ -75,21 +76,22 @@ def measure(fn: Callable[[], object], device: torch.device, repeats: int, warmup
     for _ in range(warmup):
         fn()
     sync(device)
-    peak = None
+    peak = total = None
     if device.type == "cuda":
         torch.cuda.empty_cache()
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         fn()
         sync(device)
-        peak = torch.cuda.max_memory_allocated(device) - before
+        total = torch.cuda.max_memory_allocated(device)
+        peak = total - before
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         sync(device)
         times.append((time.perf_counter() - start) * 1e3)
-    return Measurement(statistics.median(times), peak)
+    return Measurement(statistics.median(times), peak, total)
 
 
 def matmul_tflops(device: torch.device, size: int, repeats: int) -> float:

@@ -101,7 +101,8 @@ def run_step(sizes: Sizes, matmul_tflops: float, device: torch.device) -> tuple[
                      "tokens_per_s": tokens / seconds,
                      "loss_tokens_per_s": sizes.step_sequences * sizes.step_response_tokens / seconds,
                      "model_tflops": flops / seconds / 1e12, "mfu": flops / seconds / 1e12 / matmul_tflops,
-                     "peak_bytes": m.peak_bytes, "loss_value": last["stats"].loss,
+                     "peak_bytes": m.peak_bytes, "peak_total_bytes": m.peak_total_bytes,
+                     "loss_value": last["stats"].loss,
                      "grad_norm": last["stats"].grad_norm})
     rollout = run_rollout(student, vocab.real, sizes, device)
     del student, teacher, optimizer
@@ -127,4 +128,4 @@ def run_rollout(model, real_vocab: int, sizes: Sizes, device: torch.device) -> d
     return {"batch": sizes.rollout_batch, "prompt_tokens": sizes.rollout_prompt_tokens,
             "new_tokens": sizes.rollout_new_tokens, "generated": new_tokens, "s": seconds,
             "tokens_per_s": new_tokens / seconds, "ms_per_decode_step": m.median_ms / sizes.rollout_new_tokens,
-            "peak_bytes": m.peak_bytes, "engine": "caopd sampler (megatron StaticInferenceContext)"}
+            "peak_bytes": m.peak_bytes, "peak_total_bytes": m.peak_total_bytes, "engine": "caopd sampler (megatron StaticInferenceContext)"}

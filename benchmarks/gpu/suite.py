@@ -108,17 +108,18 @@ def render_markdown(report: dict) -> str:
         lines += [""] + [f"Floor kernel at vocab {r['vocab']}: {r['gb_per_s']:.0f} GB/s" for r in floors]
         lines += [f"Liger: {report['loss'][0].get('liger')}", ""]
     if report.get("step"):
-        lines += ["| step loss | ms/step | tokens/s | loss tokens/s | model TFLOP/s | MFU | peak GiB |",
+        lines += ["| step loss | ms/step | tokens/s | loss tokens/s | model TFLOP/s | MFU | peak GiB (total) |",
                   "|---|---|---|---|---|---|---|"]
         for r in report["step"]:
             lines.append(f"| {r['loss']} | {r['ms']:.1f} | {r['tokens_per_s']:.0f} | {r['loss_tokens_per_s']:.0f} | "
-                         f"{r['model_tflops']:.1f} | {r['mfu']:.3f} | {gib(r['peak_bytes'])} |")
+                         f"{r['model_tflops']:.1f} | {r['mfu']:.3f} | {gib(r['peak_total_bytes'])} |")
         lines.append("")
     if report.get("rollout"):
         r = report["rollout"]
-        lines += ["| rollout | batch | new tokens | s | tokens/s | ms/decode step | peak GiB |", "|---|---|---|---|---|---|---|",
+        lines += ["| rollout | batch | new tokens | s | tokens/s | ms/decode step | peak GiB (total) |",
+                  "|---|---|---|---|---|---|---|",
                   f"| {r['engine']} | {r['batch']} | {r['new_tokens']} | {r['s']:.2f} | {r['tokens_per_s']:.0f} | "
-                  f"{r['ms_per_decode_step']:.2f} | {gib(r['peak_bytes'])} |", ""]
+                  f"{r['ms_per_decode_step']:.2f} | {gib(r['peak_total_bytes'])} |", ""]
     return "\n".join(lines)
 
 
