@@ -1,7 +1,7 @@
 """Checks the prepared GPU run without a GPU: the carried-wheel check, the report, and ``run.sh --dry-run``.
 
 References: hand-made wheel folders (empty files named as pip names wheels) with one defect each; a
-hand-written JUnit XML; the dry run's own outputs checked against the sizes it was asked to run (every
+hand-written JUnit XML; the parameters of a model the builder makes (MFU's FLOP count); the dry run's own outputs checked against the sizes it was asked to run (every
 method of the loss benchmark for both vocabularies, both step variants, batch x new tokens decoded).
 """
 from __future__ import annotations
@@ -14,9 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.gpu.common import TINY
+from benchmarks.gpu.common import TINY, build_model, count_matmul_parameters
+from benchmarks.gpu.step_bench import privileged_tokens, step_flops
 from benchmarks.gpu.suite import read_test_results, render_markdown
 from benchmarks.gpu.wheels import Pin, check_folder, normalise, parse_wheel_name, read_pins
+from caopd_megatron.models.builder import count_parameters
+from helpers_models import runtime  # noqa: F401  (a fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 PINS = [Pin("megatron-core", "0.19.2", False), Pin("antlr4-python3-runtime", "4.9.3", True)]
@@ -86,6 +89,20 @@ def test_junit_counts_and_markdown(tmp_path):
     assert "3 run, 1 failed, 1 skipped (tests.test_gpu::test_a)" in text
     assert "| 128256 | 8192 | floor | 2.00 | 0.250 | 1.00 | 2.00 | 1.00 |" in text
     assert "3000 GB/s" in text and "700.0 TFLOP/s" in text and "Dry run" not in text
+
+
+def test_flop_count_uses_the_built_models_parameters(runtime):
+    """MFU's parameter count equals the parameters of the model the builder makes (tied embeddings: the output
+    layer is the embedding, counted once), and the step counts 3 student forwards and 1 teacher forward."""
+    model, vocab = build_model(TINY.model, runtime)
+    assert count_matmul_parameters(TINY.model, vocab.padded) == count_parameters(model)
+    seq = TINY.step_prompt_tokens + TINY.step_response_tokens
+    per_token = 2 * count_parameters(model) + 2 * TINY.model.num_layers * TINY.model.hidden_size * seq
+    student = TINY.step_sequences * seq * per_token
+    teacher_seq = seq + privileged_tokens(TINY)
+    teacher = TINY.step_sequences * teacher_seq * (2 * count_parameters(model)
+                                                   + 2 * TINY.model.num_layers * TINY.model.hidden_size * teacher_seq)
+    assert step_flops(TINY, vocab.padded) == pytest.approx(3 * student + teacher, rel=1e-12)
 
 
 @pytest.mark.slow
