@@ -22,8 +22,8 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from caopd_megatron.calibration.revise import DistillExample  # noqa: E402
 from caopd_megatron.config.schema import DistillConfig, OptimConfig  # noqa: E402
+from caopd_megatron.data.records import DistillExample  # noqa: E402
 from caopd_megatron.distill.optim import build_optimizer, build_scheduler  # noqa: E402
 from caopd_megatron.distill.step import distill_step  # noqa: E402
 from caopd_megatron.rollout.sampler import SamplingParams, generate  # noqa: E402

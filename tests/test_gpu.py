@@ -26,7 +26,9 @@ import torch
 
 import gpu_reference
 from caopd_megatron.config.schema import ModelConfig, ParallelConfig
-from caopd_megatron.distill.losses import DIVERGENCES, fused_chunked_divergence, vocab_parallel_divergence
+from caopd_megatron.distill.divergence_math import DIVERGENCES
+from caopd_megatron.distill.fused_output_loss import fused_chunked_divergence
+from caopd_megatron.distill.losses import vocab_parallel_divergence
 from caopd_megatron.models.builder import transformer_config
 from caopd_megatron.models.fp8 import teacher_model_config
 from caopd_megatron.models.teacher import copy_weights

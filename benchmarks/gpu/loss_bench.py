@@ -2,7 +2,7 @@
 
 Methods (all reverse KL(student || teacher) over the full vocabulary, bf16 inputs, per-token mean):
   ours          ``distill.losses.vocab_parallel_divergence`` on ``[N, V]`` logits (TP = 1)
-  ours fused    ``distill.losses.fused_chunked_divergence`` on hidden states ``[N, 1, h]`` + output weights
+  ours fused    ``distill.fused_output_loss.fused_chunked_divergence`` on hidden states ``[N, 1, h]`` + output weights
                 ``[V, h]`` (the output-layer matmuls are inside, so compare it with ``naive + matmul``)
   naive         ``log_softmax`` + ``kl_div`` with autograd (``benchmarks/bench_losses.naive_reverse_kl``)
   naive+matmul  the output-layer matmuls followed by naive
@@ -20,7 +20,8 @@ import torch
 
 from benchmarks.bench_losses import naive_reverse_kl
 from benchmarks.gpu.common import Sizes, measure
-from caopd_megatron.distill.losses import fused_chunked_divergence, vocab_parallel_divergence
+from caopd_megatron.distill.fused_output_loss import fused_chunked_divergence
+from caopd_megatron.distill.losses import vocab_parallel_divergence
 
 log = logging.getLogger(__name__)
 

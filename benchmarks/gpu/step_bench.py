@@ -22,8 +22,8 @@ import torch
 
 from benchmarks.gpu.common import (Sizes, attention_flops_per_token, build_model, count_matmul_parameters, measure,
                                    start_runtime)
-from caopd_megatron.calibration.revise import DistillExample
 from caopd_megatron.config.schema import DistillConfig, OptimConfig
+from caopd_megatron.data.records import DistillExample
 from caopd_megatron.distill.optim import build_optimizer, build_scheduler
 from caopd_megatron.distill.step import distill_step
 from caopd_megatron.models.teacher import copy_weights, ema_update, freeze
