@@ -6,6 +6,8 @@ setup(
     version="0.1.0",
     description="Calibration-aware on-policy distillation for LLMs on megatron-core",
     packages=find_packages(include=["caopd_megatron", "caopd_megatron.*"]),
+    # Presets are data shipped in the package (`caopd demo` loads config/presets/demo.yaml).
+    package_data={"caopd_megatron.config": ["presets/*.yaml"]},
     python_requires=">=3.10",
     install_requires=[
         # torch is pinned by the Makefile for CPU installs (2.13.0 has a local CPU wheel); any >= 2.4 works on GPU.

@@ -77,12 +77,14 @@ Design decisions:
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple, get_args
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+
+from caopd_megatron.config.schema import Divergence
 
 __all__ = [
     "DIVERGENCES",
@@ -94,7 +96,7 @@ __all__ = [
     "VocabParallelDivergence",
 ]
 
-DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
+DIVERGENCES = get_args(Divergence)  # the names live in the schema's ``Divergence``
 
 # fp32 work buffers may take this fraction of the student shard's bytes; with the gradient (one shard) this
 # keeps the loss's extra peak near 1.06x the shard. The floor keeps kernels reasonably large on tiny inputs.
