@@ -9,9 +9,10 @@ PIP ?= $(PYTHON) -m pip
 # CPU installs pin torch 2.13.0 (a CPU wheel); an unpinned torch would pull GBs of CUDA wheels.
 TORCH_PIN ?= torch==2.13.0
 FAST ?= not slow and not slurm
-# MEGATRON=newest (CI's second job; a compatibility check, never a user's install) then replaces megatron-core
-# by the newest release: releases after 0.16.1 declare Python >= 3.12, hence --ignore-requires-python on a
-# 3.11 machine; --no-deps keeps torch as installed, and the modules they import at start-up come by hand.
+# MEGATRON=newest (CI's second job; a compatibility check, never a user's install): `install` then replaces
+# megatron-core by the newest release. Releases after 0.16.1 declare Python >= 3.12, hence
+# --ignore-requires-python on a 3.11 machine; --no-deps keeps torch as installed, and the modules they
+# import at start-up (triton) are added by name.
 MEGATRON ?=
 
 .PHONY: install demo test test-fast bench

@@ -1,17 +1,14 @@
 """Load a ``CaOPDConfig`` from YAML files and NeMo/Hydra-style command-line overrides.
 
 Design decisions:
-- OmegaConf structured configs validate keys and types against the dataclasses in ``schema.py``; we wrap
-  its errors into ``ConfigError`` messages that name the key and where it came from (file or command line),
-  because a traceback from deep inside OmegaConf is not an error message.
-- Overrides use Hydra's own grammar parser (``key=value``, ``+key=value``, ``++key=value``, ``~key``,
-  lists, quoted strings, ``null``), without Hydra's app machinery. Since every key exists in the schema,
-  ``+key`` and ``++key`` simply set it, and ``~key`` resets it to its default.
-- Choices are ``typing.Literal`` fields of the schema. OmegaConf (2.3) cannot validate a ``Literal``, so it
-  validates a mirror of the schema in which each ``Literal`` is its values' type; after every file and every
-  override the loader rebuilds the typed dataclasses from the merged tree and checks each ``Literal`` value
-  there, so a typo in ``distill.loss`` fails at start-up and names the key and its source.
-- Presets are data: YAML files shipped in ``config/presets/`` (``preset_path``), loaded like any config file.
+- OmegaConf validates keys and types against the schema; its errors become one-line ``ConfigError``s naming
+  the key and its source (file or override), never a traceback from inside OmegaConf.
+- Overrides use Hydra's grammar parser (``key=value``, ``+key``, ``++key``, ``~key`` = reset to default,
+  lists, quoted strings, ``null``) without Hydra's app machinery; every key exists in the schema.
+- Choices are ``typing.Literal`` fields. OmegaConf 2.3 cannot validate a ``Literal``, so it sees a mirror of
+  the schema (``omegaconf_schema``: each ``Literal`` replaced by its values' type); after every file and
+  override the typed dataclasses are rebuilt and each ``Literal`` value checked, naming key and source.
+- Presets are data: YAML files shipped in ``config/presets/`` (``preset_path``), loaded like any file.
 - ``save_config`` writes the fully resolved config next to every run's outputs.
 """
 from __future__ import annotations

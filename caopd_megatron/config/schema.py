@@ -3,9 +3,10 @@
 Design decisions:
 - Plain dataclasses are the single source of truth for keys, types and defaults; YAML files and
   NeMo/Hydra-style command-line overrides are validated against them (see ``config/loader.py``), so an
-  unknown key or a wrong type fails at start-up and names the key and the file.
-- Defaults are the embedded CPU default (a tiny Llama-style model on a synthetic task); cluster jobs override
-  them from ``examples/configs/*.yaml`` and the command line.
+  unknown key, a wrong type or a value outside a ``Literal`` choice fails at start-up and names the key.
+- Constants with one home: the choice aliases below and ``CONFIDENCE_MARKER``; code imports them from here.
+- Defaults are the embedded CPU default (a tiny Llama-style model on a synthetic task); presets shipped in
+  ``config/presets/`` (``caopd demo``), ``examples/configs/*.yaml`` and the command line override them.
 - Sections follow the pipeline: model/parallel/teacher build the networks; data/task feed prompts;
   rollout -> calibration (grade + rewrite) -> distill -> evaluation are the phases; optim, checkpoint,
   logging and run are the cross-cutting parts. ``warmup`` is the supervised warm-up that the embedded default
