@@ -23,6 +23,7 @@ from typing import Literal, Optional
 Divergence = Literal["reverse_kl", "forward_kl", "jsd"]
 ParamsDtype = Literal["float32", "bfloat16", "float16"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+OnBadRow = Literal["fatal", "skip"]
 
 # The marker that introduces the verbalised confidence (``calibration.marker`` overrides it per job).
 CONFIDENCE_MARKER = "Confidence:"
@@ -90,7 +91,7 @@ class TeacherConfig:
 class DataConfig:
     train_prompts: Optional[str] = None  # JSONL in the prompt schema; None = the synthetic task
     eval_prompts: Optional[str] = None
-    on_bad_row: Literal["fatal", "skip"] = "fatal"
+    on_bad_row: OnBadRow = "fatal"
     student_template: str = "Q {question} ="
     teacher_template: str = "Reference: {demonstration} {note} Q {question} ="
 
