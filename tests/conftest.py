@@ -1,5 +1,6 @@
 """Shared pytest set-up: quiet megatron-core's optional-dependency warnings, keep torch to the CI's 2 cores,
-and skip ``gpu``-marked tests on machines without CUDA (markers are registered in ``pytest.ini``)."""
+and skip ``gpu``-marked tests on machines without CUDA unless CAOPD_GPU_TESTS_ON_CPU=1 (markers are
+registered in ``pytest.ini``)."""
 import os
 import sys
 import warnings
@@ -13,9 +14,12 @@ warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
 warnings.filterwarnings("ignore", message=".*Apex.*")
 torch.set_num_threads(2)
 
+# Set to 1, the gpu tests run their code paths on the CPU (tests/test_gpu.py; benchmarks/gpu/run.sh --dry-run).
+GPU_TESTS_ON_CPU = "CAOPD_GPU_TESTS_ON_CPU"
+
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() or os.environ.get(GPU_TESTS_ON_CPU) == "1":
         return
     no_cuda = pytest.mark.skip(reason="needs CUDA (marked gpu); torch.cuda.is_available() is False here")
     for item in items:

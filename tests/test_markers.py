@@ -26,6 +26,7 @@ class StandInItem:
 @pytest.mark.parametrize("cuda", [False, True])
 def test_gpu_tests_skip_only_without_cuda(monkeypatch, cuda):
     monkeypatch.setattr(conftest.torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.delenv(conftest.GPU_TESTS_ON_CPU, raising=False)
     gpu, slow, plain = StandInItem("gpu"), StandInItem("slow"), StandInItem()
     conftest.pytest_collection_modifyitems(None, [gpu, slow, plain])
     assert slow.added == [] and plain.added == []
@@ -33,3 +34,11 @@ def test_gpu_tests_skip_only_without_cuda(monkeypatch, cuda):
         assert gpu.added == []
     else:
         assert [m.name for m in gpu.added] == ["skip"] and "CUDA" in gpu.added[0].kwargs["reason"]
+
+
+def test_gpu_tests_run_on_cpu_when_asked(monkeypatch):
+    monkeypatch.setattr(conftest.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv(conftest.GPU_TESTS_ON_CPU, "1")
+    gpu = StandInItem("gpu")
+    conftest.pytest_collection_modifyitems(None, [gpu])
+    assert gpu.added == []

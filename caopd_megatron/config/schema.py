@@ -52,7 +52,16 @@ class ModelConfig:
     init_method_std: float = 0.02
     params_dtype: ParamsDtype = "float32"
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
-    fp8: Optional[Literal["e4m3", "hybrid"]] = None  # Transformer Engine only
+    # FP8 through Transformer Engine (models/fp8.py maps these onto megatron's TransformerConfig).
+    fp8: Optional[Literal["e4m3", "hybrid"]] = None  # hybrid = e4m3 forward, e5m2 gradients
+    # tensorwise = current scaling; mxfp8 = Blackwell
+    fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
+    fp8_layers_at_start_in_bf16: int = 0  # first decoder layers kept in bf16 (not with the delayed recipe)
+    fp8_layers_at_end_in_bf16: int = 0  # last decoder layers kept in bf16 (not with the delayed recipe)
+    fp8_param: bool = False  # student weights stored in FP8: FP8 weight all-gathers (DP) and less memory
+    fp8_teacher: bool = False  # the teacher's forward in FP8 too (its weights stay high precision)
+    # without a usable Transformer Engine: stop (error) or warn and run without FP8 (bf16)
+    fp8_fallback: Literal["error", "bf16"] = "error"
     tokenizer: Optional[str] = None  # tokenizer.json or a folder holding it; None = the synthetic one
     checkpoint: Optional[str] = None  # initial weights (a caopd checkpoint directory)
 
