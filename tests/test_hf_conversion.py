@@ -299,6 +299,7 @@ def _layouts_worker(rank, world_size, jobs):
     return diffs
 
 
+@pytest.mark.slow
 def test_tp2_pp2_layouts_logits_and_roundtrip(converted):
     jobs = {f: dict(ckpt=str(c["ckpt"]), logits=c["logits"], out=str(c["root"] / f"{f}_layouts"))
             for f, c in converted.items()}

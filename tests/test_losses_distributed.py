@@ -203,6 +203,7 @@ def _check(per_rank, tp_size):
         assert_close(r["advantage"]["loss"], expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_tensor_parallel_matches_single_rank_reference(world):
     results = run_distributed(_worker, world, 2 if world == 4 else 0)

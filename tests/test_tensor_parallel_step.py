@@ -68,6 +68,7 @@ def _losses_under_tp(rank: int, world: int, tp: int, divergence: str) -> dict:
             "sft": float(sft), "sft_grad": sft_grad[:VOCAB].clone()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("divergence", ["reverse_kl", "jsd"])
 def test_tp2_equals_single_process(divergence: str) -> None:
     (ref,) = run_distributed(_losses_under_tp, 1, 1, divergence)

@@ -24,15 +24,16 @@ Design decisions:
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, get_args
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from caopd_megatron.config.schema import Divergence
 from caopd_megatron.distill.vocab_realign import Piece, tp_rank_and_size
 
-DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
+DIVERGENCES = get_args(Divergence)  # the names live in the schema's ``Divergence``
 
 # A -inf logit (a masked vocabulary entry, e.g. a teacher under constrained decoding) is read as this value.
 # exp underflows to exactly 0 in fp32 for anything ~104 T below the row max, so forward KL and JSD equal

@@ -29,17 +29,19 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 
-from caopd_megatron.config.schema import ModelConfig, ParallelConfig
+from caopd_megatron.config.schema import ModelConfig, ParallelConfig, ParamsDtype
 from caopd_megatron.models.fp8 import cuda_capability, fp8_transformer_kwargs
 from caopd_megatron.runtime.backend import Backend, BackendError, fused_softmax_kernels_present
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# ``model.params_dtype`` names -> torch dtypes (the names are the schema's ``ParamsDtype``).
+DTYPES = {name: getattr(torch, name) for name in get_args(ParamsDtype)}
 
 # Largest full-depth TP shard (in parameters) built to give a PP stage the single-process initial weights.
 FULL_DEPTH_INIT_LIMIT = 2_000_000_000

@@ -18,6 +18,7 @@ Design decisions (each one mattered in the prototype; see README "What we learne
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -135,7 +136,8 @@ def run_warmup(model, data: WarmupData, cfg: CaOPDConfig, real_vocab_size: int, 
     """Train ``model`` in place for ``cfg.warmup.steps`` steps; returns the loss per step."""
     w = cfg.warmup
     opt = build_optimizer(model, cfg.optim, lr=w.lr)
-    sched_cfg = type(cfg.optim)(**{**cfg.optim.__dict__, "min_lr": w.lr * 0.1, "warmup_steps": min(50, w.steps // 10)})
+    warmup_steps = min(50, w.steps // 10) if w.warmup_steps is None else w.warmup_steps
+    sched_cfg = dataclasses.replace(cfg.optim, min_lr=w.lr * w.min_lr_ratio, warmup_steps=warmup_steps)
     sched = build_scheduler(opt, sched_cfg, w.steps)
     losses: list[float] = []
     model.train()
@@ -146,12 +148,12 @@ def run_warmup(model, data: WarmupData, cfg: CaOPDConfig, real_vocab_size: int, 
         if parallel:
             # PP/DP/SP: the rows go through megatron's schedule in micro-batches, split over DP ranks.
             losses.append(supervised_step(model, opt, sched, supervised_rows(rows, data, pad_id), real_vocab_size,
-                                          cfg.distill.micro_batch_size, 1.0))
+                                          cfg.distill.micro_batch_size, w.grad_clip))
         else:
             loss = rows_loss(model, rows, data, real_vocab_size, pad_id)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer_step(model, opt, sched, 1.0)
+            optimizer_step(model, opt, sched, w.grad_clip)
             losses.append(float(loss.detach()))
         if hasattr(bar, "set_postfix") and step % 10 == 0:
             bar.set_postfix(loss=f"{losses[-1]:.3f}")

@@ -99,7 +99,10 @@ def detect_backend() -> Backend:
     mcore = import_megatron_core()
     from caopd_megatron.runtime import cpu_compat
 
-    shims = cpu_compat.activate()
+    try:
+        shims = cpu_compat.activate()
+    except cpu_compat.CpuShimError as exc:
+        raise BackendError(str(exc)) from exc
     version = getattr(getattr(mcore, "package_info", None), "__version__", "unknown")
     return Backend(
         device="cuda" if torch.cuda.is_available() else "cpu",

@@ -36,13 +36,13 @@ Design decisions:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Sequence, get_args
 
 import torch
 
 from caopd_megatron.checkpointing.hf.checkpoint_dir import installed_megatron_core_version
 from caopd_megatron.checkpointing.hf.safetensors_io import ConversionError
-from caopd_megatron.config.schema import ModelConfig
+from caopd_megatron.config.schema import ModelConfig, ParamsDtype
 
 # megatron-core 0.16 ``RotaryEmbedding._apply_scaling`` constants (only ``factor`` is configurable there).
 MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -202,7 +202,7 @@ def hf_config_to_model_config(hf: dict[str, Any], make_vocab_size_divisible_by: 
         add_qkv_bias=family.qkv_bias,
         qk_layernorm=family.qk_norm,
         init_method_std=float(hf.get("initializer_range", 0.02)),
-        params_dtype=dtype if dtype in ("float32", "bfloat16", "float16") else "float32",
+        params_dtype=dtype if dtype in get_args(ParamsDtype) else "float32",
     )
     return cfg, family
 

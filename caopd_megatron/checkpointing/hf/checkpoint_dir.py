@@ -25,13 +25,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from caopd_megatron.checkpointing.hf.safetensors_io import CheckpointFileError, ConversionError, read_json
 from caopd_megatron.checkpointing.safe_pickle import UnsafeCheckpointError, verify_distributed_checkpoint
+from caopd_megatron.config.loader import ConfigError, load_section, to_yaml
 from caopd_megatron.config.schema import ModelConfig
+from caopd_megatron.models.builder import DTYPES
 
 FORMAT_NAME = "caopd-megatron-checkpoint"
 FORMAT_VERSION = 1
@@ -42,8 +41,6 @@ HF_SOURCE_DIR = "hf_source"
 HF_SOURCE_FILES = ("config.json", "generation_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
-# dtypes a checkpoint's tensors may have (import and export take these names).
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -78,7 +75,7 @@ def read_checkpoint_info(ckpt_dir: str | Path) -> CheckpointInfo:
 
 
 def write_model_config(path: Path, cfg: ModelConfig) -> None:
-    path.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)), encoding="utf-8")
+    path.write_text(to_yaml(cfg), encoding="utf-8")
 
 
 def load_model_config(ckpt_dir: str | Path) -> ModelConfig:
@@ -91,10 +88,9 @@ def load_model_config(ckpt_dir: str | Path) -> ModelConfig:
     if not path.is_file():
         raise CheckpointFileError(f"model config not found: {path}")
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path))
-        cfg: ModelConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    except (OmegaConfBaseException, ValueError) as exc:
-        raise CheckpointFileError(f"{path}: not a valid model config ({str(exc).splitlines()[0]})") from None
+        cfg: ModelConfig = load_section(ModelConfig, path)
+    except ConfigError as exc:
+        raise CheckpointFileError(f"not a valid model config ({exc})") from None
     tok = ckpt / TOKENIZER_DIR
     cfg.tokenizer = str(tok.resolve()) if (tok / "tokenizer.json").is_file() else None
     cfg.checkpoint = str(ckpt.resolve())
