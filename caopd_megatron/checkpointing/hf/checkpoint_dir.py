@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-
 from caopd_megatron.checkpointing.hf.safetensors_io import CheckpointFileError, ConversionError, read_json
 from caopd_megatron.checkpointing.safe_pickle import UnsafeCheckpointError, verify_distributed_checkpoint
 from caopd_megatron.config.loader import ConfigError, load_section, to_yaml
