@@ -28,12 +28,16 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from caopd_megatron.config.schema import ModelConfig, ParallelConfig
 from caopd_megatron.runtime.backend import Backend, BackendError
+
+if TYPE_CHECKING:
+    from megatron.core.process_groups_config import ProcessGroupCollection
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +127,9 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, backend: Ba
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         fp8=model.fp8,
+        # Our losses arrive weighted by their share of the global batch: megatron's schedules must not divide
+        # them by the micro-batch count, nor DDP pre-scale gradients by 1/DP (distill/schedule.py).
+        calculate_per_token_loss=True,
     )
 
 
@@ -153,19 +160,20 @@ def layer_spec(model: ModelConfig, backend: Backend, config):
 
 
 def build_gpt_model(model: ModelConfig, parallel: ParallelConfig, vocab: VocabInfo, backend: Backend,
-                    pre_process: bool | None = None, post_process: bool | None = None):
-    """The GPTModel stage owned by this rank (all of it without pipeline parallelism).
+                    groups: ProcessGroupCollection, pre_process: bool | None = None,
+                    post_process: bool | None = None):
+    """The GPTModel stage owned by this rank (all of it without pipeline parallelism), built over ``groups``
+    (the job's process groups, ``runtime.distributed.process_groups``; kept as the model's ``pg_collection``).
 
     Parameters live on this rank's TP shard; the output layer holds ``[padded/tp, h]`` of the vocabulary.
     """
-    from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
     whole_stage_default = pre_process is None and post_process is None
     if pre_process is None:
-        pre_process = parallel_state.is_pipeline_first_stage()
+        pre_process = groups.pp.rank() == 0
     if post_process is None:
-        post_process = parallel_state.is_pipeline_last_stage()
+        post_process = groups.pp.rank() == groups.pp.size() - 1
     cfg = transformer_config(model, parallel, backend)
     rng_before = torch.get_rng_state()
     gpt = GPTModel(
@@ -180,6 +188,7 @@ def build_gpt_model(model: ModelConfig, parallel: ParallelConfig, vocab: VocabIn
         rotary_base=int(model.rotary_base),
         rope_scaling=model.rope_scaling,
         rope_scaling_factor=model.rope_scaling_factor,
+        pg_collection=groups,
     )
     tp = parallel.tensor_model_parallel_size
     single_vocab = VocabInfo(vocab.real, padded_vocab_size(vocab.real, model.make_vocab_size_divisible_by, 1))
@@ -189,14 +198,14 @@ def build_gpt_model(model: ModelConfig, parallel: ParallelConfig, vocab: VocabIn
             log.warning("TP=%d does not divide the single-process padded vocabulary (%d): the random start differs "
                         "from a single process's", tp, single_vocab.padded)
         else:
-            _single_process_init(gpt, model, parallel, single_vocab, backend, rng_before)
+            _single_process_init(gpt, model, parallel, single_vocab, backend, groups, rng_before)
     if backend.device == "cuda":
         gpt = gpt.cuda()
     return gpt
 
 
 def _single_process_init(stage, model: ModelConfig, parallel: ParallelConfig, vocab: VocabInfo, backend: Backend,
-                         rng_before: torch.Tensor) -> None:
+                         groups: ProcessGroupCollection, rng_before: torch.Tensor) -> None:
     """Give this stage the weights a single process seeded like this one would have drawn (``vocab``: the
     single-process padding)."""
     from dataclasses import replace
@@ -210,7 +219,7 @@ def _single_process_init(stage, model: ModelConfig, parallel: ParallelConfig, vo
                     parallel.pipeline_model_parallel_size, full_size)
         return
     torch.set_rng_state(rng_before)
-    full = build_gpt_model(model, replace(parallel, pipeline_model_parallel_size=1), vocab, backend,
+    full = build_gpt_model(model, replace(parallel, pipeline_model_parallel_size=1), vocab, backend, groups,
                            pre_process=True, post_process=True)
     copy_from_full_depth(stage, full)
 

@@ -52,9 +52,10 @@ import logging
 
 import torch
 
+from typing import Callable
+
 from caopd_megatron.config.schema import OptimConfig
-from caopd_megatron.distill.optim import init_adam_state
-from caopd_megatron.parallel.data_parallel import unwrap
+from caopd_megatron.parallel.data_parallel import model_groups, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +69,14 @@ class DistributedAdamW:
 
     ``param_groups``: the inner optimizer's groups (what ``LRSchedule`` sets ``lr`` on); their parameters
     are this rank's main-parameter ranges, 1-D ``[n]`` tensors (fp32) of this TP/PP shard, disjoint across
-    the DP group. ``clip_and_step`` and ``sharded_state_dict`` are collective (every rank of the job);
+    the DP group. ``step_with_clipping`` and ``sharded_state_dict`` are collective (every rank of the job);
     ``state_dict``/``load_state_dict`` are local to the rank.
     """
 
-    def __init__(self, model, cfg: OptimConfig, lr: float | None = None) -> None:
+    def __init__(self, model, cfg: OptimConfig, lr: float | None = None,
+                 init_state: Callable[[torch.optim.Optimizer], None] | None = None) -> None:
+        """``init_state``: gives a torch optimizer's parameters AdamW's step-0 state (``distill.optim``'s
+        ``init_adam_state``), applied to megatron's inner optimizer before its state is saved or loaded."""
         import megatron.core.optimizer as mopt
 
         dtype = unwrap(model).config.params_dtype
@@ -81,8 +85,9 @@ class DistributedAdamW:
             adam_beta1=cfg.beta1, adam_beta2=cfg.beta2, adam_eps=cfg.eps, decoupled_weight_decay=True,
             clip_grad=0.0, use_distributed_optimizer=True, params_dtype=dtype, bf16=dtype == torch.bfloat16,
             fp16=dtype == torch.float16, loss_scale=1.0 if dtype == torch.float16 else None)
-        self.model = model
-        self.megatron = mopt.get_megatron_optimizer(self.config, [model], config_overrides={})
+        self.model, self.init_state = model, init_state
+        self.megatron = mopt.get_megatron_optimizer(self.config, [model], config_overrides={},
+                                                    use_gloo_process_groups=False, pg_collection=model_groups(model))
         if len(self.megatron.chained_optimizers) != 1:  # a second one would hold expert (MoE) parameters
             raise NotImplementedError("the distributed optimizer is wired for dense models (one optimizer)")
         self._dist = self.megatron.chained_optimizers[0]
@@ -103,20 +108,21 @@ class DistributedAdamW:
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.megatron.zero_grad(set_to_none)
 
-    def clip_and_step(self, max_norm: float) -> float:
+    def step_with_clipping(self, max_norm: float) -> tuple[float, float]:
         """Clip to ``max_norm`` (0 = off), update this rank's ranges, all-gather the parameters over DP;
-        returns the global gradient norm before clipping (the same float on every rank)."""
+        returns the global gradient norm before clipping (the same float on every rank) and the lr used."""
         self._dist.config.clip_grad = max(0.0, float(max_norm))
+        lr = float(self.param_groups[0]["lr"])
         ok, norm, _ = self.megatron.step()
         if not ok:
             raise FloatingPointError("the distributed optimizer found inf/nan gradients and skipped the step")
-        return float(norm)
+        return float(norm), lr
 
     # ---- checkpoints
 
     def _ensure_state(self) -> None:
-        if not self._dist.is_stub_optimizer:
-            init_adam_state(self._dist.optimizer)
+        if not self._dist.is_stub_optimizer and self.init_state is not None:
+            self.init_state(self._dist.optimizer)
 
     def state_dict(self) -> dict:
         """This rank's complete state, plain tensors, no communication: ``{"format", "common", "param_state"}``.
