@@ -12,6 +12,8 @@ Design decisions (long form: ``parallel/design.md``):
 - The teacher runs first, forward-only, keeping per micro-batch its final hidden states at response
   positions ``[b, R, h_t]`` (``teacher_response_hidden``); the student's loss projects them.
 - No gradient finalisation inside a call: a step may make several calls (distillation, replay).
+- megatron-core is imported inside functions, as everywhere in the package: ``runtime.backend`` imports it
+  first and explains a broken Transformer Engine.
 """
 from __future__ import annotations
 
@@ -20,9 +22,6 @@ from dataclasses import replace
 from typing import Any, Callable, Sequence
 
 import torch
-from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
-from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
 from caopd_megatron.distill.batching import PackedBatch, gather_positions
 from caopd_megatron.parallel.data_parallel import (
@@ -47,6 +46,8 @@ class HiddenStateCapture:
         self.tp_group = model_groups(model).tp
 
     def __enter__(self):
+        from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
         layer, tp_group = self.layer, self.tp_group
 
         def passthrough(input_, weight=None, runtime_gather_output=None, **_):
@@ -132,6 +133,9 @@ def forward_backward(model, batches: Sequence[PackedBatch], post_fn: Callable[[t
         On the last stage, one entry per micro-batch (``post_fn``'s value with ``collect``, else the detached
         loss contribution); an empty list on other stages.
     """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+
     n = len(batches)
     groups = model_groups(model)
     config = unwrap(model).config

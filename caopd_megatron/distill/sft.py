@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
-from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 
 from caopd_megatron.distill.batching import PackedBatch, gather_positions
 from caopd_megatron.parallel.data_parallel import model_groups, unwrap
@@ -69,6 +68,8 @@ def vocab_parallel_soft_cross_entropy(logits: torch.Tensor, targets: torch.Tenso
     """Per-token ``-sum_v t_v log softmax(z)_v`` for ``[..., V/tp]`` shards on ``tp_group``; targets sum to 1.
 
     ``tp_group``: the group the vocabulary is sharded over (``None`` or size 1: one shard)."""
+    from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+
     if tp_group is not None and tp_group.size() == 1:
         tp_group = None
     z = logits.float()

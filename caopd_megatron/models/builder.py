@@ -7,7 +7,8 @@ Design decisions:
 - Layer spec: Transformer Engine's when TE is usable (and asked for or ``auto``), megatron-core's local
   spec otherwise; ``transformer_impl=transformer_engine`` without a usable TE is an error, not a silent
   fallback. FP8 requires TE. Sequence parallelism on the local spec swaps its norms for
-  ``models.norms.SequenceParallelRMSNorm`` (megatron's local norm refuses it).
+  ``models.local_layers.SequenceParallelRMSNorm`` (megatron's local norm refuses it); its row-parallel
+  linears are ``GroupedRowParallelLinear`` (the TP group passed explicitly).
 - The padded vocabulary is a multiple of ``make_vocab_size_divisible_by * TP`` (megatron-LM's rule), so
   each TP rank holds an equal shard; the real size is kept so losses and sampling ignore padded rows.
 - Fusions that need CUDA kernels (bias-dropout, masked softmax, RoPE, gradient-accumulation) are off on
@@ -34,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from caopd_megatron.config.schema import ModelConfig, ParallelConfig
+from caopd_megatron.parallel.state import copy_from_full_depth
 from caopd_megatron.runtime.backend import Backend, BackendError
 
 if TYPE_CHECKING:
@@ -134,23 +136,25 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, backend: Ba
 
 
 def layer_spec(model: ModelConfig, backend: Backend, config):
-    """The decoder spec: TE's layer spec, megatron's local layer spec, or (local and sequence-parallel) a block
-    spec whose norms are ``SequenceParallelRMSNorm`` (megatron's local norm refuses sequence parallelism)."""
+    """The decoder spec: TE's layer spec, or megatron's local layer spec with ``GroupedRowParallelLinear``
+    projections and (sequence-parallel) a block spec whose norms are ``SequenceParallelRMSNorm`` (megatron's
+    local norm refuses sequence parallelism)."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
     )
 
+    from caopd_megatron.models.local_layers import GroupedRowParallelLinear, SequenceParallelRMSNorm
+
     if use_transformer_engine(model, backend):
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
     spec = get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization="RMSNorm")
+    layer = spec.submodules
+    layer.self_attention.submodules.linear_proj = layer.mlp.submodules.linear_fc2 = GroupedRowParallelLinear
     if not config.sequence_parallel:
         return spec
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-    from caopd_megatron.models.norms import SequenceParallelRMSNorm
-
-    layer = spec.submodules
     layer.input_layernorm = layer.pre_mlp_layernorm = SequenceParallelRMSNorm
     if model.qk_layernorm:
         attention = layer.self_attention.submodules
@@ -210,7 +214,6 @@ def _single_process_init(stage, model: ModelConfig, parallel: ParallelConfig, vo
     single-process padding)."""
     from dataclasses import replace
 
-    from caopd_megatron.parallel.state import copy_from_full_depth
 
     full_size = count_parameters(stage) * parallel.pipeline_model_parallel_size
     if full_size > FULL_DEPTH_INIT_LIMIT:

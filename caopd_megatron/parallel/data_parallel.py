@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Sequence, TypeVar
+from typing import TYPE_CHECKING, Sequence, TypeVar
 
 import torch
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-from megatron.core.process_groups_config import ProcessGroupCollection
+
+if TYPE_CHECKING:
+    from megatron.core.process_groups_config import ProcessGroupCollection
 
 T = TypeVar("T")
 
@@ -102,6 +103,8 @@ def wrap_student(model, distributed_optimizer: bool = False, overlap_grad_reduce
         log.info("parallel.overlap_grad_reduce: DP=1, no data-parallel reduction to overlap")
     if not needs_ddp(model) or is_wrapped(model):
         return model
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=False, overlap_grad_reduce=overlap,
                                                bucket_size=bucket_size, use_distributed_optimizer=sharded,
                                                check_for_nan_in_grad=False)
@@ -170,6 +173,8 @@ def finish_gradients(model) -> None:
     A no-op for an unwrapped model (one process, plain TP: autograd's ``.grad`` is already the gradient)."""
     if not is_wrapped(model):
         return
+    from megatron.core.distributed import finalize_model_grads
+
     if overlaps_grad_reduce(model):
         # No call synced this step (a replica had an empty share, see gradient_sync): every replica issues
         # every bucket here, in bucket order. After the first step megatron no longer does this itself.
