@@ -1,28 +1,16 @@
-"""Optimizer, learning-rate schedule and model-parallel-aware gradient clipping.
+"""Optimizers, learning-rate schedule and model-parallel gradient clipping behind one step protocol.
 
 Design decisions:
-- AdamW with linear warm-up then cosine decay to ``min_lr`` (or constant). The schedule is ``LRSchedule``, a
-  small object that writes ``lr`` into ``optimizer.param_groups``: it needs no ``torch.optim.Optimizer`` (so
-  it drives megatron-core's distributed optimizer too, see ``parallel/distributed_optimizer.py``), and its
-  state is a plain dict with ``LambdaLR``'s keys (``last_epoch``, ``base_lrs``), so checkpoints written with
-  the former ``LambdaLR`` load unchanged.
-- ``build_optimizer`` is the one place that picks the optimizer: torch AdamW over fp32 parameters,
-  ``MasterWeightAdamW`` when any parameter is 16-bit, or, for a student wrapped for megatron's distributed optimizer (``parallel.use_distributed_optimizer``
-  with DP > 1), that optimizer behind the same small interface. ``optimizer_step`` is the one place that
-  clips, steps and advances the schedule; megatron's optimizer clips inside its own step (norm over all
-  ranks, each holding other shards), so ``clip_grad_norm`` below is then not applied a second time.
-- 16-bit parameters get fp32 master weights (``MasterWeightAdamW``): AdamW applied to a bf16 tensor directly
-  rounds every update to bf16, and an update below half a bf16 ulp of the weight (2^-9 relative: a step of
-  lr 1e-6 on any weight above ~5e-4) is lost entirely, so a bf16 run at the 70B config's lr would silently
-  not train. The fp32 copy and fp32 moments live in the optimizer state *of the model parameter*
-  (``main_param``, ``exp_avg``, ``exp_avg_sq``, all parameter-shaped), so per-rank and distributed checkpoints
-  store and re-shard them like any elementwise state. megatron's distributed optimizer keeps its own fp32
-  main weights.
-- Gradient clipping computes the global norm over the whole model: squared norms of this rank's shards are
-  summed over the model-parallel group (TP x PP), counting TP-duplicated parameters (norms, replicated
-  biases) on one TP rank only, and the last pipeline stage's copy of a tied word embedding (megatron marks it
-  ``shared``) not at all. Every rank then scales by the same factor, so TP/PP runs clip exactly like a
-  single process. Data-parallel replicas hold identical (already reduced) gradients and are not summed.
+- ``TrainingOptimizer`` is what the step calls: ``step_with_clipping(max_norm) -> (norm, lr)``. A torch
+  optimizer becomes one through ``LocalOptimizer`` (clipping over the model's groups, then its ``step()``);
+  megatron's ``DistributedAdamW`` is one already (it clips inside its step). ``training_optimizer`` picks.
+- ``build_optimizer`` is the one place that picks the kind: torch AdamW for fp32, ``MasterWeightAdamW`` when
+  any parameter is 16-bit (AdamW on bf16 weights loses every update below half an ulp), megatron's
+  distributed optimizer for a student wrapped for it.
+- ``LRSchedule`` writes ``lr`` into any ``param_groups`` (torch or megatron); its state has ``LambdaLR``'s keys.
+- Clipping sums squared norms over the model-parallel group (TP x PP), counting TP-replicated parameters on
+  TP rank 0 only and a tied embedding's last-stage copy (``shared``) not at all: TP/PP clip exactly like one
+  process. DP replicas hold identical reduced gradients and are not summed.
 """
 from __future__ import annotations
 
