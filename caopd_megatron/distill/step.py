@@ -92,12 +92,13 @@ def distill_loss(student, teacher, s_batch: PackedBatch, t_batch: PackedBatch, c
                                 s_batch.mask)
 
 
-def step_total(values: Sequence[torch.Tensor], groups) -> float:
+def step_total(values: Sequence[torch.Tensor], model) -> float:
     """Sum of this rank's last-stage loss contributions, summed over DP, seen by every rank."""
     total = sum(float(v) for v in values)
+    groups = model_groups(model)
     if data_parallel_size(groups) == 1 and pipeline_parallel_size(groups) == 1:
         return total
-    tensor = torch.tensor(total, dtype=torch.float64)
+    tensor = torch.tensor(total, dtype=torch.float64, device=next(model.parameters()).device)
     all_reduce_dp(tensor, groups)
     broadcast_from_last_stage(tensor, groups)
     return float(tensor)
@@ -135,7 +136,7 @@ def distill_backward(student, teacher, examples: Sequence[DistillExample], cfg: 
 
     student.train()
     losses = forward_backward(student, s_batches, loss_fn, hidden=cfg.fused, last_call=last_call)
-    return step_total(losses, groups)
+    return step_total(losses, student)
 
 
 def sft_backward(model, rows: SupervisedRows, real_vocab_size: int, micro_batch_size: int,
@@ -168,7 +169,7 @@ def sft_backward(model, rows: SupervisedRows, real_vocab_size: int, micro_batch_
 
     model.train()
     losses = forward_backward(model, batches, loss_fn, last_call=last_call)
-    return step_total(losses, groups)
+    return step_total(losses, model)
 
 
 def supervised_step(model, optimizer, scheduler, rows: SupervisedRows, real_vocab_size: int,
