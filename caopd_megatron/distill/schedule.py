@@ -29,6 +29,7 @@ from caopd_megatron.parallel.data_parallel import (
     is_last_stage,
     model_groups,
     pipeline_parallel_size,
+    sequence_multiple,
     unwrap,
 )
 
@@ -103,11 +104,9 @@ def pad_for_schedule(batches: Sequence[PackedBatch], pad_id: int, pipelined: boo
 
 def schedule_batches(model, batches: Sequence[PackedBatch], pad_id: int) -> list[PackedBatch]:
     """``batches`` padded as ``model``'s layout needs (``pad_for_schedule``) and moved to its device."""
-    inner = unwrap(model)
-    multiple = inner.config.tensor_model_parallel_size if inner.config.sequence_parallel else 1
     pipelined = pipeline_parallel_size(model_groups(model)) > 1
     device = next(model.parameters()).device
-    return [b.to(device) for b in pad_for_schedule(batches, pad_id, pipelined, multiple)]
+    return [b.to(device) for b in pad_for_schedule(batches, pad_id, pipelined, sequence_multiple(model))]
 
 
 def real_rows(output: torch.Tensor, batch: PackedBatch) -> torch.Tensor:

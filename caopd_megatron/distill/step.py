@@ -14,6 +14,7 @@ Design decisions (long form: ``parallel/design.md``):
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -86,7 +87,7 @@ def distill_loss(student, teacher, s_batch: PackedBatch, t_batch: PackedBatch, c
     (a check of ``response_divergence`` for tests and tools; training runs ``distill_step``)."""
     with torch.no_grad(), HiddenStateCapture(teacher):
         t_hidden = gather_positions(teacher(t_batch.tokens, t_batch.positions, attention_mask=None), t_batch.index)
-    with HiddenStateCapture(student) if cfg.fused else torch.enable_grad():
+    with HiddenStateCapture(student) if cfg.fused else contextlib.nullcontext():
         s_out = gather_positions(student(s_batch.tokens, s_batch.positions, attention_mask=None), s_batch.index)
     return masked_sequence_mean(response_divergence(s_out, t_hidden, student, teacher, cfg, real_vocab_size),
                                 s_batch.mask)
