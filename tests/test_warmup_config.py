@@ -17,6 +17,7 @@ from caopd_megatron.config.loader import load_config
 from caopd_megatron.config.schema import WarmupConfig
 from caopd_megatron.data.tasks.digit_sum import make_digit_sum_records
 from caopd_megatron.data.tokenizer import build_synthetic_tokenizer
+from caopd_megatron.distill import step as training_step
 from caopd_megatron.pipeline import warmup
 
 
@@ -43,7 +44,7 @@ def run_recorded(monkeypatch, overrides: list[str]) -> list[tuple[float, float, 
     model, vocab = tiny_model(seed=1, real_vocab=tok.vocab_size)
     data = warmup.WarmupData(make_digit_sum_records(16, seed=0), tok, cfg, seed=0)
     seen = []
-    real_step = warmup.optimizer_step
+    real_step = training_step.optimizer_step  # the warm-up runs the one training step
 
     def recording_step(model_, optimizer, scheduler, max_norm):
         norm, lr = real_step(model_, optimizer, scheduler, max_norm)
@@ -52,7 +53,7 @@ def run_recorded(monkeypatch, overrides: list[str]) -> list[tuple[float, float, 
         seen.append((max_norm, norm, after, lr))
         return norm, lr
 
-    monkeypatch.setattr(warmup, "optimizer_step", recording_step)
+    monkeypatch.setattr(training_step, "optimizer_step", recording_step)
     warmup.run_warmup(model, data, cfg, vocab.real, tok.pad_id)
     return seen
 

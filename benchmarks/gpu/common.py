@@ -118,7 +118,7 @@ def start_runtime(seed: int = 0) -> Backend:
 def build_model(model: ModelConfig, backend: Backend) -> tuple[torch.nn.Module, VocabInfo]:
     """A single-process GPTModel of ``model`` (on the GPU when there is one) and its vocabulary sizes."""
     vocab = resolve_vocab(model, tokenizer_vocab_size=model.vocab_size, tp_size=1)
-    return build_gpt_model(model, ParallelConfig(), vocab, backend), vocab
+    return build_gpt_model(model, ParallelConfig(), vocab, backend, distributed.process_groups()), vocab
 
 
 def count_matmul_parameters(model: ModelConfig, vocab_padded: int) -> int:
