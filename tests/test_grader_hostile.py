@@ -26,6 +26,7 @@ REFERENCES = {
     "digit_sum": "7",
     "chemistry_mcq": "B",
     "tooluse": json.dumps([{"Action": "search", "Action_Input": json.dumps({"q": 1})}]),
+    "math": "3/4",
 }
 
 

@@ -46,6 +46,7 @@ _BUILTIN_TASK_MODULES: tuple[str, ...] = (
     "caopd_megatron.data.tasks.digit_sum",
     "caopd_megatron.data.tasks.chemistry_mcq",
     "caopd_megatron.data.tasks.tooluse",
+    "caopd_megatron.data.tasks.math_answer",
 )
 
 
