@@ -14,7 +14,7 @@ Design decisions:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import List, Optional
 
 
 @dataclass
@@ -158,6 +158,12 @@ class EvaluationConfig:
     max_new_tokens: int = 8
     batch_size: int = 512
     n_bins: int = 10
+    ece_bins: str = "equal_width"  # equal_width | equal_mass: the scheme `ece` reports (both are stored)
+    ece_edge_rule: str = "exact"  # exact (edges i/K) | linspace (np.linspace edges, the paper's code)
+    bootstrap_samples: int = 1000  # `caopd compare`: resamples per confidence interval
+    bootstrap_seed: int = 0
+    confidence_level: float = 0.95
+    thresholds: List[float] = field(default_factory=lambda: [0.5, 0.8, 0.9])  # confidence gates in reports
 
 
 @dataclass
@@ -214,6 +220,8 @@ CHOICES = {
     "distill.loss": ("reverse_kl", "forward_kl", "jsd"),
     "optim.schedule": ("cosine", "constant"),
     "logging.level": ("DEBUG", "INFO", "WARNING", "ERROR"),
+    "evaluation.ece_bins": ("equal_width", "equal_mass"),
+    "evaluation.ece_edge_rule": ("exact", "linspace"),
 }
 
 # NeMo puts the parallel sizes under ``model.``; accept those spellings as aliases of ``parallel.``.

@@ -45,7 +45,8 @@ def evaluate_model(model, prompts: Sequence[PromptRecord], tokenizer, cfg: CaOPD
         correct = bool(get_verifier(rec.task)(text, rec.reference))
         rows.append(EvalRow(rec.id, text, correct, parse_confidence(text, cfg.calibration.marker), dict(rec.meta)))
     report = calibration_report([r.correct for r in rows], [r.confidence for r in rows],
-                                n_bins=cfg.evaluation.n_bins)
+                                n_bins=cfg.evaluation.n_bins, ece_bins=cfg.evaluation.ece_bins,
+                                edge_rule=cfg.evaluation.ece_edge_rule)
     return report, rows
 
 
