@@ -82,12 +82,13 @@ def test_equal_mass_keeps_ties_together_and_ignores_input_order():
         correct, conf, 3, scheme="equal_mass")
 
 
-def test_report_carries_both_schemes_and_the_chosen_one():
+def test_report_ece_follows_the_chosen_scheme():
     correct, conf = [True, False, True, True], [0.9, 0.6, 0.3, 0.8]
-    width = calibration_report(correct, conf, n_bins=4)
-    mass = calibration_report(correct, conf, n_bins=4, ece_bins="equal_mass")
-    assert width.ece == width.ece_equal_width and mass.ece == mass.ece_equal_mass
-    assert width.ece_equal_mass == mass.ece_equal_mass and width.ece_equal_width == mass.ece_equal_width
+    width = calibration_report(correct, conf, n_bins=2)
+    mass = calibration_report(correct, conf, n_bins=2, ece_bins="equal_mass")
+    assert width.ece == pytest.approx(0.25) == expected_calibration_error(correct, conf, 2, scheme="equal_width")
+    assert mass.ece == pytest.approx(0.1) == expected_calibration_error(correct, conf, 2, scheme="equal_mass")
+    assert width.ece != mass.ece
     with pytest.raises(ValueError, match="scheme"):
         calibration_report(correct, conf, ece_bins="quantile")
 

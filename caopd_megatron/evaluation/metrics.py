@@ -16,6 +16,7 @@ Design decisions:
 - ECE, equal-mass: the confidences sorted and cut into ``n_bins`` groups of (nearly) equal count, a
   tie group never split (each sample's bin is ``floor(first rank of its tie group * n_bins / n)``), so the
   result does not depend on the input order. Bins with few distinct confidences (k/K values) may be empty.
+  ``calibration_report`` reports the configured scheme as ``ece``; ``caopd compare`` reports both.
 - SPR is P(conf of a correct answer > conf of a wrong one) over all (correct, wrong) pairs, ties
   counting 0; AUROC is the same with ties counting 1/2 (the Mann-Whitney AUC). Both are computed by
   one sort plus a sweep over tied groups, O(n log n), with exact integer pair counts; both are
@@ -49,8 +50,6 @@ class CalibrationReport:
     format_adherence: float
     parse_rate: float
     bins: list[dict[str, Any]] = field(default_factory=list)
-    ece_equal_width: float | None = None  # both schemes, whichever ``ece`` reports
-    ece_equal_mass: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (bins copied, so callers may mutate it)."""
@@ -282,7 +281,7 @@ def calibration_report(
         well_formed: whether each response follows the required format; defaults to "has a parsed
             confidence".
         n_bins: number of ECE bins.
-        ece_bins: which scheme ``ece`` reports (``equal_width`` or ``equal_mass``); both are stored.
+        ece_bins: which scheme ``ece`` reports (``equal_width`` or ``equal_mass``).
         edge_rule: equal-width edge rule, ``exact`` or ``linspace``; ``bins`` (the diagram) use it too.
 
     Returns:
@@ -301,15 +300,14 @@ def calibration_report(
     elif len(well_formed) != n:
         raise ValueError(f"well_formed must have length {n}, got {len(well_formed)}")
     bins = reliability_bins(grades, confs, n_bins, edge_rule)
-    ece_width = _ece_from_bins(bins, n)
-    ece_mass = _ece_from_bins(equal_mass_bins(grades, confs, n_bins), n)
+    ece = _ece_from_bins(bins if ece_bins == "equal_width" else equal_mass_bins(grades, confs, n_bins), n)
     spr, auroc = spr_auroc(grades, confs)
     accuracy = sum(grades) / n
     mean_conf = sum(confs) / n
     return CalibrationReport(
         n=n,
         accuracy=accuracy,
-        ece=ece_width if ece_bins == "equal_width" else ece_mass,
+        ece=ece,
         brier=brier_score(grades, confs),
         ocg=mean_conf - accuracy,
         mean_confidence=mean_conf,
@@ -318,6 +316,4 @@ def calibration_report(
         format_adherence=sum(bool(w) for w in well_formed) / n,
         parse_rate=sum(parsed) / n,
         bins=bins,
-        ece_equal_width=ece_width,
-        ece_equal_mass=ece_mass,
     )
