@@ -136,3 +136,21 @@ def test_compare_rejects_bad_model_specs(tmp_path: Path):
     assert proc.returncode == 2 and "not a run directory" in proc.stderr
     proc = caopd("compare", "--model", "only=/nonexistent", "--out", str(tmp_path / "r"), check=False)
     assert proc.returncode == 2 and "not a directory" in proc.stderr
+
+
+def test_compare_reads_run_directories_and_step_checkpoints(tmp_path: Path):
+    run = tmp_path / "run"
+    caopd("run", *TINY, "distill.steps=2", "checkpoint.save_interval=1", "checkpoint.keep_last=2", "teacher.mode=frozen",
+          f"run.output_dir={run}")
+    steps = sorted((run / "checkpoints").glob("step_*"))
+    assert len(steps) == 2
+    report = tmp_path / "report"
+    # No -c: the run's own config.yaml supplies the prompts and templates.
+    caopd("compare", "--model", f"latest={run}", "--model", f"last_step={steps[-1]}", "--model", f"first_step={steps[0]}",
+          "--out", str(report), "evaluation.bootstrap_samples=50")
+    rows = {m: read_jsonl(report / f"responses_{m}.jsonl") for m in ("latest", "last_step", "first_step")}
+    assert len(rows["latest"]) == 40  # TINY's task.n_eval, from the run's config
+    assert [r["text"] for r in rows["latest"]] == [r["text"] for r in rows["last_step"]]
+    payload = json.loads((report / "report.json").read_text())
+    same = payload["differences"]["last_step - latest"]["accuracy"]
+    assert same["value"] == 0 and same["low"] == 0 and same["high"] == 0
