@@ -14,6 +14,7 @@ Design decisions:
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -49,7 +50,8 @@ def _cell(iv: Interval, signed: bool = False) -> str:
     if iv.low is None:
         return value
     low, high = (f"{iv.low:+.3f}", f"{iv.high:+.3f}") if signed else (f"{iv.low:.3f}", f"{iv.high:.3f}")
-    return f"{value} [{low}, {high}]"
+    undefined = f" ({iv.undefined} resamples undefined)" if iv.undefined else ""
+    return f"{value} [{low}, {high}]{undefined}"
 
 
 def verdict(stats: ComparisonStats) -> str:
@@ -157,6 +159,10 @@ def write_report(stats: ComparisonStats, rows_by_model: Mapping[str, Sequence[Ma
         lines.append(f"| {m} | " + " | ".join(_cell(stats.metrics[m][k]) for k in TABLE_METRICS) + " |")
     lines += ["", f"ECE with {n_bins} bins, edge rule `{edge_rule}`; a missing confidence scores 0.0. "
               "SPR/AUROC are n/a when every answer is right or every answer is wrong.", ""]
+    statuses = {m: Counter(r.get("confidence_status", "-") for r in rows) for m, rows in rows_by_model.items()}
+    if any(set(c) - {"-"} for c in statuses.values()):
+        lines += ["Stated confidences: " + "; ".join(
+            f"{m}: " + ", ".join(f"{k} {v}" for k, v in sorted(c.items())) for m, c in statuses.items()), ""]
     if stats.differences:
         lines += ["## Paired differences (second minus first; * = interval excludes 0)", "",
                   "| pair | " + " | ".join(LABELS[k] for k in TABLE_METRICS) + " |",
