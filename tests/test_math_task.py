@@ -20,6 +20,7 @@ from caopd_megatron.data.tasks.math_answer import extract_final_answer, math_val
         ("\\boxed {x^{2}}", "x^{2}"),
         ("\\boxed{7", None),  # unclosed box, no answer cue, no other number... except the 7 itself
         ("Work: 3 + 4 = 7\nAnswer: 7 apples", "7"),
+        ("Answer: 3 apples and 4 pears", "3"),  # the first number after the cue
         ("The answer is 0.75.", " 0.75."),
         ("I get 3, then 4, finally 10", "10"),  # the last number
         ("Total: 1,234,567 and that's it", "1,234,567"),

@@ -2,8 +2,9 @@
 
 Design decisions:
 - The final answer is, in order of precedence, the content of the last complete ``\\boxed{...}`` (or
-  ``\\fbox``; braces inside nested up to ``BOX_BRACE_DEPTH`` = 6 deep, an outer box wins over one inside it); else the rest of the line after the last "Answer:" / "answer is";
-  else the last number in the answer part (text before the confidence marker, as for every task).
+  ``\\fbox``; braces inside nested up to ``BOX_BRACE_DEPTH`` = 6 deep, an outer box wins over one inside
+  it); else the rest of the line after the last "Answer:" / "answer is" (its first number when the whole
+  rest is not a number); else the last number in the answer part (text before the confidence marker).
 - Extraction is regex-only with possessive quantifiers (the box is a bounded-depth balanced-brace
   pattern, not a Python loop over braces: 1 MB of braces took 3 s that way), so grading is linear in the
   response length and runs at C speed. A candidate longer than ``MAX_ANSWER_CHARS`` is not
@@ -101,8 +102,8 @@ def extract_final_answer(response: str) -> str | None:
     if cued is not None and cued.strip():
         if math_values(cued):
             return cued
-        number = _last_number(cued[: MAX_ANSWER_CHARS * 4])
-        return number if number is not None else cued
+        number = _NUMBER_TOKEN.search(cued)  # "Answer: 3 apples" -> the first number after the cue
+        return number.group() if number is not None else cued
     return _last_number(answer)
 
 
