@@ -115,13 +115,16 @@ def plot_risk_coverage(stats: ComparisonStats, path: Path) -> Path:
     for name in stats.names:
         coverage, risk = stats.curves[name]
         ax.plot(coverage, risk, label=f"{name} (AURC {stats.metrics[name]['aurc'].value:.3f})", linewidth=1.6)
+        color = ax.lines[-1].get_color()
+        points: dict[tuple[float, float], list[str]] = {}  # gates that keep the same answers share one label
         for row in stats.thresholds[name]:
-            cov = row["coverage"].value
-            acc = row["selective_accuracy"].value
+            cov, acc = row["coverage"].value, row["selective_accuracy"].value
             if acc is not None and cov:
-                ax.plot(cov, 1 - acc, marker="o", markersize=4, color=ax.lines[-1].get_color())
-                ax.annotate(f"≥{row['threshold']:g}", (cov, 1 - acc), xytext=(3, 3), textcoords="offset points",
-                            fontsize=7)
+                points.setdefault((cov, 1 - acc), []).append(f"{row['threshold']:g}")
+        for (cov, risk), labels in points.items():
+            ax.plot(cov, risk, marker="o", markersize=4, color=color)
+            ax.annotate("≥" + "/".join(labels), (cov, risk), xytext=(3, 3), textcoords="offset points", fontsize=7,
+                        color=color)
     ax.set_xlim(0, 1)
     ax.set_ylim(bottom=0)
     ax.set_xlabel("coverage (share answered, most confident first)")
