@@ -245,6 +245,10 @@ def test_marker_constant():
         ("Confidence:\u2009\u30000.35", 0.35),  # thin + ideographic space
         ("Confidence: 0.8\u00a0%", 0.008),  # "%" always divides, whatever the space before it
         ("Confidence: 80\u00a0%", 0.8),
+        ("Confidence: 80 percent", 0.8),
+        ("Confidence: 80 Per cent sure", 0.8),
+        ("Confidence: \uff18\uff10\uff05", 0.8),  # full-width digits and percent sign
+        ("Confidence: 80 percentile", None),  # not the word "percent"
         ("Confidence: 0,8", 0.8),  # decimal comma
         ("Confidence: 0,85.", 0.85),
         ("Confidence: 1,0", 1.0),
@@ -260,7 +264,7 @@ def test_marker_constant():
     ],
 )
 def test_parse_remaining_cases(text, expected):
-    assert parse_confidence(text) == pytest.approx(expected)
+    assert parse_confidence(text) == (None if expected is None else pytest.approx(expected))
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,8 @@ Design decisions:
 - Number grammar after the marker: any horizontal whitespace, Unicode included (no-break, thin,
   ideographic spaces; never a line break), up to three opening ``* _ " ' ( [`` (markdown bold, quotes),
   an optional sign, then ``1``, ``1.``, ``0.7``, ``.7`` or a decimal comma ``0,7`` (a comma needs a
-  digit after it), an optional exponent (``7e-1``), then either ``%`` (spaces allowed before it) or a
+  digit after it), an optional exponent (``7e-1``), then either ``%`` (or full-width ``％``, or the word
+  "percent"; spaces allowed before it) or a
   ratio ``/ 10``. Everything after is ignored. Conversion uses ``float`` only; nothing is evaluated.
 - Percent rule: a ``%`` ALWAYS means "divide by 100" (``70%`` -> 0.7, ``0.7%`` -> 0.007). Without
   ``%`` the value is taken literally, so ``Confidence: 70`` is out of range and parses to ``None``;
@@ -65,7 +66,7 @@ _TAG_PATTERN = r"(?i:<confidence[ \t]*>)"
 # one another are possessive (``*+``) so no input makes the matcher backtrack over a long run.
 _NUMBER_PATTERN = (
     r"(?P<value>(?P<sign>[+-]?)(?:\d++(?:\.\d*+|,\d++)?|\.\d++)(?:[eE][+-]?\d++)?+)"
-    r"(?:(?P<percent>" + _HSPACE + r"*+%)|(?P<ratio>" + _HSPACE + r"*+/" + _HSPACE + r"*+(?P<denominator>\d++)))?"
+    r"(?:(?P<percent>" + _HSPACE + r"*+(?:%|\uff05|(?i:per[ ]?cent)\b))|(?P<ratio>" + _HSPACE + r"*+/" + _HSPACE + r"*+(?P<denominator>\d++)))?"
 )
 
 _OCCURRENCES = ("first", "last")
