@@ -40,7 +40,14 @@ class ModelConfig:
     init_method_std: float = 0.02
     params_dtype: str = "float32"  # float32 | bfloat16 | float16
     transformer_impl: str = "auto"  # auto | local | transformer_engine
-    fp8: Optional[str] = None  # None | e4m3 | hybrid (Transformer Engine only)
+    # FP8 through Transformer Engine (models/fp8.py maps these onto megatron's TransformerConfig).
+    fp8: Optional[str] = None  # None | e4m3 | hybrid (e4m3 forward, e5m2 gradients)
+    fp8_recipe: str = "delayed"  # delayed | tensorwise (current scaling) | mxfp8 (Blackwell) | blockwise
+    fp8_layers_at_start_in_bf16: int = 0  # first decoder layers kept in bf16 (not with the delayed recipe)
+    fp8_layers_at_end_in_bf16: int = 0  # last decoder layers kept in bf16 (not with the delayed recipe)
+    fp8_param: bool = False  # student weights stored in FP8: FP8 weight all-gathers (DP) and less memory
+    fp8_teacher: bool = False  # the teacher's forward in FP8 too (its weights stay high precision)
+    fp8_fallback: str = "error"  # error | bf16: without a usable Transformer Engine, stop or warn and run without FP8
     tokenizer: Optional[str] = None  # tokenizer.json or a folder holding it; None = the synthetic one
     checkpoint: Optional[str] = None  # initial weights (a caopd checkpoint directory)
 
@@ -213,6 +220,8 @@ CHOICES = {
     "model.params_dtype": ("float32", "bfloat16", "float16"),
     "model.transformer_impl": ("auto", "local", "transformer_engine"),
     "model.fp8": (None, "e4m3", "hybrid"),
+    "model.fp8_recipe": ("delayed", "tensorwise", "mxfp8", "blockwise"),
+    "model.fp8_fallback": ("error", "bf16"),
     "parallel.backend": ("auto", "nccl", "gloo"),
     "teacher.mode": ("ema", "frozen", "separate"),
     "data.on_bad_row": ("fatal", "skip"),

@@ -21,10 +21,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from caopd_megatron.calibration.revise import DistillExample
 from caopd_megatron.config.schema import DistillConfig
+from caopd_megatron.data.records import DistillExample
 from caopd_megatron.distill.batching import PackedBatch, gather_positions, pack
-from caopd_megatron.distill.losses import fused_chunked_divergence, masked_sequence_mean, vocab_parallel_divergence
+from caopd_megatron.distill.fused_output_loss import fused_chunked_divergence
+from caopd_megatron.distill.losses import masked_sequence_mean, vocab_parallel_divergence
 from caopd_megatron.distill.optim import optimizer_step
 from caopd_megatron.distill.sft import SupervisedRows, tp_group_or_none
 
@@ -51,7 +52,7 @@ class _HiddenCapture:
         def passthrough(input_, weight=None, runtime_gather_output=None, **_):
             if getattr(layer, "sequence_parallel", False):
                 # [s/tp, b, h] -> [s, b, h]. Backward is a plain slice, not a reduce-scatter: the fused loss
-                # already all-reduces its hidden gradient over TP (distill/losses.py, note 7).
+                # already all-reduces its hidden gradient over TP (distill/fused_output_loss.py).
                 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
                 input_ = gather_from_sequence_parallel_region(input_, tensor_parallel_output_grad=False)

@@ -6,12 +6,13 @@ Design decisions:
   embeddings. The converters in ``checkpointing/hf`` map HF configs onto the same ``ModelConfig``.
 - Layer spec: Transformer Engine's when TE is usable (and asked for or ``auto``), megatron-core's local
   spec otherwise; ``transformer_impl=transformer_engine`` without a usable TE is an error, not a silent
-  fallback. FP8 requires TE. Sequence parallelism on the local spec swaps its norms for
-  ``models.norms.SequenceParallelRMSNorm`` (megatron's local norm refuses it).
+  fallback. FP8 requires TE (``models/fp8.py`` maps the ``model.fp8*`` keys). Sequence parallelism on the
+  local spec swaps its norms for ``models.norms.SequenceParallelRMSNorm`` (megatron's local norm refuses it).
 - The padded vocabulary is a multiple of ``make_vocab_size_divisible_by * TP`` (megatron-LM's rule), so
   each TP rank holds an equal shard; the real size is kept so losses and sampling ignore padded rows.
 - Fusions that need CUDA kernels (bias-dropout, masked softmax, RoPE, gradient-accumulation) are off on
-  CPU; dropout is 0 (distillation fine-tuning of a pretrained model does not use it).
+  CPU; the masked-softmax fusion also needs megatron's compiled extension (NVIDIA's containers have it, pip's
+  megatron-core does not). Dropout is 0 (distillation fine-tuning of a pretrained model does not use it).
 - Layout-invariant seeded initialisation. megatron's CPU initialisation draws each tensor's full master
   weight and keeps this TP rank's slice, so TP splits the single-process weights, except that (a) the
   vocabulary is padded per TP size (128 rows at TP=1, 256 at TP=2 for the demo), so the embedding draws more
@@ -33,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from caopd_megatron.config.schema import ModelConfig, ParallelConfig
-from caopd_megatron.runtime.backend import Backend, BackendError
+from caopd_megatron.models.fp8 import cuda_capability, fp8_transformer_kwargs
+from caopd_megatron.runtime.backend import Backend, BackendError, fused_softmax_kernels_present
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +72,6 @@ def use_transformer_engine(model: ModelConfig, backend: Backend) -> bool:
     if model.transformer_impl == "transformer_engine" and not backend.transformer_engine:
         raise BackendError("model.transformer_impl=transformer_engine but Transformer Engine is not usable here "
                            "(no CUDA or TE not installed); use model.transformer_impl=auto or local")
-    if model.fp8 and not backend.transformer_engine:
-        raise BackendError(f"model.fp8={model.fp8} needs Transformer Engine on a GPU; set model.fp8=null on this machine")
     return model.transformer_impl != "local" and backend.transformer_engine
 
 
@@ -118,11 +118,12 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, backend: Ba
         perform_initialization=True,
         bias_activation_fusion=on_gpu,
         bias_dropout_fusion=on_gpu,
-        masked_softmax_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu and fused_softmax_kernels_present(),
         persist_layer_norm=on_gpu,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
-        fp8=model.fp8,
+        **fp8_transformer_kwargs(model, parallel.pipeline_model_parallel_size, backend.transformer_engine,
+                                 cuda_capability()),
     )
 
 

@@ -19,6 +19,7 @@ from caopd_megatron.data.prompts import PromptRecord, load_prompts
 from caopd_megatron.data.tasks.digit_sum import make_digit_sum_records
 from caopd_megatron.data.tokenizer import TextTokenizer, build_synthetic_tokenizer
 from caopd_megatron.models.builder import VocabInfo, build_gpt_model, count_parameters, resolve_vocab
+from caopd_megatron.models.fp8 import teacher_model_config
 from caopd_megatron.models.teacher import check_vocab_compatible, copy_weights, freeze
 from caopd_megatron.runtime import distributed
 from caopd_megatron.runtime.backend import Backend, detect_backend
@@ -81,7 +82,7 @@ def build_teacher(s: Session, student) -> torch.nn.Module:
         model_cfg: ModelConfig = t.model or s.cfg.model
         vocab = resolve_vocab(model_cfg, s.tokenizer.vocab_size, s.cfg.parallel.tensor_model_parallel_size)
         check_vocab_compatible(s.vocab, vocab, t)
-        teacher = build_gpt_model(model_cfg, s.cfg.parallel, vocab, s.backend)
+        teacher = build_gpt_model(teacher_model_config(model_cfg), s.cfg.parallel, vocab, s.backend)
         if t.checkpoint:
             from caopd_megatron.checkpointing.hf import load_megatron_checkpoint
 
@@ -91,7 +92,7 @@ def build_teacher(s: Session, student) -> torch.nn.Module:
         return freeze(teacher)
     from caopd_megatron.parallel.data_parallel import unwrap
 
-    teacher = build_gpt_model(s.cfg.model, s.cfg.parallel, s.vocab, s.backend)
+    teacher = build_gpt_model(teacher_model_config(s.cfg.model), s.cfg.parallel, s.vocab, s.backend)
     copy_weights(teacher, unwrap(student))
     return freeze(teacher)
 

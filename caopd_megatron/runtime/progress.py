@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Iterable, TypeVar
+from typing import Any, Iterable, TypeVar
 
 T = TypeVar("T")
 
@@ -30,6 +30,15 @@ def progress(items: Iterable[T], desc: str | None = None, total: int | None = No
     from tqdm.auto import tqdm
 
     return tqdm(items, desc=desc, total=total, unit=unit, dynamic_ncols=True, leave=False, file=sys.stderr)
+
+
+def progress_bar(total: int, desc: str, unit: str = "it", enabled: bool = True) -> Any:
+    """A tqdm bar of ``total`` items on stderr that the caller ``update``s by hand; None when not ``enabled``."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr)
 
 
 def setup_logging(level: str = "INFO", run_dir: str | Path | None = None) -> None:

@@ -45,6 +45,7 @@ from typing import Any, Sequence
 
 import torch
 
+from caopd_megatron.checkpointing.hf.checkpoint_dir import installed_megatron_core_version
 from caopd_megatron.checkpointing.hf.safetensors_io import ConversionError
 from caopd_megatron.config.schema import ModelConfig
 
@@ -141,18 +142,9 @@ def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     for key, expected in MEGATRON_LLAMA3_ROPE.items():
         if float(llama3[key]) != float(expected):
             raise UnsupportedArchitectureError(
-                f"llama3 RoPE scaling with {key}={llama3[key]}: megatron-core {_megatron_version()} hard-codes "
+                f"llama3 RoPE scaling with {key}={llama3[key]}: megatron-core {installed_megatron_core_version()} hard-codes "
                 f"{key}={expected} (only 'factor' is configurable), so this model cannot be reproduced")
     return float(theta), llama3
-
-
-def _megatron_version() -> str:
-    try:
-        from megatron.core import package_info
-
-        return package_info.__version__
-    except Exception:  # megatron-core absent or broken: the message still makes sense without the version
-        return "0.16"
 
 
 def _require(hf: dict[str, Any], key: str) -> Any:
