@@ -327,7 +327,7 @@ def test_tag_split_and_rewrite_keep_the_form():
 def test_parse_is_linear_on_hostile_text(text):
     import time
 
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: robust to a loaded machine, still minutes for a quadratic parse
     parse_confidence_detail(text)
     rewrite_privileged_context(text * 2, 0.5, note_template=None)
-    assert time.perf_counter() - start < 3.0
+    assert time.process_time() - start < 3.0
