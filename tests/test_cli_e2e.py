@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from caopd_megatron.calibration.confidence import format_confidence, parse_confidence
+from caopd_megatron.data.confidence import format_confidence, parse_confidence
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads=4", "model.ffn_hidden_size=64",

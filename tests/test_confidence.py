@@ -1,11 +1,12 @@
 """Tests for parsing, formatting and rewriting the verbalised confidence."""
 import pytest
 
-from caopd_megatron.calibration.confidence import (
+from caopd_megatron.data.confidence import (
     CONFIDENCE_MARKER,
     empirical_confidence,
     format_confidence,
     parse_confidence,
+    parse_confidence_detail,
     rewrite_privileged_context,
     rewrite_response_confidence,
     strip_note_placeholder,
@@ -233,3 +234,100 @@ def test_empirical_confidence():
 
 def test_marker_constant():
     assert CONFIDENCE_MARKER == "Confidence:"
+
+
+# ---------------------------------------------------------------- the remaining cases (Unicode, comma, tags, which marker)
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Confidence:\u00a00.8", 0.8),  # no-break space
+        ("Confidence:\u202f0.8", 0.8),  # narrow no-break space
+        ("Confidence:\u2009\u30000.35", 0.35),  # thin + ideographic space
+        ("Confidence: 0.8\u00a0%", 0.008),  # "%" always divides, whatever the space before it
+        ("Confidence: 80\u00a0%", 0.8),
+        ("Confidence: 80 percent", 0.8),
+        ("Confidence: 80 Per cent sure", 0.8),
+        ("Confidence: \uff18\uff10\uff05", 0.8),  # full-width digits and percent sign
+        ("Confidence: 80 percentile", None),  # not the word "percent"
+        ("Confidence: 0,8", 0.8),  # decimal comma
+        ("Confidence: 0,85.", 0.85),
+        ("Confidence: 1,0", 1.0),
+        ("Confidence: 1, I am sure", 1.0),  # a comma with no digit after it ends the number
+        ("Confidence: 8/10", 0.8),
+        ("Confidence: 3 / 4", 0.75),
+        ("Confidence: **0.8**", 0.8),  # markdown bold
+        ('Confidence: "0.6"', 0.6),
+        ("Confidence: (0.6)", 0.6),
+        ("<answer>B</answer><confidence>0.7</confidence>", 0.7),
+        ("B <Confidence> 0.4 </Confidence>", 0.4),  # tag in any case
+        ("<confidence>0.2</confidence> Confidence: 0.9", 0.2),  # whichever comes first
+    ],
+)
+def test_parse_remaining_cases(text, expected):
+    assert parse_confidence(text) == (None if expected is None else pytest.approx(expected))
+
+
+@pytest.mark.parametrize(
+    "text, status",
+    [
+        ("no marker at all", "missing"),
+        ("Confidence: high", "no_number"),
+        ("Confidence:\n0.8", "no_number"),  # a line break is not a space after the marker
+        ("Confidence:\u20280.8", "no_number"),  # nor is a Unicode line separator
+        ("Confidence: 70", "out_of_range"),
+        ("Confidence: 3/0", "out_of_range"),
+        ("Confidence: -0,5", "out_of_range"),
+        ("<confidence></confidence>", "no_number"),
+        ("Confidence: 0,7", "ok"),
+    ],
+)
+def test_parse_detail_says_why(text, status):
+    detail = parse_confidence_detail(text)
+    assert detail.status == status
+    assert (detail.value is not None) == (status == "ok")
+
+
+def test_no_number_a_person_reads_becomes_missing():
+    # Each of these states a probability a person reads at once; none may parse to None (scored 0.0).
+    readable = ["Confidence:\u00a00.9", "Confidence: 0,9", "<confidence>0.9</confidence>", "Confidence: 9/10",
+                "Confidence: **0.9**", "Confidence:\u3000０.9".replace("０", "0")]
+    for text in readable:
+        assert parse_confidence(text) == pytest.approx(0.9), text
+
+
+def test_first_or_last_marker():
+    text = "4 Confidence: 0.9\nOn reflection, 5. Confidence: 0.3"
+    assert parse_confidence(text) == pytest.approx(0.9)
+    assert parse_confidence(text, occurrence="first") == pytest.approx(0.9)
+    assert parse_confidence(text, occurrence="last") == pytest.approx(0.3)
+    assert parse_confidence("Confidence: 0.9 then Confidence: sure", occurrence="last") is None
+    with pytest.raises(ValueError, match="occurrence"):
+        parse_confidence(text, occurrence="middle")
+
+
+def test_tag_split_and_rewrite_keep_the_form():
+    from caopd_megatron.data.tasks.base import extract_answer
+
+    assert extract_answer("7 <confidence>0.8</confidence>") == "7"
+    assert rewrite_response_confidence("7 <confidence>0.8</confidence>", 0.25) == "7 <confidence>0.25</confidence>"
+    assert rewrite_response_confidence("7 Confidence:\u00a00,8", 0.5) == "7 Confidence: 0.50"
+    ctx = "Demo <confidence>0.9</confidence> and Confidence:\u00a00,95 and Confidence: 9/10."
+    assert rewrite_privileged_context(ctx, 0.5, note_template=None) == (
+        "Demo <confidence>0.50</confidence> and Confidence:\u00a00.50 and Confidence: 0.50."
+    )
+
+
+@pytest.mark.parametrize("text", [
+    "Confidence:" + " " * (1 << 20) + "x",
+    "Confidence: " + "9" * (1 << 20) + ",",
+    "Confidence: 0," + "9" * (1 << 20) + "/" + " " * (1 << 20),
+    "<confidence" + " " * (1 << 20),
+    "Confidence: " + "*" * (1 << 20),
+])
+def test_parse_is_linear_on_hostile_text(text):
+    import time
+
+    start = time.process_time()  # CPU time: robust to a loaded machine, still minutes for a quadratic parse
+    parse_confidence_detail(text)
+    rewrite_privileged_context(text * 2, 0.5, note_template=None)
+    assert time.process_time() - start < 3.0

@@ -42,6 +42,9 @@ FAMILIES = {
                   kwargs=dict(max_position_embeddings=16384, tie_word_embeddings=False, rope_theta=500000.0,
                               rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})),
+    "mistral": dict(cls="MistralForCausalLM", cfg="MistralConfig", shard=None,
+                    kwargs=dict(max_position_embeddings=4096, tie_word_embeddings=False, rope_theta=1000000.0,
+                                sliding_window=None, head_dim=16)),
     "qwen2": dict(cls="Qwen2ForCausalLM", cfg="Qwen2Config", shard=None,
                   kwargs=dict(max_position_embeddings=512, tie_word_embeddings=True, rope_theta=1000000.0)),
     "qwen3": dict(cls="Qwen3ForCausalLM", cfg="Qwen3Config", shard="150KB",
@@ -339,9 +342,21 @@ def test_unsupported_architecture_is_named_with_the_supported_list(converted, tm
     from caopd_megatron.checkpointing.hf import UnsupportedArchitectureError, import_hf_checkpoint
 
     src = _copy_hf(converted, "qwen2", tmp_path)
-    _edit_json(src / "config.json", architectures=["MistralForCausalLM"])
-    with pytest.raises(UnsupportedArchitectureError, match="MistralForCausalLM.*LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"):
+    _edit_json(src / "config.json", architectures=["GemmaForCausalLM"])
+    with pytest.raises(UnsupportedArchitectureError,
+                       match="GemmaForCausalLM.*LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"):
         import_hf_checkpoint(src, tmp_path / "out", show_progress=False)
+
+
+def test_mistral_sliding_window_shorter_than_the_context_is_refused(converted):
+    from caopd_megatron.checkpointing.hf import UnsupportedArchitectureError, hf_config_to_model_config
+
+    base = json.loads((converted["mistral"]["hf_dir"] / "config.json").read_text())
+    assert base["model_type"] == "mistral" and base["sliding_window"] is None
+    with pytest.raises(UnsupportedArchitectureError, match="sliding_window=1024 < max_position_embeddings=4096"):
+        hf_config_to_model_config({**base, "sliding_window": 1024})
+    cfg, family = hf_config_to_model_config({**base, "sliding_window": 4096})  # a window as long as the context
+    assert family.architecture == "MistralForCausalLM" and not cfg.add_qkv_bias and not cfg.qk_layernorm
 
 
 def test_unsupported_rope_and_bias_settings_are_refused(converted, tmp_path):

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Mapping, Sequence
 
-from caopd_megatron.calibration.confidence import (
+from caopd_megatron.data.confidence import (
     empirical_confidence,
     format_confidence,
     parse_confidence,

@@ -6,6 +6,7 @@
     caopd distill  -c job.yaml --examples revised.jsonl      (one optimizer step, checkpointed)
     caopd evaluate -c job.yaml [--name final]
     caopd run      -c job.yaml                                (rollout -> rewrite -> distill, N steps, resumable)
+    caopd compare  --model OPD=runs/a --model CaOPD=runs/b [--prompts p.jsonl] --out report/   (one report)
 
 Design decisions:
 - Phases exchange files (rollouts, revised examples) and checkpoints in ``run.output_dir``, so a Slurm
@@ -25,11 +26,13 @@ log = logging.getLogger("caopd")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from caopd_megatron.calibration.confidence import __name__ as _  # noqa: F401
+    from caopd_megatron.data.confidence import __name__ as _  # noqa: F401
     from caopd_megatron.config.loader import ConfigError
     from caopd_megatron.data.prompts import PromptDataError
     from caopd_megatron.data.records_io import RecordFileError
     from caopd_megatron.data.tokenizer import TokenizerError
+    from caopd_megatron.evaluation.compare_run import CompareError
+    from caopd_megatron.checkpointing.hf.safetensors_io import ConversionError
     from caopd_megatron.models.builder import ModelConfigError
     from caopd_megatron.models.teacher import VocabMismatchError
     from caopd_megatron.runtime.backend import BackendError
@@ -37,7 +40,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     errors: list[type[BaseException]] = [ConfigError, PromptDataError, RecordFileError, TokenizerError,
                                          ModelConfigError, VocabMismatchError, BackendError, LayoutError,
-                                         FileNotFoundError]
+                                         FileNotFoundError, CompareError, ConversionError]
     try:
         from caopd_megatron.checkpointing.checkpoint import CheckpointError
 
@@ -70,6 +73,12 @@ def _parser() -> argparse.ArgumentParser:
     sp = add("evaluate", "greedy evaluation with calibration metrics and a reliability diagram")
     sp.add_argument("--name", default="eval")
     add("run", "the whole loop for distill.steps steps, resumable from the latest checkpoint")
+    sp = add("compare", "answer one prompt set with two or more models and write one comparison report")
+    sp.add_argument("--model", action="append", required=True,
+                    help="NAME=PATH: a run directory, a step checkpoint, a Megatron checkpoint or an HF folder")
+    sp.add_argument("--prompts", default=None, help="prompts JSONL (default: the config's eval prompts)")
+    sp.add_argument("--out", required=True, help="report folder (report.md, report.json, PNGs, responses)")
+    sp.add_argument("--title", default="Model comparison")
     return p
 
 
@@ -78,11 +87,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from caopd_megatron.config.loader import load_config, preset_path
 
-        presets = [preset_path("demo")] if args.command == "demo" else []
-        cfg = load_config([*presets, *args.config], args.overrides)
-        from caopd_megatron.cli import phases
+        preset = [preset_path("demo")] if args.command == "demo" else []
+        configs = [*preset, *args.config]
+        if args.command == "compare":
+            from caopd_megatron.evaluation import compare_run
 
-        handler = getattr(phases, f"cmd_{args.command}")
+            configs = args.config or compare_run.default_config_files(args.model)
+            handler = compare_run.cmd_compare
+        else:
+            from caopd_megatron.cli import phases
+
+            handler = getattr(phases, f"cmd_{args.command}")
+        cfg = load_config(configs, list(args.overrides))
         handler(cfg, args)
         return 0
     except _user_errors() as exc:

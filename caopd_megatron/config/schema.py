@@ -15,7 +15,7 @@ Design decisions:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import List, Literal, Optional
 
 # Choices are typed: the loader checks a value against its field's ``Literal`` (``config/loader.py``), and the
 # code that dispatches on a choice takes its names from these aliases (``typing.get_args``), so each list of
@@ -183,6 +183,12 @@ class EvaluationConfig:
     max_new_tokens: int = 8
     batch_size: int = 512
     n_bins: int = 10
+    ece_bins: Literal["equal_width", "equal_mass"] = "equal_width"  # the scheme `ece` reports (both are stored)
+    ece_edge_rule: Literal["exact", "linspace"] = "exact"  # exact (edges i/K) | linspace (np.linspace edges, the paper's code)
+    bootstrap_samples: int = 1000  # `caopd compare`: resamples per confidence interval
+    bootstrap_seed: int = 0
+    confidence_level: float = 0.95
+    thresholds: List[float] = field(default_factory=lambda: [0.5, 0.8, 0.9])  # confidence gates in reports
 
 
 @dataclass

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from caopd_megatron.calibration.confidence import parse_confidence
+from caopd_megatron.data.confidence import parse_confidence
 from caopd_megatron.calibration.revise import student_prompt_text
 from caopd_megatron.config.schema import CaOPDConfig
 from caopd_megatron.data.grading import grade_response
@@ -45,7 +45,8 @@ def evaluate_model(model, prompts: Sequence[PromptRecord], tokenizer, cfg: CaOPD
         correct = grade_response(rec, text)
         rows.append(EvalRow(rec.id, text, correct, parse_confidence(text, cfg.calibration.marker), dict(rec.meta)))
     report = calibration_report([r.correct for r in rows], [r.confidence for r in rows],
-                                n_bins=cfg.evaluation.n_bins)
+                                n_bins=cfg.evaluation.n_bins, ece_bins=cfg.evaluation.ece_bins,
+                                edge_rule=cfg.evaluation.ece_edge_rule)
     return report, rows
 
 

@@ -4,10 +4,19 @@ Design decisions:
 - A missing confidence (``None``, the response stated none or an unparsable one) scores 0.0 in
   every metric, and counts against ``parse_rate``. Scoring it 0 rather than dropping the sample
   keeps every model evaluated on the same n and penalises format failures instead of rewarding them.
-- ECE uses ``n_bins`` equal-width bins ``[i/n, (i+1)/n)``; the last bin is closed so 1.0 lands in
-  it and 0.0 lands in the first. Bins are found by bisecting the edges ``i/n`` (computed exactly as
-  ``i / n_bins``), so a confidence written as ``0.1`` goes to bin 1 with no float-multiplication
-  drift (``0.1 * 10`` style arithmetic can land just below an edge for other bin counts).
+- ECE, equal-width (the default) uses ``n_bins`` bins ``[lo, hi)``; the last bin is closed so 1.0
+  lands in it and 0.0 lands in the first. Where a confidence exactly on an edge goes is the edge rule:
+  ``exact`` (default) bisects the edges ``i / n_bins``, the nearest doubles to the decimals, so a
+  confidence written ``0.3`` lands in the bin starting at 0.3; ``linspace`` bisects the edges
+  ``i * (1 / n_bins)`` that ``np.linspace(0, 1, n_bins + 1)`` produces, as the paper's reference code
+  does (``np.digitize``), where 0.3, 0.6 and 0.7 sit one bin lower because ``3 * 0.1 > 0.3`` in binary.
+  ``exact`` is the default because a stated "0.3" should share a bin with 0.35, not with 0.25; choose
+  ``linspace`` to reproduce the paper's numbers bit for bit. With one-decimal confidences and 8 bins the
+  two differ by up to 0.0085 ECE.
+- ECE, equal-mass: the confidences sorted and cut into ``n_bins`` groups of (nearly) equal count, a
+  tie group never split (each sample's bin is ``floor(first rank of its tie group * n_bins / n)``), so the
+  result does not depend on the input order. Bins with few distinct confidences (k/K values) may be empty.
+  ``calibration_report`` reports the configured scheme as ``ece``; ``caopd compare`` reports both.
 - SPR is P(conf of a correct answer > conf of a wrong one) over all (correct, wrong) pairs, ties
   counting 0; AUROC is the same with ties counting 1/2 (the Mann-Whitney AUC). Both are computed by
   one sort plus a sweep over tied groups, O(n log n), with exact integer pair counts; both are
@@ -70,36 +79,36 @@ def _check_inputs(
     return grades, confs
 
 
-def reliability_bins(
-    correct: Sequence[bool], confidence: Sequence[float | None], n_bins: int = 10
-) -> list[dict[str, Any]]:
-    """Per-bin counts, accuracy and mean confidence over equal-width confidence bins.
+ECE_BIN_SCHEMES = ("equal_width", "equal_mass")
+EDGE_RULES = ("exact", "linspace")
 
-    Args:
-        correct: grades.
-        confidence: confidences in [0, 1]; ``None`` counts as 0.0.
-        n_bins: number of equal-width bins on [0, 1].
 
-    Returns:
-        One dict per bin: ``lo``, ``hi``, ``count``, ``accuracy`` and ``confidence`` (the last two
-        ``None`` for an empty bin).
-    """
+def bin_edges(n_bins: int, edge_rule: str = "exact") -> list[float]:
+    """Lower edges of ``n_bins`` equal-width bins: ``i / n`` (exact) or ``i * (1 / n)`` (np.linspace's)."""
     if n_bins < 1:
         raise ValueError(f"n_bins must be >= 1, got {n_bins}")
-    grades, confs = _check_inputs(correct, confidence)
-    edges = [i / n_bins for i in range(n_bins)]
+    if edge_rule == "exact":
+        return [i / n_bins for i in range(n_bins)]
+    if edge_rule == "linspace":
+        step = 1.0 / n_bins
+        return [i * step for i in range(n_bins)]
+    raise ValueError(f"edge_rule must be one of {', '.join(EDGE_RULES)}, got {edge_rule!r}")
+
+
+def _bin_summaries(
+    grades: list[bool], confs: list[float], index: list[int], n_bins: int, bounds: list[tuple[float, float]]
+) -> list[dict[str, Any]]:
     counts = [0] * n_bins
     hits = [0] * n_bins
     conf_sums = [0.0] * n_bins
-    for y, c in zip(grades, confs):
-        b = min(bisect_right(edges, c) - 1, n_bins - 1)  # 1.0 closes the last bin
+    for y, c, b in zip(grades, confs, index):
         counts[b] += 1
         hits[b] += y
         conf_sums[b] += c
     return [
         {
-            "lo": i / n_bins,
-            "hi": (i + 1) / n_bins,
+            "lo": bounds[i][0],
+            "hi": bounds[i][1],
             "count": counts[i],
             "accuracy": hits[i] / counts[i] if counts[i] else None,
             "confidence": conf_sums[i] / counts[i] if counts[i] else None,
@@ -108,24 +117,82 @@ def reliability_bins(
     ]
 
 
+def reliability_bins(
+    correct: Sequence[bool], confidence: Sequence[float | None], n_bins: int = 10, edge_rule: str = "exact"
+) -> list[dict[str, Any]]:
+    """Per-bin counts, accuracy and mean confidence over equal-width confidence bins.
+
+    Args:
+        correct: grades.
+        confidence: confidences in [0, 1]; ``None`` counts as 0.0.
+        n_bins: number of equal-width bins on [0, 1].
+        edge_rule: ``exact`` or ``linspace`` (module docstring).
+
+    Returns:
+        One dict per bin: ``lo``, ``hi``, ``count``, ``accuracy`` and ``confidence`` (the last two
+        ``None`` for an empty bin).
+    """
+    edges = bin_edges(n_bins, edge_rule)
+    grades, confs = _check_inputs(correct, confidence)
+    index = [min(bisect_right(edges, c) - 1, n_bins - 1) for c in confs]  # 1.0 closes the last bin
+    bounds = [(i / n_bins, (i + 1) / n_bins) for i in range(n_bins)]
+    return _bin_summaries(grades, confs, index, n_bins, bounds)
+
+
+def equal_mass_bins(
+    correct: Sequence[bool], confidence: Sequence[float | None], n_bins: int = 10
+) -> list[dict[str, Any]]:
+    """Per-bin statistics over ``n_bins`` equal-count bins, ties kept together (module docstring).
+
+    ``lo``/``hi`` are the smallest and largest confidence in the bin (``None`` for an empty bin).
+    """
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    grades, confs = _check_inputs(correct, confidence)
+    n = len(confs)
+    order = sorted(range(n), key=confs.__getitem__)
+    index = [0] * n
+    group_start = 0
+    for rank, i in enumerate(order):
+        if rank and confs[i] != confs[order[rank - 1]]:
+            group_start = rank
+        index[i] = group_start * n_bins // n
+    bounds: list[tuple[Any, Any]] = [(None, None)] * n_bins
+    for i in order:  # ascending confidence: the first member of a bin is its lo, the last its hi
+        lo = bounds[index[i]][0]
+        bounds[index[i]] = (confs[i] if lo is None else lo, confs[i])
+    return _bin_summaries(grades, confs, index, n_bins, bounds)
+
+
 def _ece_from_bins(bins: list[dict[str, Any]], n: int) -> float:
     return sum(b["count"] / n * abs(b["accuracy"] - b["confidence"]) for b in bins if b["count"])
 
 
 def expected_calibration_error(
-    correct: Sequence[bool], confidence: Sequence[float | None], n_bins: int = 10
+    correct: Sequence[bool],
+    confidence: Sequence[float | None],
+    n_bins: int = 10,
+    scheme: str = "equal_width",
+    edge_rule: str = "exact",
 ) -> float:
-    """ECE = sum over bins of (bin count / n) * |bin accuracy - bin mean confidence|.
+    """Expected calibration error: sum over bins of (bin share) * |accuracy - mean confidence|.
 
     Args:
         correct: grades.
         confidence: confidences in [0, 1]; ``None`` counts as 0.0.
-        n_bins: number of equal-width bins.
+        n_bins: number of bins.
+        scheme: ``equal_width`` or ``equal_mass``.
+        edge_rule: for equal-width bins, ``exact`` or ``linspace`` (module docstring).
 
     Returns:
         The expected calibration error in [0, 1].
     """
-    bins = reliability_bins(correct, confidence, n_bins)
+    if scheme == "equal_width":
+        bins = reliability_bins(correct, confidence, n_bins, edge_rule)
+    elif scheme == "equal_mass":
+        bins = equal_mass_bins(correct, confidence, n_bins)
+    else:
+        raise ValueError(f"ECE scheme must be one of {', '.join(ECE_BIN_SCHEMES)}, got {scheme!r}")
     return _ece_from_bins(bins, len(correct))
 
 
@@ -203,6 +270,8 @@ def calibration_report(
     confidence: Sequence[float | None],
     well_formed: Sequence[bool] | None = None,
     n_bins: int = 10,
+    ece_bins: str = "equal_width",
+    edge_rule: str = "exact",
 ) -> CalibrationReport:
     """Compute every calibration metric for one model.
 
@@ -212,13 +281,17 @@ def calibration_report(
         well_formed: whether each response follows the required format; defaults to "has a parsed
             confidence".
         n_bins: number of ECE bins.
+        ece_bins: which scheme ``ece`` reports (``equal_width`` or ``equal_mass``).
+        edge_rule: equal-width edge rule, ``exact`` or ``linspace``; ``bins`` (the diagram) use it too.
 
     Returns:
         A :class:`CalibrationReport`.
 
     Raises:
-        ValueError: empty inputs, length mismatch, or a confidence outside [0, 1].
+        ValueError: empty inputs, length mismatch, a confidence outside [0, 1], or an unknown scheme.
     """
+    if ece_bins not in ECE_BIN_SCHEMES:
+        raise ValueError(f"ECE scheme must be one of {', '.join(ECE_BIN_SCHEMES)}, got {ece_bins!r}")
     grades, confs = _check_inputs(correct, confidence)
     n = len(grades)
     parsed = [c is not None for c in confidence]
@@ -226,14 +299,15 @@ def calibration_report(
         well_formed = parsed
     elif len(well_formed) != n:
         raise ValueError(f"well_formed must have length {n}, got {len(well_formed)}")
-    bins = reliability_bins(grades, confs, n_bins)
+    bins = reliability_bins(grades, confs, n_bins, edge_rule)
+    ece = _ece_from_bins(bins if ece_bins == "equal_width" else equal_mass_bins(grades, confs, n_bins), n)
     spr, auroc = spr_auroc(grades, confs)
     accuracy = sum(grades) / n
     mean_conf = sum(confs) / n
     return CalibrationReport(
         n=n,
         accuracy=accuracy,
-        ece=_ece_from_bins(bins, n),
+        ece=ece,
         brier=brier_score(grades, confs),
         ocg=mean_conf - accuracy,
         mean_confidence=mean_conf,

@@ -14,6 +14,8 @@ Design decisions:
   norms of 3-15 against a clip of 1, clipping favoured OPD, whose gradient is almost all answer tokens, over
   CaOPD, whose gradient also carries the confidence tokens' divergence (seed 3: 4.4 points of OPD's accuracy
   came from clipping, CaOPD's accuracy moved 0.7; README "What we learned").
+- The base, OPD and CaOPD students are saved as Megatron checkpoint directories (``base/student``,
+  ``opd/student``, ``caopd/student``, tokenizer inside), so ``caopd compare`` and ``tools/export_hf.py`` take them.
 - Everything (tokenizer, task, models, metrics, plots) is produced by the same code that serves real
   models; only the sizes and the synthetic task are special.
 """
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from caopd_megatron.checkpointing.hf import save_megatron_checkpoint
 from caopd_megatron.config.schema import CaOPDConfig
 from caopd_megatron.evaluation.evaluate import evaluate_model, write_eval
 from caopd_megatron.evaluation.metrics import CalibrationReport
@@ -58,6 +61,12 @@ def accuracy_by_difficulty(rows) -> dict[int, float]:
     return {k: sum(v) / len(v) for k, v in sorted(out.items())}
 
 
+def save_student(s, student, name: str) -> None:
+    """The student's weights as ``<run>/<name>/student`` (a Megatron checkpoint directory); every rank calls it."""
+    save_megatron_checkpoint(s.run_dir / name / "student", student, s.cfg.model, real_vocab_size=s.vocab.real,
+                             tokenizer_dir=s.run_dir / "tokenizer", overwrite=True)
+
+
 def run_demo(cfg: CaOPDConfig) -> dict:
     s = open_session(cfg)
     train, held_out = train_prompts(s), eval_prompts(s)
@@ -75,6 +84,7 @@ def run_demo(cfg: CaOPDConfig) -> dict:
     reports["base"], difficulty["base"] = report, accuracy_by_difficulty(rows)
     if is_main_rank():  # every rank evaluated the same generations; one writes them
         write_eval(s.run_dir / "eval", "base", report, rows)
+    save_student(s, student, "base")
 
     for name, rewrite in (("OPD", False), ("CaOPD", True)):
         run_cfg = copy.deepcopy(cfg)
@@ -89,6 +99,7 @@ def run_demo(cfg: CaOPDConfig) -> dict:
         reports[name], difficulty[name] = report, accuracy_by_difficulty(rows)
         if is_main_rank():
             write_eval(s.run_dir / "eval", name.lower(), report, rows)
+        save_student(s, student, name.lower())
         del teacher
 
     summary = {name: r.to_dict() for name, r in reports.items()}

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from caopd_megatron.calibration.confidence import format_confidence
+from caopd_megatron.data.confidence import format_confidence
 from caopd_megatron.calibration.revise import student_prompt_text, templates
 from caopd_megatron.config.schema import CaOPDConfig
 from caopd_megatron.data.prompts import PromptRecord

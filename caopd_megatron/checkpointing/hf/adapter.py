@@ -5,8 +5,13 @@ architectures are supported, how an HF ``config.json`` becomes the project's ``M
 how every HF tensor name and layout maps onto a megatron-core distributed-checkpoint key and layout.
 
 Design decisions:
-- Supported: ``LlamaForCausalLM``, ``Qwen2ForCausalLM`` (QKV bias) and ``Qwen3ForCausalLM`` (per-head QK
-  RMSNorm). They differ only in two switches (``qkv_bias``, ``qk_norm``); the rest is shared. Anything
+- Supported: ``LlamaForCausalLM``, ``MistralForCausalLM`` (the Llama layout under its own config keys:
+  ``sliding_window``, no bias switches), ``Qwen2ForCausalLM`` (QKV bias) and ``Qwen3ForCausalLM`` (per-head
+  QK RMSNorm). They differ only in two switches (``qkv_bias``, ``qk_norm``); the rest is shared. A Mistral
+  ``sliding_window`` shorter than ``max_position_embeddings`` is refused (the megatron model attends over
+  the whole context); a window at least that long is full attention. Nothing in a ``ModelConfig`` tells
+  Mistral from Llama, so a checkpoint trained from scratch exports as Llama; an imported Mistral keeps its
+  recorded architecture. Anything
   else is refused by name with the supported list, and so is any config switch the megatron model built
   by ``models/builder.py`` cannot reproduce (o_proj/MLP biases, sliding-window layers, non-SiLU
   activations, partial rotary, RoPE types other than default and llama3) - a silently different model
@@ -66,6 +71,7 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     "LlamaForCausalLM": Family("LlamaForCausalLM", "llama", qkv_bias=False, qk_norm=False),
+    "MistralForCausalLM": Family("MistralForCausalLM", "mistral", qkv_bias=False, qk_norm=False),
     "Qwen2ForCausalLM": Family("Qwen2ForCausalLM", "qwen2", qkv_bias=True, qk_norm=False),
     "Qwen3ForCausalLM": Family("Qwen3ForCausalLM", "qwen3", qkv_bias=False, qk_norm=True),
 }
@@ -171,6 +177,11 @@ def hf_config_to_model_config(hf: dict[str, Any], make_vocab_size_divisible_by: 
             "which the megatron model does not have")
     if hf.get("use_sliding_window") or any(t != "full_attention" for t in (hf.get("layer_types") or [])):
         raise UnsupportedArchitectureError(f"{family.architecture} with sliding-window attention layers is not supported")
+    window = hf.get("sliding_window") if family.model_type == "mistral" else None
+    if window is not None and int(window) < int(hf.get("max_position_embeddings") or 0):
+        raise UnsupportedArchitectureError(
+            f"{family.architecture} with sliding_window={window} < max_position_embeddings="
+            f"{hf.get('max_position_embeddings')} is not supported (the megatron model attends over the whole context)")
     if int(hf.get("pretraining_tp", 1) or 1) != 1:
         raise UnsupportedArchitectureError("pretraining_tp != 1 is not supported")
 
@@ -253,6 +264,8 @@ def model_config_to_hf_config(cfg: ModelConfig, family: Family, *, dtype: str,
         out.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
     elif family.model_type == "qwen3":
         out.update(attention_bias=False, use_sliding_window=False, sliding_window=None)
+    elif family.model_type == "mistral":
+        out.update(sliding_window=None)
     else:
         out.update(use_sliding_window=False, sliding_window=None)
     for key in _CARRIED_KEYS:

@@ -9,10 +9,13 @@ Design decisions:
 - Registering a different verifier under a taken name is an error unless ``overwrite=True``: a silent
   replacement would change how rewards are graded without anyone noticing. Registering the same object
   again is a no-op, so reloading a module is harmless.
-- The answer part of a response is the text before the first confidence marker. Every verifier grades
-  only that part, so a stated confidence can never change whether an answer is correct. The marker is
-  matched case-sensitively by default, exactly like ``calibration.confidence.parse_confidence``, so the
-  answer/confidence split is the same everywhere; ``ignore_case=True`` opts in, as there.
+- The answer part of a response is the text before the first confidence marker (or ``<confidence>``
+  tag). Every verifier grades only that part, so a stated confidence can never change whether an answer
+  is correct. The marker is found by ``data.confidence.find_confidence_marker``, the function
+  the confidence parser uses, so the answer/confidence split is the same everywhere (case-sensitive by
+  default; ``ignore_case=True`` opts in, as there).
+- Verifiers are total and linear-time on any text: no regex that can backtrack over a long run, no
+  str->int conversion of unbounded digit strings (tests/test_grader_hostile.py holds them to it).
 - Verifiers never evaluate model text as code (no eval/exec/ast.literal_eval); JSON parsing is the most
   they do. Model text is untrusted input.
 - A verifier returns False for a malformed *response* and never raises for one; a malformed *reference*
@@ -22,10 +25,10 @@ Design decisions:
 from __future__ import annotations
 
 import importlib
-import re
 from typing import Callable, Protocol, TypeVar, runtime_checkable
 
 from caopd_megatron.config.schema import CONFIDENCE_MARKER
+from caopd_megatron.data.confidence import find_confidence_marker
 
 __all__ = [
     "UnknownTaskError",
@@ -41,6 +44,7 @@ _BUILTIN_TASK_MODULES: tuple[str, ...] = (
     "caopd_megatron.data.tasks.digit_sum",
     "caopd_megatron.data.tasks.chemistry_mcq",
     "caopd_megatron.data.tasks.tooluse",
+    "caopd_megatron.data.tasks.math_answer",
 )
 
 
@@ -126,7 +130,7 @@ def get_verifier(task: str) -> Verifier:
 
 
 def extract_answer(response: str, marker: str = CONFIDENCE_MARKER, *, ignore_case: bool = False) -> str:
-    """The answer part of ``response``: the text before the first ``marker``, stripped.
+    """The answer part of ``response``: the text before the first ``marker`` or ``<confidence>`` tag, stripped.
 
     Without a marker the whole response, stripped, is the answer.
     """
@@ -134,10 +138,6 @@ def extract_answer(response: str, marker: str = CONFIDENCE_MARKER, *, ignore_cas
         raise TypeError(f"response must be a str, got {type(response).__name__}")
     if not isinstance(marker, str) or not marker:
         raise ValueError("confidence marker must be a non-empty string")
-    if ignore_case:
-        match = re.search(re.escape(marker), response, flags=re.IGNORECASE)
-        cut = -1 if match is None else match.start()
-    else:
-        cut = response.find(marker)
-    head = response if cut < 0 else response[:cut]
+    found = find_confidence_marker(response, marker, ignore_case=ignore_case)
+    head = response if found is None else response[: found.start()]
     return head.strip()

@@ -23,6 +23,9 @@ Design decisions:
 - Tool names compare exactly after stripping whitespace: tool names are identifiers, and a near-miss
   name would fail against the real API.
 - Golden ``Action_Input`` is a JSON string (as in the data); an already-decoded object is accepted too.
+- Integers longer than ``LONG_INT_DIGITS`` are kept as their digit string (``LongJsonInt``), never passed
+  to ``int``: Python refuses str->int beyond 4,300 digits (a ValueError that used to escape the grader)
+  and the conversion is quadratic below that limit. Two long integers are equal when their digits are.
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ from caopd_megatron.data.tasks.base import extract_answer, register_task
 
 __all__ = [
     "TASK_NAME",
+    "LongJsonInt",
     "ToolCall",
     "format_tool_calls",
     "json_equal",
@@ -49,7 +53,21 @@ TASK_NAME = "tooluse"
 # "Action Input" must be tried before "Action": the alternation order makes the longer keyword win.
 _KEYWORD = re.compile(r"^[ \t]*(Action[ \t]*Input|Action_Input|Action)[ \t]*:", re.IGNORECASE | re.MULTILINE)
 _FENCE_OPEN = re.compile(r"```(?:json)?[ \t]*\n?", re.IGNORECASE)
-_DECODER = json.JSONDecoder()
+LONG_INT_DIGITS = 1000
+
+
+@dataclass(frozen=True)
+class LongJsonInt:
+    """A JSON integer with more than ``LONG_INT_DIGITS`` digits, kept as text (sign included)."""
+
+    literal: str
+
+
+def _parse_json_int(literal: str) -> int | LongJsonInt:
+    return int(literal) if len(literal) <= LONG_INT_DIGITS else LongJsonInt(literal)
+
+
+_DECODER = json.JSONDecoder(parse_int=_parse_json_int)
 
 
 @dataclass(frozen=True)
@@ -102,7 +120,7 @@ def parse_tool_calls(response: str) -> list[ToolCall] | None:
 def parse_golden_calls(reference: str) -> list[ToolCall]:
     """Decode a reference (``json.dumps`` of the golden list); a malformed reference raises ValueError."""
     try:
-        golden = json.loads(reference)
+        golden = _DECODER.decode(reference)
     except json.JSONDecodeError as exc:
         raise ValueError(f"tooluse reference is not valid JSON: {exc.msg}") from None
     if not isinstance(golden, list):
@@ -116,7 +134,7 @@ def parse_golden_calls(reference: str) -> list[ToolCall]:
             raise ValueError(f"golden call {i} has an empty or non-string 'Action'")
         if isinstance(raw, str):
             try:
-                arguments = json.loads(raw)
+                arguments = _DECODER.decode(raw)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"golden call {i} Action_Input is not valid JSON: {exc.msg}") from None
         else:
@@ -127,6 +145,8 @@ def parse_golden_calls(reference: str) -> list[ToolCall]:
 
 def json_equal(a: Any, b: Any) -> bool:
     """Equality of decoded JSON values that keeps booleans, numbers and null apart."""
+    if isinstance(a, LongJsonInt) or isinstance(b, LongJsonInt):
+        return a == b  # dataclass equality: both long, same literal
     if isinstance(a, bool) or isinstance(b, bool):
         return isinstance(a, bool) and isinstance(b, bool) and a == b
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
@@ -165,7 +185,10 @@ def verify_tooluse(response: str, reference: str) -> bool:
     predicted = parse_tool_calls(response)
     if predicted is None or len(predicted) != len(golden):
         return False
-    return all(p.name == g.name and json_equal(p.arguments, g.arguments) for p, g in zip(predicted, golden))
+    try:
+        return all(p.name == g.name and json_equal(p.arguments, g.arguments) for p, g in zip(predicted, golden))
+    except RecursionError:  # both sides nested deeper than the interpreter's stack: not a real call
+        return False
 
 
 register_task(TASK_NAME, verify_tooluse)
