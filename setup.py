@@ -27,7 +27,7 @@ setup(
         "psutil>=5.9",
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "import-linter>=2.1"],
         "parquet": ["pyarrow>=14"],
         # GPU accelerations (optional): install Transformer Engine / NVIDIA apex from NVIDIA's instructions.
     },

@@ -26,12 +26,11 @@ log = logging.getLogger("caopd")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from caopd_megatron.data.confidence import __name__ as _  # noqa: F401
     from caopd_megatron.config.loader import ConfigError
     from caopd_megatron.data.prompts import PromptDataError
     from caopd_megatron.data.records_io import RecordFileError
     from caopd_megatron.data.tokenizer import TokenizerError
-    from caopd_megatron.evaluation.compare_run import CompareError
+    from caopd_megatron.pipeline.compare import CompareError
     from caopd_megatron.checkpointing.hf.safetensors_io import ConversionError
     from caopd_megatron.models.builder import ModelConfigError
     from caopd_megatron.models.teacher import VocabMismatchError
@@ -90,10 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         preset = [preset_path("demo")] if args.command == "demo" else []
         configs = [*preset, *args.config]
         if args.command == "compare":
-            from caopd_megatron.evaluation import compare_run
+            from caopd_megatron.pipeline import compare
 
-            configs = args.config or compare_run.default_config_files(args.model)
-            handler = compare_run.cmd_compare
+            configs = args.config or compare.default_config_files(args.model)
+            handler = compare.cmd_compare
         else:
             from caopd_megatron.cli import phases
 
