@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 from argparse import Namespace
 
+from megatron.core.process_groups_config import ProcessGroupCollection
+
 from caopd_megatron.calibration.revise import DistillExample, RolloutRecord, revise
 from caopd_megatron.checkpointing import checkpoint as ckpt
 from caopd_megatron.config.loader import to_yaml
@@ -45,7 +47,8 @@ def _trainer(s: Session) -> Trainer:
     latest = ckpt.latest_checkpoint(s.run_dir) if s.cfg.checkpoint.resume else None
     if latest is not None:
         state = ckpt.load_checkpoint(latest, student=student, optimizer=trainer.optimizer,
-                                     scheduler=trainer.scheduler, teacher=teacher)
+                                     scheduler=trainer.scheduler, teacher=teacher,
+                                     pg_collection=ProcessGroupCollection.use_mpu_process_groups())
         trainer.step = state.step
         trainer.cursor.load(state.data_position)
         trainer.truncate_history(state.step)
@@ -57,7 +60,8 @@ def _save(s: Session, t: Trainer) -> None:
     ckpt.save_checkpoint(s.run_dir, t.step, student=t.student, optimizer=t.optimizer, scheduler=t.scheduler,
                          teacher=t.teacher, state=ckpt.TrainState(step=t.step, data_position=t.cursor.state()),
                          config_yaml=to_yaml(s.cfg), keep_last=s.cfg.checkpoint.keep_last,
-                         distributed=s.cfg.checkpoint.distributed)
+                         distributed=s.cfg.checkpoint.distributed,
+                         pg_collection=ProcessGroupCollection.use_mpu_process_groups())
 
 
 def cmd_demo(cfg: CaOPDConfig, args: Namespace) -> None:
