@@ -40,6 +40,7 @@ from caopd_megatron.checkpointing.payload import (PAYLOAD_VERSION, check_optimiz
                                                   read_rank_file)
 from caopd_megatron.checkpointing.pruning import prune
 from caopd_megatron.checkpointing.rng import capture_rng, restore_rng
+from caopd_megatron.runtime.fault_injection import kill_point
 
 __all__ = ["CheckpointError", "TrainState", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
 
@@ -140,12 +141,15 @@ def save_checkpoint(run_dir: str | Path, step: int, *, student: nn.Module,
         write_bytes_durably(tmp / META_FILE, json.dumps(meta, indent=2).encode("utf-8"))
         fsync_dir(tmp)
         install_directory(tmp, final, token)
+        kill_point("save:installed")
         replace_text_atomically(root / LATEST_FILE, final.name + "\n")
 
     agreed(write_rank_file, describe, remove_tmp)
     if distributed:
         agreed(write_distributed_copy, describe, remove_tmp)
+    kill_point("save:rank_files_written")
     agreed(publish, describe, remove_tmp)
+    kill_point("save:latest_updated")
     if rank == 0:
         prune(root, keep_last, final, step)
     log.info("saved checkpoint %s (rank %d of %d)", final, rank, world)

@@ -25,7 +25,7 @@ Design decisions:
 - The per-rank format (``checkpoint.py``) stays the fast path for same-layout resumes; this module is what
   ``checkpoint.py`` routes to when the layout differs, and what exports / imports use.
 - Cost note: megatron's ``torch_dist`` writer starts a helper process the first time a process saves
-  (seconds on a small CPU machine); later saves reuse it.
+  (seconds on a small CPU machine); later saves reuse it. ``writer_process.py`` makes it die with the job.
 - Loading first re-reads the pickled parts (``.metadata``, ``common.pt``) with restricted loaders
   (``safe_pickle.py``): a tampered copy is refused before megatron or DCP unpickle anything. The tensor-parallel
   group comes from the caller's ``pg_collection`` (megatron's ``ProcessGroupCollection``; None = TP 1).
@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from caopd_megatron.checkpointing.safe_pickle import UnsafeFileError, check_distributed_checkpoint
+from caopd_megatron.checkpointing.writer_process import bind_writer_helper_to_job
 from caopd_megatron.distill.optim import init_adam_state
 from caopd_megatron.parallel.data_parallel import unwrap
 from caopd_megatron.parallel.state import VOCAB_PARAMS, _fit_rows
@@ -104,6 +105,7 @@ def save_distributed(directory: str | Path, *, student, teacher=None, optimizer=
                      "metadata": metadata or {}, "has_teacher": teacher is not None,
                      "has_optimizer": OPTIMIZER in state,
                      "distributed_optimizer": optimizer is not None and _is_sharded_optimizer(optimizer)}
+    bind_writer_helper_to_job()  # megatron's writer helper process must not outlive a killed job
     dist_checkpointing.save(state, str(directory))
     log.info("saved distributed checkpoint %s", directory)
     return directory

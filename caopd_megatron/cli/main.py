@@ -12,6 +12,7 @@ Design decisions:
   launcher can run them as separate steps; ``run`` chains the same functions in one process.
 - Every user error (bad config key, bad file, impossible layout, missing dependency) ends as one line on
   stderr and exit code 2, never a traceback from inside megatron-core. ``--debug`` shows the traceback.
+  A diverged step (non-finite loss or gradient norm, nothing applied or saved) exits with code 3.
 """
 from __future__ import annotations
 
@@ -20,7 +21,11 @@ import logging
 import sys
 from pathlib import Path
 
+from caopd_megatron.runtime.guard import TrainingDivergedError
+
 log = logging.getLogger("caopd")
+
+DIVERGED_STATUS = 3  # a non-finite loss or gradient norm stopped training (2: a user error, 0: success)
 
 # `caopd demo` starts from these overrides (the user's come after and win): the demo's tiny model needs a
 # frozen teacher (README, "What we learned"); the paper's default (EMA) stays the default everywhere else.
@@ -32,6 +37,7 @@ DEMO_PRESET = ["teacher.mode=frozen", "distill.grad_clip=0"]
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from caopd_megatron.calibration.confidence import __name__ as _  # noqa: F401
+    from caopd_megatron.checkpointing.run_dir import RunDirectoryError
     from caopd_megatron.config.loader import ConfigError
     from caopd_megatron.data.prompts import PromptDataError
     from caopd_megatron.data.records_io import RecordFileError
@@ -43,7 +49,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     errors: list[type[BaseException]] = [ConfigError, PromptDataError, RecordFileError, TokenizerError,
                                          ModelConfigError, VocabMismatchError, BackendError, LayoutError,
-                                         FileNotFoundError]
+                                         RunDirectoryError, FileNotFoundError]
     try:
         from caopd_megatron.checkpointing.checkpoint import CheckpointError
 
@@ -91,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         handler = getattr(phases, f"cmd_{args.command}")
         handler(cfg, args)
         return 0
+    except TrainingDivergedError as exc:
+        print(f"caopd {args.command}: error: {exc}", file=sys.stderr)
+        return DIVERGED_STATUS
     except _user_errors() as exc:
         if args.debug:
             raise

@@ -27,6 +27,8 @@ from caopd_megatron.pipeline.session import Session, build_student, build_teache
 from caopd_megatron.pipeline.train import Trainer
 from caopd_megatron.rollout.engine import rollout
 from caopd_megatron.runtime.distributed import is_main_rank
+from caopd_megatron.runtime.fault_injection import kill_point
+from caopd_megatron.runtime.guard import at_step
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +46,15 @@ def _trainer(s: Session) -> Trainer:
     _load_initial(s, student)
     teacher = build_teacher(s, student)
     trainer = Trainer(s.cfg, student, teacher, s.tokenizer, s.vocab.real, train_prompts(s), s.run_dir)
-    latest = ckpt.latest_checkpoint(s.run_dir) if s.cfg.checkpoint.resume else None
+    latest = ckpt.latest_checkpoint(s.run_dir)
     if latest is not None:
         state = ckpt.load_checkpoint(latest, student=student, optimizer=trainer.optimizer,
                                      scheduler=trainer.scheduler, teacher=teacher,
                                      pg_collection=ProcessGroupCollection.use_mpu_process_groups())
         trainer.step = state.step
         trainer.cursor.load(state.data_position)
-        trainer.truncate_history(state.step)
         log.info("resumed from %s (step %d)", latest, state.step)
+    trainer.truncate_history(trainer.step)  # the log holds exactly the steps the checkpoint contains
     return trainer
 
 
@@ -93,11 +95,12 @@ def cmd_rewrite(cfg: CaOPDConfig, args: Namespace) -> None:
 
 
 def cmd_distill(cfg: CaOPDConfig, args: Namespace) -> None:
-    s = open_session(cfg)
+    s = open_session(cfg, existing=cfg.run.existing)
     t = _trainer(s)
     examples = read_records(args.examples, DistillExample)
-    stats = distill_step(t.student, t.teacher, t.optimizer, t.scheduler, examples, cfg.distill, s.tokenizer.pad_id,
-                         s.vocab.real)
+    with at_step(t.step):
+        stats = distill_step(t.student, t.teacher, t.optimizer, t.scheduler, examples, cfg.distill,
+                             s.tokenizer.pad_id, s.vocab.real)
     if cfg.teacher.mode == "ema":
         ema_update(t.teacher, t.student, cfg.teacher.ema_rate)
     t.cursor.take(cfg.rollout.prompts_per_step)  # the rollout of this step consumed these prompts
@@ -119,8 +122,9 @@ def cmd_evaluate(cfg: CaOPDConfig, args: Namespace) -> None:
 
 
 def cmd_run(cfg: CaOPDConfig, args: Namespace) -> None:
-    s = open_session(cfg)
+    s = open_session(cfg, existing=cfg.run.existing)
     t = _trainer(s)
+    saved = t.step if ckpt.latest_checkpoint(s.run_dir) is not None else None
     interval = cfg.checkpoint.save_interval
     stop = cfg.distill.steps if not cfg.run.max_steps_per_job else min(cfg.distill.steps,
                                                                        t.step + cfg.run.max_steps_per_job)
@@ -131,6 +135,9 @@ def cmd_run(cfg: CaOPDConfig, args: Namespace) -> None:
                      e.stated_confidence, e.empirical_confidence)
         if interval and t.step % interval == 0:
             t.write_history()
+            kill_point("run:log_written")
             _save(s, t)
+            saved = t.step
     t.write_history()
-    _save(s, t)
+    if saved != t.step:  # never the same step twice (a re-save opens a window with no complete copy)
+        _save(s, t)

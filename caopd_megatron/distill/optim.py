@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from caopd_megatron.config.schema import OptimConfig
+from caopd_megatron.runtime.guard import check_finite_update
 
 
 def build_optimizer(model_or_params, cfg: OptimConfig, lr: float | None = None):
@@ -172,16 +173,19 @@ def build_scheduler(optimizer, cfg: OptimConfig, total_steps: int) -> LRSchedule
     return LRSchedule(optimizer, cfg, total_steps)
 
 
-def optimizer_step(model, optimizer, scheduler, max_norm: float) -> tuple[float, float]:
+def optimizer_step(model, optimizer, scheduler, max_norm: float, loss: float | None = None) -> tuple[float, float]:
     """Clip the global gradient norm to ``max_norm`` (0 = no clipping), step the optimizer, advance the
     schedule. Returns (gradient norm before clipping, the learning rate this step used).
 
-    An optimizer with ``clip_and_step`` (megatron's distributed optimizer) clips inside its step.
+    A non-finite gradient norm or ``loss`` (the step's loss, the same on every rank) raises
+    ``TrainingDivergedError`` before the optimizer applies anything. An optimizer with ``clip_and_step``
+    (megatron's distributed optimizer) clips inside its step.
     """
     if hasattr(optimizer, "clip_and_step"):
-        norm = optimizer.clip_and_step(max_norm)
+        norm = optimizer.clip_and_step(max_norm, loss)
     else:
         norm = clip_grad_norm([p for p in model.parameters() if p.requires_grad], max_norm)
+        check_finite_update(norm, loss)
         optimizer.step()
     lr = float(optimizer.param_groups[0]["lr"])
     if scheduler is not None:

@@ -153,5 +153,5 @@ def distill_step(student, teacher, optimizer, scheduler, examples: Sequence[Dist
         extra_loss.loss(student, real_vocab_size).backward()
     elif extra_loss is not None:
         extra_loss().backward()
-    norm, lr = optimizer_step(student, optimizer, scheduler, cfg.grad_clip)
+    norm, lr = optimizer_step(student, optimizer, scheduler, cfg.grad_clip, loss=total)
     return StepStats(loss=total, grad_norm=norm, tokens=int(s_all.mask.sum()), sequences=n_valid, lr=lr)

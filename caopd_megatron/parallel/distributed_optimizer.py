@@ -19,8 +19,9 @@ Design decisions:
   step's norm is summed over every rank (each holds different ranges; TP-duplicated and tied ``shared``
   copies are skipped like in ``distill.optim.clip_grad_norm``), and after the update the param buffer is
   all-gathered over DP, so every replica ends the step with the full updated parameters.
-- Clipping happens inside megatron's step with ``clip_grad`` set per call (``clip_and_step``); the norm it
-  returns (before clipping) is the one the step reports, and ``distill.optim.optimizer_step`` does not clip
+- Clipping follows megatron's step (``prepare_grads`` -> global norm -> clip -> ``step_with_ready_grads``),
+  split open so a non-finite norm or ``found_inf`` stops the step before the update (``runtime/guard.py``);
+  the norm (before clipping) is the one the step reports, and ``distill.optim.optimizer_step`` does not clip
   again.
 - Without Transformer Engine or apex megatron-core falls back to ``torch.optim.AdamW`` for the inner
   optimizer (logged); on CPU, ``runtime/cpu_compat.py`` makes megatron's CUDA-only type checks accept CPU
@@ -55,6 +56,7 @@ import torch
 from caopd_megatron.config.schema import OptimConfig
 from caopd_megatron.distill.optim import init_adam_state
 from caopd_megatron.parallel.data_parallel import unwrap
+from caopd_megatron.runtime.guard import check_finite_update
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +105,23 @@ class DistributedAdamW:
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.megatron.zero_grad(set_to_none)
 
-    def clip_and_step(self, max_norm: float) -> float:
+    def clip_and_step(self, max_norm: float, loss: float | None = None) -> float:
         """Clip to ``max_norm`` (0 = off), update this rank's ranges, all-gather the parameters over DP;
-        returns the global gradient norm before clipping (the same float on every rank)."""
+        returns the global gradient norm before clipping (the same float on every rank). Raises
+        ``TrainingDivergedError`` before any update when the gradients (``found_inf``), their norm or ``loss``
+        are not finite."""
+        from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
         self._dist.config.clip_grad = max(0.0, float(max_norm))
-        ok, norm, _ = self.megatron.step()
-        if not ok:
-            raise FloatingPointError("the distributed optimizer found inf/nan gradients and skipped the step")
-        return float(norm)
+        found_inf = self.megatron.prepare_grads()  # model grads -> main grads (unscaled), found_inf over the group
+        norm = float("nan") if found_inf else float(self.megatron.get_grad_norm())
+        check_finite_update(norm, loss)
+        if max_norm > 0 and not self._dist.is_stub_optimizer:
+            clip_grad_by_total_norm_fp32(
+                self._dist.get_parameters(), max_norm=max_norm, total_norm=norm,
+                use_decoupled_grad=self._dist.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+        self.megatron.step_with_ready_grads()
+        return norm
 
     # ---- checkpoints
 

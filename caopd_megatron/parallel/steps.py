@@ -185,5 +185,5 @@ def distill_step_parallel(student, teacher, optimizer, scheduler, examples, cfg:
         # Every replica computes the same closure: DDP's 1/DP-scaled sum of identical gradients is that gradient.
         extra_loss().backward()
     dp.finish_gradients(student)
-    norm, lr = optimizer_step(student, optimizer, scheduler, cfg.grad_clip)
+    norm, lr = optimizer_step(student, optimizer, scheduler, cfg.grad_clip, loss=total)
     return StepStats(loss=total, grad_norm=norm, tokens=int(s_all.mask.sum()), sequences=n_valid, lr=lr)

@@ -8,11 +8,12 @@ Design decisions:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
+from caopd_megatron.checkpointing.run_dir import choose_run_dir
 from caopd_megatron.config.loader import save_config
 from caopd_megatron.config.schema import CaOPDConfig, ModelConfig
 from caopd_megatron.data.prompts import PromptRecord, load_prompts
@@ -36,9 +37,11 @@ class Session:
     run_dir: Path
 
 
-def open_session(cfg: CaOPDConfig, run_dir: str | Path | None = None) -> Session:
+def open_session(cfg: CaOPDConfig, run_dir: str | Path | None = None, existing: str | None = None) -> Session:
+    """``existing``: what a training job does with a directory that already holds a run (``run.existing``);
+    None for phases that only read it (rollout, rewrite, evaluate)."""
     run_dir = Path(run_dir or cfg.run.output_dir)
-    setup_logging(cfg.logging.level, run_dir if distributed.is_main_rank() else None)
+    setup_logging(cfg.logging.level, None)  # the console only, until the run directory is settled
     set_progress(cfg.logging.progress)
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
@@ -54,6 +57,10 @@ def open_session(cfg: CaOPDConfig, run_dir: str | Path | None = None) -> Session
     distributed.check_layout(distributed.read_env().world_size, cfg.parallel, cfg.model.num_layers,
                              cfg.model.num_attention_heads, cfg.model.num_query_groups)
     distributed.initialize(cfg.parallel, cfg.run.seed)
+    if existing is not None:
+        run_dir = choose_run_dir(run_dir, existing)
+        cfg = replace(cfg, run=replace(cfg.run, output_dir=str(run_dir)))
+    setup_logging(cfg.logging.level, run_dir if distributed.is_main_rank() else None)
     tokenizer = TextTokenizer.from_file(cfg.model.tokenizer) if cfg.model.tokenizer else build_synthetic_tokenizer()
     vocab = resolve_vocab(cfg.model, tokenizer.vocab_size, cfg.parallel.tensor_model_parallel_size)
     if distributed.is_main_rank():
