@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from caopd_megatron.config.schema import ALIASES, CHOICES, CaOPDConfig
+from caopd_megatron.config.validate import out_of_range
 
 
 class ConfigError(ValueError):
@@ -141,6 +142,8 @@ def load_config(files: Iterable[str | Path] = (), overrides: Sequence[str] = ())
     obj = OmegaConf.to_object(cfg)
     assert isinstance(obj, CaOPDConfig)
     _check_choices(obj)
+    for problem in out_of_range(obj):  # value ranges: config/validate.py
+        raise ConfigError(problem)
     return obj
 
 
