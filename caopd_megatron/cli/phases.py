@@ -6,16 +6,23 @@ Design decisions:
   sensible for the synthetic task).
 - ``distill`` is one optimizer step per call and saves a checkpoint after it, so a launcher alternating
   rollout / rewrite / distill jobs makes progress that survives any job failing.
+- ``run`` ends, once ``distill.steps`` are done, by writing the student to ``run.output_dir/final`` in the
+  checkpoint-directory format ``tools/export_hf.py`` reads (written aside, then renamed into place; a rerun
+  of the finished job writes it again).
 """
 from __future__ import annotations
 
 import logging
+import os
 from argparse import Namespace
 
 from megatron.core.process_groups_config import ProcessGroupCollection
 
 from caopd_megatron.calibration.revise import DistillExample, RolloutRecord, revise
 from caopd_megatron.checkpointing import checkpoint as ckpt
+from caopd_megatron.checkpointing.agreement import broadcast_from_rank0
+from caopd_megatron.checkpointing.atomic import install_directory
+from caopd_megatron.checkpointing.hf import load_megatron_checkpoint, save_megatron_checkpoint
 from caopd_megatron.config.loader import to_yaml
 from caopd_megatron.config.schema import CaOPDConfig
 from caopd_megatron.data.records_io import read_records, write_records
@@ -32,11 +39,11 @@ from caopd_megatron.runtime.guard import at_step
 
 log = logging.getLogger(__name__)
 
+FINAL_DIR = "final"
+
 
 def _load_initial(s: Session, student) -> None:
     if s.cfg.model.checkpoint:
-        from caopd_megatron.checkpointing.hf import load_megatron_checkpoint
-
         load_megatron_checkpoint(s.cfg.model.checkpoint, student)
 
 
@@ -141,3 +148,18 @@ def cmd_run(cfg: CaOPDConfig, args: Namespace) -> None:
     t.write_history()
     if saved != t.step:  # never the same step twice (a re-save opens a window with no complete copy)
         _save(s, t)
+    if t.step >= cfg.distill.steps:
+        _write_final(s, t)
+
+
+def _write_final(s: Session, t: Trainer) -> None:
+    """The trained student as an exportable checkpoint directory, ``run_dir/final``. Collective."""
+    final = s.run_dir / FINAL_DIR
+    token = broadcast_from_rank0(os.getpid())
+    tmp = final.with_name(f"{FINAL_DIR}.tmp-{token}")
+    save_megatron_checkpoint(tmp, t.student, s.cfg.model, real_vocab_size=s.vocab.real,
+                             tokenizer_dir=s.run_dir / "tokenizer", overwrite=True)
+    if is_main_rank():
+        install_directory(tmp, final, token)
+    log.info("wrote the final student to %s (export: python tools/export_hf.py --ckpt %s --out <hf folder>)",
+             final, final)
