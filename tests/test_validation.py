@@ -32,7 +32,7 @@ from test_cli_e2e import TINY, caopd
     ("checkpoint.keep_last=-1", "key 'checkpoint.keep_last': -1 is out of range (must be >= 0)"),
     ("rollout.samples_per_prompt=0", "key 'rollout.samples_per_prompt': 0 is out of range (must be >= 1)"),
     ("rollout.prompts_per_step=0", "key 'rollout.prompts_per_step': 0 is out of range (must be >= 1)"),
-    ("optim.min_lr=1", "optim.min_lr=1 exceeds optim.lr=0.0003"),
+    ("task.min_digits=7", "task.min_digits=7 exceeds task.max_digits=6"),
     ("teacher.model.hidden_size=0", "key 'teacher.model.hidden_size': 0 is out of range"),
 ])
 def test_out_of_range_values_stop_the_loader(override, needle):
@@ -174,7 +174,7 @@ def test_an_empty_phase_file_is_an_error(tmp_path):
     path = tmp_path / "revised.jsonl"
     path.write_text("\n")
     with pytest.raises(RecordFileError, match=r"revised\.jsonl: no DistillExample rows"):
-        read_records(path, DistillExample)
+        read_records(path, DistillExample, allow_empty=False)
 
 
 @pytest.mark.slow

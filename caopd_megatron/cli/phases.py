@@ -91,7 +91,7 @@ def cmd_rollout(cfg: CaOPDConfig, args: Namespace) -> None:
 
 def cmd_rewrite(cfg: CaOPDConfig, args: Namespace) -> None:
     s = open_session(cfg)
-    rows = read_records(args.rollouts, RolloutRecord, vocab_size=s.vocab.real)
+    rows = read_records(args.rollouts, RolloutRecord, vocab_size=s.vocab.real, allow_empty=False)
     prompts = {p.id: p for p in train_prompts(s)}
     examples = revise(rows, prompts, s.tokenizer, cfg.data, cfg.calibration)
     if is_main_rank():
@@ -104,7 +104,7 @@ def cmd_rewrite(cfg: CaOPDConfig, args: Namespace) -> None:
 def cmd_distill(cfg: CaOPDConfig, args: Namespace) -> None:
     s = open_session(cfg, existing=cfg.run.existing)
     t = _trainer(s)
-    examples = read_records(args.examples, DistillExample, vocab_size=s.vocab.real)
+    examples = read_records(args.examples, DistillExample, vocab_size=s.vocab.real, allow_empty=False)
     with at_step(t.step):
         stats = distill_step(t.student, t.teacher, t.optimizer, t.scheduler, examples, cfg.distill,
                              s.tokenizer.pad_id, s.vocab.real)

@@ -83,7 +83,6 @@ RANGES: dict[str, Range] = {
 }
 
 CROSS_RULES: list[tuple[Callable[[CaOPDConfig], bool], str]] = [
-    (lambda c: c.optim.min_lr <= c.optim.lr, "optim.min_lr={c.optim.min_lr:g} exceeds optim.lr={c.optim.lr:g}"),
     (lambda c: c.task.min_digits <= c.task.max_digits,
      "task.min_digits={c.task.min_digits} exceeds task.max_digits={c.task.max_digits}"),
 ]

@@ -8,8 +8,8 @@ Design decisions:
 - Parquet is optional (needs pyarrow); the format follows the file suffix.
 - Reads check every field against the row type's annotations (``response_ids`` given as a string is an
   error, not a list of characters), every ``*_ids`` list against the run's vocabulary when the caller passes
-  its size (ids from another tokenizer would index past the embedding deep inside torch), and refuse an
-  empty file (an empty revised file would checkpoint a step that trained nothing).
+  its size (ids from another tokenizer would index past the embedding deep inside torch), and, for the
+  phases, refuse an empty file (an empty revised file would checkpoint a step that trained nothing).
 """
 from __future__ import annotations
 
@@ -93,9 +93,9 @@ def _check_row(d: dict, hints: dict[str, Any], vocab_size: int | None) -> str | 
     return None
 
 
-def read_records(path: str | Path, cls: Type[T], vocab_size: int | None = None) -> list[T]:
+def read_records(path: str | Path, cls: Type[T], vocab_size: int | None = None, allow_empty: bool = True) -> list[T]:
     """Rows of ``cls`` from a JSONL/Parquet phase file, type-checked, token ids checked against
-    ``vocab_size`` (the run's real vocabulary) when given; an empty file is an error."""
+    ``vocab_size`` (the run's real vocabulary) when given; ``allow_empty=False``: no rows is an error."""
     path = Path(path)
     if not path.is_file():
         raise RecordFileError(f"{path}: file not found")
@@ -127,6 +127,6 @@ def read_records(path: str | Path, cls: Type[T], vocab_size: int | None = None) 
             out.append(cls(**d))
         except TypeError as exc:
             raise RecordFileError(f"{path}:{lineno}: {exc}") from None
-    if not out:
+    if not out and not allow_empty:
         raise RecordFileError(f"{path}: no {cls.__name__} rows (an empty phase file is an error, not a no-op step)")
     return out
