@@ -1,16 +1,13 @@
 """Crash-safe training checkpoints: save, load and resume (student, teacher, optimizer, schedule, RNG, data).
 
 Design decisions:
-- Collective: every rank calls ``save_checkpoint``/``load_checkpoint``; each phase ends in a cross-rank
-  agreement (``agreement.py``), so a failure on one rank is a ``CheckpointError`` on every rank.
-- Save order: every rank writes + fsyncs its file into ``step_N.tmp-<pid of rank 0>/`` -> (optionally) the
-  distributed copy -> rank 0 hashes every file, writes ``meta.json`` (the seal), renames the folder into place,
-  then replaces ``latest``, then prunes. A crash at any point leaves the old ``latest`` or the new one.
-- Load validates before it mutates (hashes, layout, keys, shapes, optimizer state), then restores; RNG last.
-- Two formats stay, by design: per-rank files (``rank_*.pt``) are the exact, communication-free resume path
-  (RNG streams and the distributed optimizer's per-rank ranges only exist per rank); the megatron-core copy
-  (``dist/``, ``checkpoint.distributed=true``) is the only one that reshards to another TP/PP/DP layout, and
-  costs a collective save with megatron's writer. A layout change routes to ``dist/``; without it, refused.
+- Collective, and each phase ends in a cross-rank agreement (``agreement.py``): a failure anywhere is a
+  ``CheckpointError`` everywhere. Save: rank files -> (``dist/``) -> rank 0 hashes, writes ``meta.json``, renames
+  the folder into place, replaces ``latest``, prunes. A crash leaves the old ``latest`` or the new one.
+- Load validates before it mutates (hashes, layout, keys, shapes, optimizer state); RNG streams last.
+- Two formats stay: per-rank files are the exact, communication-free resume (RNG streams and the distributed
+  optimizer's ranges exist only per rank); ``dist/`` (``checkpoint.distributed``) is the only one that reshards
+  to another layout, at the cost of megatron's collective writer. A layout change reads ``dist/`` or is refused.
 - Process groups are arguments (megatron's ``ProcessGroupCollection``), never read from globals.
 """
 from __future__ import annotations

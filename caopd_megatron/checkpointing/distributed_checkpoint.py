@@ -26,9 +26,7 @@ Design decisions:
   ``checkpoint.py`` routes to when the layout differs, and what exports / imports use.
 - Cost note: megatron's ``torch_dist`` writer starts a helper process the first time a process saves
   (seconds on a small CPU machine); later saves reuse it. ``writer_process.py`` makes it die with the job.
-- Loading first re-reads the pickled parts (``.metadata``, ``common.pt``) with restricted loaders
-  (``safe_pickle.py``): a tampered copy is refused before megatron or DCP unpickle anything. The tensor-parallel
-  group comes from the caller's ``pg_collection`` (megatron's ``ProcessGroupCollection``; None = TP 1).
+- Loads first re-read ``.metadata``/``common.pt`` with ``safe_pickle.py``; TP comes from ``pg_collection``.
 """
 from __future__ import annotations
 

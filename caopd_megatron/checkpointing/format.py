@@ -1,20 +1,15 @@
 """The training-checkpoint directory format: names, ``meta.json``, content hashes, layouts, finding the latest.
 
 Design decisions:
-- ``run_dir/checkpoints/step_000012/`` holds one ``rank_00000.pt`` per global rank (each rank saves the shards
-  it owns: no gather, no rank ever holds the full model), optionally ``dist/`` (a megatron-core distributed
-  copy, see ``checkpoint.py`` for why two formats stay), and ``meta.json``: step, layout, resolved config
-  YAML, rank file names, a sha256 per file, and ``"complete": true`` as its last key. ``meta.json`` is written
-  after every other file, so it is the seal. ``checkpoints/latest`` is a one-line text file naming the folder.
-- Hashes: every file of the folder (rank files, every file under ``dist/``) is recorded by relative path;
-  a load verifies the files it reads before parsing them, and a mismatch is an error naming the file. Format
-  version 1 folders (no hashes) still load, with a warning that they cannot be verified.
-- ``latest_checkpoint`` trusts ``latest`` only when it names a complete checkpoint (``meta.json`` parses, says
-  complete, all rank files exist and are non-empty); otherwise it falls back to the complete checkpoint with
-  the highest step. Temp (``*.tmp-*``) and aside (``*.old-*``) folders never match ``step_<n>``, so they never
-  count. Completeness does not re-hash (that is the load's job): finding the latest stays cheap.
-- A layout is (world size, TP, PP, CP, EP), read from the process groups the caller passes
-  (megatron's ``ProcessGroupCollection``; ``None`` = no model parallelism), never from globals.
+- ``checkpoints/step_000012/`` holds one ``rank_<r>.pt`` per global rank (each saves the shards it owns),
+  optionally ``dist/`` (megatron-core copy), and ``meta.json`` (step, layout, config YAML, a sha256 per file,
+  ``"complete": true`` last), written after every other file: it is the seal. ``checkpoints/latest`` names one.
+- Loads verify each file they read against its hash (a mismatch names the file); version-1 folders (no
+  hashes) load with a warning. Finding the latest does not re-hash, so it stays cheap.
+- ``latest_checkpoint`` trusts ``latest`` only if it names a complete checkpoint, else takes the complete one
+  with the highest step; ``*.tmp-*`` / ``*.old-*`` folders never match ``step_<n>``.
+- A layout (world size, TP, PP, CP, EP) comes from the caller's process groups (megatron's
+  ``ProcessGroupCollection``; None = no model parallelism), never from globals.
 """
 from __future__ import annotations
 

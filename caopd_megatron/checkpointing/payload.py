@@ -1,19 +1,13 @@
 """What one rank file holds, and the checks that keep it loadable, finite and matching the run.
 
 Design decisions:
-- A rank file is one ``torch.save`` of plain values and tensors: student/teacher state dicts, optimizer and
-  scheduler state, RNG streams, train state. It is read with ``torch.load(weights_only=True)`` only, after its
-  sha256 was verified against ``meta.json``; nothing in a checkpoint can run code.
-- Checked at save time, so a bad checkpoint never exists: every value must be one ``weights_only`` rebuilds
-  (a numpy scalar in ``metadata`` fails the save with its path named, not a resume weeks later), and every
-  floating-point tensor must be finite (a diverged model is never checkpointed, so pruning never deletes a
-  good checkpoint in favour of a broken one).
-- Checked at load time, before anything is modified: state-dict keys and shapes, optimizer group sizes and
-  per-parameter state shapes. Every problem is a ``CheckpointError`` naming the file, tensor or both.
-- Optimizers: a torch optimizer's ``state_dict()`` is stored as is; megatron's distributed optimizer's wrapper
-  (``parallel/distributed_optimizer.py``) adds this DP rank's ranges of the Adam state (which megatron's own
-  ``state_dict()`` omits) and validates a saved one through ``check_state_dict``. A checkpoint written with one
-  kind of optimizer is refused (with a message) by the other.
+- A rank file is one ``torch.save`` of plain values and tensors (state dicts, optimizer and scheduler state,
+  RNG streams, train state), read only with ``torch.load(weights_only=True)`` after its hash was verified.
+- At save: every value must be one ``weights_only`` rebuilds (a numpy scalar fails the save, named, not a
+  resume weeks later) and every floating tensor finite (a diverged model is never checkpointed or pruned over).
+- At load, before anything is modified: state-dict keys and shapes, optimizer groups and per-parameter shapes.
+- A torch optimizer's ``state_dict()`` is stored as is; megatron's distributed optimizer's wrapper adds its
+  per-rank ranges and validates through ``check_state_dict``; one kind refuses the other's state.
 """
 from __future__ import annotations
 

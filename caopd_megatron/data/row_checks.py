@@ -1,17 +1,12 @@
 """Prompt rows checked at start-up against what the job will do with them.
 
 Design decisions:
-- Each row must name a registered task family, carry a reference its verifier accepts, and fit the model's
-  context after templating. A verifier raises ``ValueError`` for a malformed reference and returns False for
-  any response (``data/tasks/base.py``), so grading the empty response checks the reference without knowing
-  the family. Results are cached per (task, reference).
-- Length rule: refuse, never truncate. Every prompt a row becomes (the student's; for training also the
-  teacher's privileged one) plus the response budget (``max_new_tokens`` + EOS) must fit in
-  ``model.max_position_embeddings`` tokens. Truncating a question would silently train on another question.
-  Text longer than ``context`` x 64 characters is refused before tokenizing (no tokenizer gives under 1/64
-  token per character here), so a 1 MB question costs nothing.
-- ``on_bad_row="fatal"`` raises ``PromptDataError`` naming the row; ``"skip"`` drops it, and the caller prints
-  the count (with the loader's own skipped lines) for train and eval alike.
+- A row must name a registered task family and carry a reference its verifier accepts: verifiers raise
+  ``ValueError`` for a malformed reference and return False for any response, so grading "" checks it.
+- Length: refuse, never truncate (a cut question is another question). Every prompt a row becomes, plus the
+  response budget (``max_new_tokens`` + EOS), must fit ``model.max_position_embeddings``; text over 64
+  characters per available token is refused before tokenizing, so a 1 MB question costs nothing.
+- ``on_bad_row="fatal"`` raises naming the row; ``"skip"`` drops it and the caller prints the counts.
 """
 from __future__ import annotations
 

@@ -1,19 +1,13 @@
 """Training-health guard: a diverged step is stopped before the optimizer applies it; a collapse is reported.
 
 Design decisions:
-- The decision uses the global gradient norm (and the step's loss when given), which every rank of the job
-  holds identically (the norm is all-reduced over the model-parallel group, DP replicas hold reduced
-  gradients, the loss is broadcast from the last stage), so every rank raises at the same point and no rank
-  is left waiting in a collective. A non-finite loss makes its gradients non-finite too, so the norm alone
-  already catches it where the loss is not passed.
-- ``TrainingDivergedError`` is raised by ``distill.optim.optimizer_step`` and megatron's distributed optimizer
-  wrapper before ``step()``; ``at_step`` adds the training step to the message. The CLI exits with status 3.
-- Saving refuses non-finite tensors independently (``checkpointing/payload.py``), so a divergence that a
-  finite norm cannot reveal (an fp16 weight overflowing in its update) is still never checkpointed.
-- ``CollapseWatch``: loss and gradient norm both at or below thresholds for N consecutive steps (a student
-  that copies the teacher exactly, or a dead network) is a warning, not an error (config ``distill.collapse_*``).
-- ``json_number``: train logs spell non-finite floats as the strings "NaN", "Infinity", "-Infinity" (the
-  names JavaScript and ``json.loads`` use), so every line stays valid JSON.
+- The decision uses the global gradient norm and the step's loss, identical on every rank (all-reduced over
+  the model-parallel group, broadcast from the last stage), so all ranks stop together; a non-finite loss
+  makes the norm non-finite too. ``TrainingDivergedError`` is raised before ``step()``; the CLI exits 3.
+- Saving refuses non-finite tensors independently (``checkpointing/payload.py``): an fp16 weight overflowing
+  in its update, invisible to the norm, is still never checkpointed.
+- ``CollapseWatch``: loss and grad norm at or below thresholds for N steps is a warning (``distill.collapse_*``).
+- ``json_number``: logs spell non-finite floats "NaN" / "Infinity" / "-Infinity", so every line is JSON.
 """
 from __future__ import annotations
 
