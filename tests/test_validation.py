@@ -181,7 +181,7 @@ def test_an_empty_phase_file_is_an_error(tmp_path):
 def test_cli_distill_on_an_empty_revised_file_is_one_line(tmp_path):
     path = tmp_path / "revised.jsonl"
     path.write_text("")
-    proc = caopd("distill", *TINY, "--examples", str(path), f"run.output_dir={tmp_path / 'run'}", check=False)
+    proc = caopd("distill", "--examples", str(path), *TINY, f"run.output_dir={tmp_path / 'run'}", check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == f"caopd distill: error: {path}: no DistillExample rows (an empty " \
                                                    f"phase file is an error, not a no-op step)"

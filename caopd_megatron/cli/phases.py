@@ -16,7 +16,6 @@ import logging
 import os
 from argparse import Namespace
 
-from megatron.core.process_groups_config import ProcessGroupCollection
 
 from caopd_megatron.calibration.revise import DistillExample, RolloutRecord, revise
 from caopd_megatron.checkpointing import checkpoint as ckpt
@@ -42,6 +41,14 @@ log = logging.getLogger(__name__)
 FINAL_DIR = "final"
 
 
+def _process_groups():
+    """The job's megatron ``ProcessGroupCollection``. Imported here, after ``open_session`` checked the backend:
+    a broken Transformer Engine fails ``import megatron.core``, and that check is what explains it."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    return ProcessGroupCollection.use_mpu_process_groups()
+
+
 def _load_initial(s: Session, student) -> None:
     if s.cfg.model.checkpoint:
         load_megatron_checkpoint(s.cfg.model.checkpoint, student)
@@ -57,7 +64,7 @@ def _trainer(s: Session) -> Trainer:
     if latest is not None:
         state = ckpt.load_checkpoint(latest, student=student, optimizer=trainer.optimizer,
                                      scheduler=trainer.scheduler, teacher=teacher,
-                                     pg_collection=ProcessGroupCollection.use_mpu_process_groups())
+                                     pg_collection=_process_groups())
         trainer.step = state.step
         trainer.cursor.load(state.data_position)
         log.info("resumed from %s (step %d)", latest, state.step)
@@ -70,7 +77,7 @@ def _save(s: Session, t: Trainer) -> None:
                          teacher=t.teacher, state=ckpt.TrainState(step=t.step, data_position=t.cursor.state()),
                          config_yaml=to_yaml(s.cfg), keep_last=s.cfg.checkpoint.keep_last,
                          distributed=s.cfg.checkpoint.distributed,
-                         pg_collection=ProcessGroupCollection.use_mpu_process_groups())
+                         pg_collection=_process_groups())
 
 
 def cmd_demo(cfg: CaOPDConfig, args: Namespace) -> None:
