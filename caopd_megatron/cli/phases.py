@@ -16,7 +16,6 @@ import logging
 import os
 from argparse import Namespace
 
-
 from caopd_megatron.calibration.revise import DistillExample, RolloutRecord, revise
 from caopd_megatron.checkpointing import checkpoint as ckpt
 from caopd_megatron.checkpointing.agreement import broadcast_from_rank0
@@ -68,7 +67,6 @@ def _trainer(s: Session) -> Trainer:
         trainer.step = state.step
         trainer.cursor.load(state.data_position)
         log.info("resumed from %s (step %d)", latest, state.step)
-    trainer.truncate_history(trainer.step)  # the log holds exactly the steps the checkpoint contains
     return trainer
 
 
@@ -138,6 +136,7 @@ def cmd_evaluate(cfg: CaOPDConfig, args: Namespace) -> None:
 def cmd_run(cfg: CaOPDConfig, args: Namespace) -> None:
     s = open_session(cfg, existing=cfg.run.existing)
     t = _trainer(s)
+    t.truncate_history(t.step)  # the log holds exactly the steps the checkpoint contains (all, without one)
     saved = t.step if ckpt.latest_checkpoint(s.run_dir) is not None else None
     interval = cfg.checkpoint.save_interval
     stop = cfg.distill.steps if not cfg.run.max_steps_per_job else min(cfg.distill.steps,
