@@ -300,22 +300,16 @@ def test_optimizer_state_formats_are_not_mixed(tmp_path):
     assert torch.equal(other[0].weight, model[0].weight)
 
 
-def test_layout_mismatch_names_both_layouts(tmp_path, monkeypatch):
+def test_layout_mismatch_names_both_layouts(tmp_path):
     import types
 
-    fake_ps = types.SimpleNamespace(
-        model_parallel_is_initialized=lambda: True,
-        get_tensor_model_parallel_world_size=lambda: 2,
-        get_pipeline_model_parallel_world_size=lambda: 1,
-        get_context_parallel_world_size=lambda: 1,
-        get_expert_model_parallel_world_size=lambda: 1,
-    )
+    # Stands in for megatron's ProcessGroupCollection of a TP=2 job (only the group sizes are read).
+    groups = types.SimpleNamespace(tp=types.SimpleNamespace(size=lambda: 2), pp=types.SimpleNamespace(size=lambda: 1))
     model, opt, sched = _build(0)
-    # Stands in for an initialised megatron-core parallel state without the slow import.
-    monkeypatch.setitem(__import__("sys").modules, "megatron.core.parallel_state", fake_ps)
-    path = _save(tmp_path, 1, model, opt, sched)
+    state = TrainState(step=1, data_position={})
+    path = save_checkpoint(tmp_path, 1, student=model, optimizer=opt, scheduler=sched, teacher=None, state=state,
+                           config_yaml=CONFIG, pg_collection=groups)
     assert json.loads((path / "meta.json").read_text())["layout"]["tensor_model_parallel_size"] == 2
-    monkeypatch.delitem(__import__("sys").modules, "megatron.core.parallel_state")
 
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(tmp_path, student=_build(1)[0])

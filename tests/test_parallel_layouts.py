@@ -155,6 +155,7 @@ def _resume(tp: int, pp: int, ref: dict, root: str) -> dict:
     then fresh objects resume from the per-rank files, and others from the distributed copy, and take that
     second step. Returns the three second-step results."""
     from caopd_megatron.checkpointing.checkpoint import TrainState, load_checkpoint, save_checkpoint
+    from megatron.core.process_groups_config import ProcessGroupCollection
     from caopd_megatron.checkpointing.distributed_checkpoint import load_distributed
     from caopd_megatron.parallel.state import gather_full_state_dict
 
@@ -165,13 +166,16 @@ def _resume(tp: int, pp: int, ref: dict, root: str) -> dict:
     objs = _objects("A", tp, pp, ref, distributed_optimizer=True)
     _distill("A", *objs[:4])
     ckpt = save_checkpoint(root, 1, student=objs[0], optimizer=objs[2], scheduler=objs[3], teacher=objs[1],
-                           state=TrainState(1, {}), config_yaml="", distributed=True)
+                           state=TrainState(1, {}), config_yaml="", distributed=True,
+                           pg_collection=ProcessGroupCollection.use_mpu_process_groups())
     out = {"uninterrupted": second_step(objs)}
     objs = _objects("A", tp, pp, ref, distributed_optimizer=True)
-    load_checkpoint(root, student=objs[0], optimizer=objs[2], scheduler=objs[3], teacher=objs[1])
+    load_checkpoint(root, student=objs[0], optimizer=objs[2], scheduler=objs[3], teacher=objs[1],
+                    pg_collection=ProcessGroupCollection.use_mpu_process_groups())
     out["per_rank_files"] = second_step(objs)
     objs = _objects("A", tp, pp, ref, distributed_optimizer=True)
-    load_distributed(ckpt / "dist", student=objs[0], teacher=objs[1], optimizer=objs[2], scheduler=objs[3])
+    load_distributed(ckpt / "dist", student=objs[0], teacher=objs[1], optimizer=objs[2], scheduler=objs[3],
+                     pg_collection=ProcessGroupCollection.use_mpu_process_groups())
     out["distributed_copy"] = second_step(objs)
     return out
 
@@ -180,10 +184,12 @@ def _resume_resharded(tp: int, pp: int, ref: dict, root: str) -> dict:
     """Resume ``_resume``'s DP=2 checkpoint under this (other) layout with the distributed optimizer: the
     layout differs, so ``load_checkpoint`` reads the distributed copy and megatron re-cuts the Adam state."""
     from caopd_megatron.checkpointing.checkpoint import load_checkpoint
+    from megatron.core.process_groups_config import ProcessGroupCollection
     from caopd_megatron.parallel.state import gather_full_state_dict
 
     objs = _objects("A", tp, pp, ref, distributed_optimizer=True)
-    load_checkpoint(root, student=objs[0], optimizer=objs[2], scheduler=objs[3], teacher=objs[1])
+    load_checkpoint(root, student=objs[0], optimizer=objs[2], scheduler=objs[3], teacher=objs[1],
+                    pg_collection=ProcessGroupCollection.use_mpu_process_groups())
     stats = _distill("A", *objs[:4])
     return {"loss": stats.loss, "grad_norm": stats.grad_norm, "weights": gather_full_state_dict(objs[0])}
 

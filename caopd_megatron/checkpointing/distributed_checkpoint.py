@@ -25,7 +25,8 @@ Design decisions:
 - The per-rank format (``checkpoint.py``) stays the fast path for same-layout resumes; this module is what
   ``checkpoint.py`` routes to when the layout differs, and what exports / imports use.
 - Cost note: megatron's ``torch_dist`` writer starts a helper process the first time a process saves
-  (seconds on a small CPU machine); later saves reuse it.
+  (seconds on a small CPU machine); later saves reuse it. ``writer_process.py`` makes it die with the job.
+- Loads first re-read ``.metadata``/``common.pt`` with ``safe_pickle.py``; TP comes from ``pg_collection``.
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ from typing import Any
 
 import torch
 
+from caopd_megatron.checkpointing.safe_pickle import UnsafeCheckpointError, verify_distributed_checkpoint
+from caopd_megatron.checkpointing.writer_process import bind_writer_helper_to_job
 from caopd_megatron.distill.optim import init_adam_state
 from caopd_megatron.parallel.data_parallel import unwrap
 from caopd_megatron.parallel.state import VOCAB_PARAMS, fit_rows
@@ -100,17 +103,22 @@ def save_distributed(directory: str | Path, *, student, teacher=None, optimizer=
                      "metadata": metadata or {}, "has_teacher": teacher is not None,
                      "has_optimizer": OPTIMIZER in state,
                      "distributed_optimizer": optimizer is not None and _is_sharded_optimizer(optimizer)}
+    bind_writer_helper_to_job()  # megatron's writer helper process must not outlive a killed job
     dist_checkpointing.save(state, str(directory))
     log.info("saved distributed checkpoint %s", directory)
     return directory
 
 
-def _replace_vocab_entries(sharded: dict, saved_meta: dict) -> dict[str, tuple[Any, int, int]]:
+def _tp_rank_and_size(pg_collection: Any | None) -> tuple[int, int]:
+    group = getattr(pg_collection, "tp", None) if pg_collection is not None else None
+    return (group.rank(), group.size()) if group is not None else (0, 1)
+
+
+def _replace_vocab_entries(sharded: dict, saved_meta: dict, tp_rank: int) -> dict[str, tuple[Any, int, int]]:
     """Swap vocab-parallel entries whose saved row count differs for whole-tensor reads; return how to re-cut.
 
     Returns ``{dict key: (the original ShardedTensor, rows of this model's full tensor, this TP rank)}``.
     """
-    from megatron.core import parallel_state
     from megatron.core.dist_checkpointing import ShardedTensor
 
     recut = {}
@@ -126,14 +134,11 @@ def _replace_vocab_entries(sharded: dict, saved_meta: dict) -> dict[str, tuple[A
         whole = torch.empty(tuple(meta.global_shape), dtype=sh.data.dtype)
         # Every rank reads the whole tensor; only global rank 0 is its "main replica" for the access check.
         sharded[key] = ShardedTensor.from_rank_offsets(sh.key, whole, replica_id=torch.distributed.get_rank())
-        recut[key] = (sh, int(sh.global_shape[0]), parallel_state.get_tensor_model_parallel_rank())
+        recut[key] = (sh, int(sh.global_shape[0]), tp_rank)
     return recut
 
 
-def _recut(loaded: dict, recut: dict) -> None:
-    from megatron.core import parallel_state
-
-    tp = parallel_state.get_tensor_model_parallel_world_size()
+def _recut(loaded: dict, recut: dict, tp: int) -> None:
     for key, (sh, rows, tp_rank) in recut.items():
         full = fit_rows(loaded[key], rows)
         loaded[key] = full.chunk(tp, dim=0)[tp_rank] if sh.data.size(0) * tp == rows else full
@@ -159,7 +164,8 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, loaded: dict) -> None:
     optimizer.load_state_dict({"state": state, "param_groups": loaded["param_groups"]})
 
 
-def load_distributed(directory: str | Path, *, student, teacher=None, optimizer=None, scheduler=None) -> dict:
+def load_distributed(directory: str | Path, *, student, teacher=None, optimizer=None, scheduler=None,
+                     pg_collection: Any | None = None) -> dict:
     """Read a checkpoint of ``save_distributed`` (any layout) into this layout's objects; return its metadata.
 
     Collective. ``teacher``/``optimizer``/``scheduler`` are restored when given and present in the
@@ -172,13 +178,18 @@ def load_distributed(directory: str | Path, *, student, teacher=None, optimizer=
     if not (directory / "metadata.json").is_file():
         raise DistributedCheckpointError(f"{directory} is not a megatron-core distributed checkpoint "
                                          f"(no metadata.json)")
+    try:
+        verify_distributed_checkpoint(directory)  # before megatron or DCP unpickle anything
+    except UnsafeCheckpointError as exc:
+        raise DistributedCheckpointError(str(exc)) from None
+    tp_rank, tp = _tp_rank_and_size(pg_collection)
     common = dist_checkpointing.load_common_state_dict(str(directory))[COMMON]
     saved_meta = dist_checkpointing.load_tensors_metadata(str(directory))
     state: dict[str, Any] = {"student": _model_sharded(student, STUDENT)}
-    recut: dict[str, dict] = {"student": _replace_vocab_entries(state["student"], saved_meta)}
+    recut: dict[str, dict] = {"student": _replace_vocab_entries(state["student"], saved_meta, tp_rank)}
     if teacher is not None and common["has_teacher"]:
         state["teacher"] = _model_sharded(teacher, TEACHER)
-        recut["teacher"] = _replace_vocab_entries(state["teacher"], saved_meta)
+        recut["teacher"] = _replace_vocab_entries(state["teacher"], saved_meta, tp_rank)
     opt_recut: dict = {}
     if optimizer is not None:
         if not common["has_optimizer"]:
@@ -198,16 +209,16 @@ def load_distributed(directory: str | Path, *, student, teacher=None, optimizer=
             optimizer.state.clear()
             optimizer.state.update(backup)
         for pid, entries in state[OPTIMIZER][_per_param_key(optimizer)].items():
-            opt_recut[pid] = _replace_vocab_entries(entries, saved_meta)
+            opt_recut[pid] = _replace_vocab_entries(entries, saved_meta, tp_rank)
     try:
         loaded = dist_checkpointing.load(state, str(directory))
     except Exception as exc:  # noqa: BLE001 - megatron raises assorted errors for mismatched checkpoints
         raise DistributedCheckpointError(f"reading {directory} failed: {type(exc).__name__}: {exc}") from exc
     for part in ("student", "teacher"):
         if part in loaded:
-            _recut(loaded[part], recut[part])
+            _recut(loaded[part], recut[part], tp)
     for pid, entries in opt_recut.items():
-        _recut(loaded[OPTIMIZER][_per_param_key(optimizer)][pid], entries)
+        _recut(loaded[OPTIMIZER][_per_param_key(optimizer)][pid], entries, tp)
     unwrap(student).load_state_dict(_strip(STUDENT, loaded["student"]), strict=True)
     if "teacher" in loaded:
         unwrap(teacher).load_state_dict(_strip(TEACHER, loaded["teacher"]), strict=True)

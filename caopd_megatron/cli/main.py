@@ -15,6 +15,7 @@ Design decisions:
   ``-c`` files and overrides come after it and win.
 - Every user error (bad config key, bad file, impossible layout, missing dependency) ends as one line on
   stderr and exit code 2, never a traceback from inside megatron-core. ``--debug`` shows the traceback.
+  A diverged step (non-finite loss or gradient norm, nothing applied or saved) exits with code 3.
 """
 from __future__ import annotations
 
@@ -22,10 +23,15 @@ import argparse
 import logging
 import sys
 
+from caopd_megatron.runtime.guard import TrainingDivergedError
+
 log = logging.getLogger("caopd")
+
+DIVERGED_STATUS = 3  # a non-finite loss or gradient norm stopped training (2: a user error, 0: success)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from caopd_megatron.checkpointing.run_dir import RunDirectoryError
     from caopd_megatron.config.loader import ConfigError
     from caopd_megatron.data.prompts import PromptDataError
     from caopd_megatron.data.records_io import RecordFileError
@@ -39,7 +45,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     errors: list[type[BaseException]] = [ConfigError, PromptDataError, RecordFileError, TokenizerError,
                                          ModelConfigError, VocabMismatchError, BackendError, LayoutError,
-                                         FileNotFoundError, CompareError, ConversionError]
+                                         FileNotFoundError, CompareError, ConversionError, RunDirectoryError]
     try:
         from caopd_megatron.checkpointing.checkpoint import CheckpointError
 
@@ -100,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(configs, list(args.overrides))
         handler(cfg, args)
         return 0
+    except TrainingDivergedError as exc:
+        print(f"caopd {args.command}: error: {exc}", file=sys.stderr)
+        return DIVERGED_STATUS
     except _user_errors() as exc:
         if args.debug:
             raise

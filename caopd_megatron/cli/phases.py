@@ -6,14 +6,21 @@ Design decisions:
   sensible for the synthetic task).
 - ``distill`` is one optimizer step per call and saves a checkpoint after it, so a launcher alternating
   rollout / rewrite / distill jobs makes progress that survives any job failing.
+- ``run`` ends, once ``distill.steps`` are done, by writing the student to ``run.output_dir/final`` in the
+  checkpoint-directory format ``tools/export_hf.py`` reads (written aside, then renamed into place; a rerun
+  of the finished job writes it again).
 """
 from __future__ import annotations
 
 import logging
+import os
 from argparse import Namespace
 
 from caopd_megatron.calibration.revise import revise
 from caopd_megatron.checkpointing import checkpoint as ckpt
+from caopd_megatron.checkpointing.agreement import broadcast_from_rank0
+from caopd_megatron.checkpointing.atomic import install_directory
+from caopd_megatron.checkpointing.hf import load_megatron_checkpoint, save_megatron_checkpoint
 from caopd_megatron.config.loader import to_yaml
 from caopd_megatron.config.schema import CaOPDConfig
 from caopd_megatron.data.records import DistillExample, RolloutRecord
@@ -24,14 +31,16 @@ from caopd_megatron.pipeline.session import Session, build_student, build_teache
 from caopd_megatron.pipeline.train import Trainer
 from caopd_megatron.rollout.engine import rollout
 from caopd_megatron.runtime.distributed import is_main_rank
+from caopd_megatron.runtime.fault_injection import kill_point
+from caopd_megatron.runtime.guard import at_step
 
 log = logging.getLogger(__name__)
+
+FINAL_DIR = "final"
 
 
 def _load_initial(s: Session, student) -> None:
     if s.cfg.model.checkpoint:
-        from caopd_megatron.checkpointing.hf import load_megatron_checkpoint
-
         load_megatron_checkpoint(s.cfg.model.checkpoint, student)
 
 
@@ -41,13 +50,13 @@ def _trainer(s: Session) -> Trainer:
     _load_initial(s, student)
     teacher = build_teacher(s, student)
     trainer = Trainer(s.cfg, student, teacher, s.tokenizer, s.vocab.real, train_prompts(s), s.run_dir)
-    latest = ckpt.latest_checkpoint(s.run_dir) if s.cfg.checkpoint.resume else None
+    latest = ckpt.latest_checkpoint(s.run_dir)
     if latest is not None:
         state = ckpt.load_checkpoint(latest, student=student, optimizer=trainer.optimizer,
-                                     scheduler=trainer.scheduler, teacher=teacher)
+                                     scheduler=trainer.scheduler, teacher=teacher,
+                                     pg_collection=s.groups)
         trainer.step = state.step
         trainer.cursor.load(state.data_position)
-        trainer.truncate_history(state.step)
         log.info("resumed from %s (step %d)", latest, state.step)
     return trainer
 
@@ -56,7 +65,8 @@ def _save(s: Session, t: Trainer) -> None:
     ckpt.save_checkpoint(s.run_dir, t.step, student=t.student, optimizer=t.optimizer, scheduler=t.scheduler,
                          teacher=t.teacher, state=ckpt.TrainState(step=t.step, data_position=t.cursor.state()),
                          config_yaml=to_yaml(s.cfg), keep_last=s.cfg.checkpoint.keep_last,
-                         distributed=s.cfg.checkpoint.distributed)
+                         distributed=s.cfg.checkpoint.distributed,
+                         pg_collection=s.groups)
 
 
 def cmd_demo(cfg: CaOPDConfig, args: Namespace) -> None:
@@ -77,7 +87,7 @@ def cmd_rollout(cfg: CaOPDConfig, args: Namespace) -> None:
 
 def cmd_rewrite(cfg: CaOPDConfig, args: Namespace) -> None:
     s = open_session(cfg)
-    rows = read_records(args.rollouts, RolloutRecord)
+    rows = read_records(args.rollouts, RolloutRecord, vocab_size=s.vocab.real, allow_empty=False)
     prompts = {p.id: p for p in train_prompts(s)}
     examples = revise(rows, prompts, s.tokenizer, cfg.data, cfg.calibration)
     if is_main_rank():
@@ -88,9 +98,9 @@ def cmd_rewrite(cfg: CaOPDConfig, args: Namespace) -> None:
 
 
 def cmd_distill(cfg: CaOPDConfig, args: Namespace) -> None:
-    s = open_session(cfg)
+    s = open_session(cfg, existing=cfg.run.existing)
     t = _trainer(s)
-    examples = read_records(args.examples, DistillExample)
+    examples = read_records(args.examples, DistillExample, vocab_size=s.vocab.real, allow_empty=False)
     t.cursor.take(cfg.rollout.prompts_per_step)  # the rollout of this step consumed these prompts
     e = t.learn(examples)
     t.write_history()
@@ -111,8 +121,10 @@ def cmd_evaluate(cfg: CaOPDConfig, args: Namespace) -> None:
 
 
 def cmd_run(cfg: CaOPDConfig, args: Namespace) -> None:
-    s = open_session(cfg)
+    s = open_session(cfg, existing=cfg.run.existing)
     t = _trainer(s)
+    t.truncate_history(t.step)  # the log holds exactly the steps the checkpoint contains (all, without one)
+    saved = t.step if ckpt.latest_checkpoint(s.run_dir) is not None else None
     interval = cfg.checkpoint.save_interval
     stop = cfg.distill.steps if not cfg.run.max_steps_per_job else min(cfg.distill.steps,
                                                                        t.step + cfg.run.max_steps_per_job)
@@ -123,6 +135,24 @@ def cmd_run(cfg: CaOPDConfig, args: Namespace) -> None:
                      e.stated_confidence, e.empirical_confidence)
         if interval and t.step % interval == 0:
             t.write_history()
+            kill_point("run:log_written")
             _save(s, t)
+            saved = t.step
     t.write_history()
-    _save(s, t)
+    if saved != t.step:  # never the same step twice (a re-save opens a window with no complete copy)
+        _save(s, t)
+    if t.step >= cfg.distill.steps:
+        _write_final(s, t)
+
+
+def _write_final(s: Session, t: Trainer) -> None:
+    """The trained student as an exportable checkpoint directory, ``run_dir/final``. Collective."""
+    final = s.run_dir / FINAL_DIR
+    token = broadcast_from_rank0(os.getpid())
+    tmp = final.with_name(f"{FINAL_DIR}.tmp-{token}")
+    save_megatron_checkpoint(tmp, t.student, s.cfg.model, real_vocab_size=s.vocab.real,
+                             tokenizer_dir=s.run_dir / "tokenizer", overwrite=True)
+    if is_main_rank():
+        install_directory(tmp, final, token)
+    log.info("wrote the final student to %s (export: python tools/export_hf.py --ckpt %s --out <hf folder>)",
+             final, final)

@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from caopd_megatron.config.schema import ALIASES, CaOPDConfig
+from caopd_megatron.config.validate import out_of_range
 
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
@@ -212,7 +213,10 @@ def load_config(files: Iterable[str | Path] = (), overrides: Sequence[str] = ())
     for path in files:
         cfg = _merge_yaml(cfg, Path(path))
     cfg = _apply_overrides(cfg, list(overrides))
-    return _typed_tree(CaOPDConfig, cfg, source="config")
+    obj = _typed_tree(CaOPDConfig, cfg, source="config")
+    for problem in out_of_range(obj):  # value ranges: config/validate.py
+        raise ConfigError(problem)
+    return obj
 
 
 def preset_path(name: str) -> Path:

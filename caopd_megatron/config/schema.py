@@ -164,6 +164,11 @@ class DistillConfig:
     micro_batch_size: int = 128
     steps: int = 600  # optimizer steps per training job (one rollout + rewrite per step)
     grad_clip: float = 1.0
+    # "Loss collapsed" warning: loss <= collapse_loss and grad norm <= collapse_grad_norm for collapse_steps
+    # consecutive steps (0 = never warn). A non-finite loss or grad norm always stops the job (exit status 3).
+    collapse_loss: float = 1e-9
+    collapse_grad_norm: float = 1e-9
+    collapse_steps: int = 5
 
 
 @dataclass
@@ -195,7 +200,6 @@ class EvaluationConfig:
 class CheckpointConfig:
     save_interval: int = 200  # optimizer steps between saves; 0 = only at the end
     keep_last: int = 2
-    resume: bool = True  # resume from the latest checkpoint in the run directory if there is one
     distributed: bool = False  # also write a megatron-core distributed copy: resumable under another TP/PP/DP layout
 
 
@@ -213,6 +217,9 @@ class RunConfig:
     seed: int = 1234
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
     max_steps_per_job: int = 0  # `caopd run` stops (checkpointed) after this many steps; 0 = run to distill.steps
+    # `caopd run` / `caopd distill` on a directory that already holds a run (checkpoints/ or train_log.jsonl):
+    # resume it from its latest checkpoint | refuse (error) | new (write to a fresh sibling <dir>-2, -3, ...)
+    existing: Literal["resume", "refuse", "new"] = "resume"
 
 
 @dataclass

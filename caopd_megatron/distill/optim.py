@@ -21,8 +21,9 @@ import torch
 import torch.distributed as dist
 
 from caopd_megatron.config.schema import OptimConfig
-from caopd_megatron.parallel.data_parallel import model_groups, uses_distributed_optimizer
+from caopd_megatron.parallel.data_parallel import model_groups, unwrap, uses_distributed_optimizer
 from caopd_megatron.parallel.distributed_optimizer import DistributedAdamW
+from caopd_megatron.runtime.guard import check_finite_update
 
 if TYPE_CHECKING:
     from megatron.core.process_groups_config import ProcessGroupCollection
@@ -31,9 +32,10 @@ if TYPE_CHECKING:
 class TrainingOptimizer(Protocol):
     """What the training step needs from an optimizer, whatever its kind (``training_optimizer`` gives it).
 
-    ``param_groups``: dicts with ``lr`` (what ``LRSchedule`` writes); ``step_with_clipping(max_norm)``: clip
-    the global gradient norm to ``max_norm`` (0 = off), update the parameters, and return the norm before
-    clipping and the learning rate used. Checkpoints talk to the optimizer itself (``state_dict``,
+    ``param_groups``: dicts with ``lr`` (what ``LRSchedule`` writes); ``step_with_clipping(max_norm, loss)``:
+    clip the global gradient norm to ``max_norm`` (0 = off), update the parameters, and return the norm before
+    clipping and the learning rate used; a non-finite norm or ``loss`` raises ``TrainingDivergedError`` before
+    anything is updated (``runtime/guard.py``). Checkpoints talk to the optimizer itself (``state_dict``,
     ``load_state_dict`` and, for ``DistributedAdamW``, its sharded-state methods).
     """
 
@@ -41,7 +43,7 @@ class TrainingOptimizer(Protocol):
 
     def zero_grad(self, set_to_none: bool = True) -> None: ...
 
-    def step_with_clipping(self, max_norm: float) -> tuple[float, float]: ...
+    def step_with_clipping(self, max_norm: float, loss: float | None = None) -> tuple[float, float]: ...
 
 
 class LocalOptimizer:
@@ -59,8 +61,9 @@ class LocalOptimizer:
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
-    def step_with_clipping(self, max_norm: float) -> tuple[float, float]:
+    def step_with_clipping(self, max_norm: float, loss: float | None = None) -> tuple[float, float]:
         norm = clip_grad_norm(self.params, max_norm, self.groups)
+        check_finite_update(norm, loss)
         lr = float(self.optimizer.param_groups[0]["lr"])
         self.optimizer.step()
         return norm, lr
@@ -68,10 +71,12 @@ class LocalOptimizer:
 
 def training_optimizer(model, optimizer) -> TrainingOptimizer:
     """``optimizer`` as the step's ``TrainingOptimizer``: megatron's (``DistributedAdamW``) is one already; a
-    torch optimizer is wrapped with ``model``'s trainable parameters and process groups."""
+    torch optimizer is wrapped with ``model``'s trainable parameters and process groups (none for a plain
+    torch module: its parameters are the whole model)."""
     if isinstance(optimizer, DistributedAdamW):
         return optimizer
-    return LocalOptimizer(optimizer, [p for p in model.parameters() if p.requires_grad], model_groups(model))
+    groups = getattr(unwrap(model), "pg_collection", None)
+    return LocalOptimizer(optimizer, [p for p in model.parameters() if p.requires_grad], groups)
 
 
 def build_optimizer(model_or_params, cfg: OptimConfig, lr: float | None = None):
@@ -209,10 +214,14 @@ def build_scheduler(optimizer, cfg: OptimConfig, total_steps: int) -> LRSchedule
     return LRSchedule(optimizer, cfg, total_steps)
 
 
-def optimizer_step(model, optimizer, scheduler, max_norm: float) -> tuple[float, float]:
+def optimizer_step(model, optimizer, scheduler, max_norm: float, loss: float | None = None) -> tuple[float, float]:
     """Clip the global gradient norm to ``max_norm`` (0 = no clipping), step the optimizer, advance the
-    schedule. Returns (gradient norm before clipping, the learning rate this step used)."""
-    norm, lr = training_optimizer(model, optimizer).step_with_clipping(max_norm)
+    schedule. Returns (gradient norm before clipping, the learning rate this step used).
+
+    A non-finite gradient norm or ``loss`` (the step's loss, the same on every rank) raises
+    ``TrainingDivergedError`` before the optimizer applies anything.
+    """
+    norm, lr = training_optimizer(model, optimizer).step_with_clipping(max_norm, loss)
     if scheduler is not None:
         scheduler.step()
     return norm, lr

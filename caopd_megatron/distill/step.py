@@ -217,5 +217,5 @@ def distill_step(student, teacher, optimizer, scheduler, examples: Sequence[Dist
         # Every replica computes the whole closure; DP replicas' gradients are summed, hence the 1/DP.
         (extra_loss() / data_parallel_size(groups)).backward()
     finish_gradients(student)
-    norm, lr = optimizer_step(student, optimizer, scheduler, cfg.grad_clip)
+    norm, lr = optimizer_step(student, optimizer, scheduler, cfg.grad_clip, loss=total)
     return StepStats(loss=total, grad_norm=norm, tokens=int(s_all.mask.sum()), sequences=n_valid, lr=lr)

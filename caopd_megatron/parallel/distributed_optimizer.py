@@ -5,8 +5,10 @@ Design decisions (long form: ``design.md``, "Distributed optimizer"):
 - Built by megatron's ``get_megatron_optimizer`` over the model's process groups for a student wrapped with
   ``use_distributed_optimizer=True``; ``OptimConfig`` maps one to one (AdamW, decoupled weight decay on every
   parameter: ``config_overrides={}``); 16-bit models get fp32 main weights, fp16 a constant loss scale of 1.
-- Clipping happens inside megatron's step (``step_with_clipping`` sets ``clip_grad`` per call): its norm is
-  summed over all ranks, each holding other ranges; the step reports it and nothing clips a second time.
+- Clipping follows megatron's step, split open (``prepare_grads`` -> global norm -> clip ->
+  ``step_with_ready_grads``) so a non-finite norm or ``found_inf`` stops the step before the update
+  (``runtime/guard.py``); the norm is summed over all ranks (each holds other ranges), the step reports it,
+  and nothing clips a second time.
 - Checkpoints: per-rank files hold this rank's ranges as they sit in the buffers (``state_dict``, no
   communication); the distributed copy is megatron's ``fully_reshardable`` sharded state (any layout).
   megatron's loader shares one ``step`` tensor between parameters of torch's AdamW: un-shared on load.
@@ -22,6 +24,7 @@ import torch
 
 from caopd_megatron.config.schema import OptimConfig
 from caopd_megatron.parallel.data_parallel import model_groups, unwrap
+from caopd_megatron.runtime.guard import check_finite_update
 
 log = logging.getLogger(__name__)
 
@@ -74,15 +77,24 @@ class DistributedAdamW:
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.megatron.zero_grad(set_to_none)
 
-    def step_with_clipping(self, max_norm: float) -> tuple[float, float]:
+    def step_with_clipping(self, max_norm: float, loss: float | None = None) -> tuple[float, float]:
         """Clip to ``max_norm`` (0 = off), update this rank's ranges, all-gather the parameters over DP;
-        returns the global gradient norm before clipping (the same float on every rank) and the lr used."""
+        returns the global gradient norm before clipping (the same float on every rank) and the lr used. Raises
+        ``TrainingDivergedError`` before any update when the gradients (``found_inf``), their norm or ``loss``
+        are not finite."""
+        from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
         self._dist.config.clip_grad = max(0.0, float(max_norm))
         lr = float(self.param_groups[0]["lr"])
-        ok, norm, _ = self.megatron.step()
-        if not ok:
-            raise FloatingPointError("the distributed optimizer found inf/nan gradients and skipped the step")
-        return float(norm), lr
+        found_inf = self.megatron.prepare_grads()  # model grads -> main grads (unscaled), found_inf over the group
+        norm = float("nan") if found_inf else float(self.megatron.get_grad_norm())
+        check_finite_update(norm, loss)
+        if max_norm > 0 and not self._dist.is_stub_optimizer:
+            clip_grad_by_total_norm_fp32(
+                self._dist.get_parameters(), max_norm=max_norm, total_norm=norm,
+                use_decoupled_grad=self._dist.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+        self.megatron.step_with_ready_grads()
+        return norm, lr
 
     # ---- checkpoints
 

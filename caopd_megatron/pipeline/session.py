@@ -8,15 +8,18 @@ Design decisions:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from caopd_megatron.calibration.revise import student_prompt_text, teacher_prompt_text
+from caopd_megatron.checkpointing.run_dir import choose_run_dir
 from caopd_megatron.config.loader import save_config
 from caopd_megatron.config.schema import CaOPDConfig, ModelConfig
 from caopd_megatron.data.prompts import PromptRecord, load_prompts
+from caopd_megatron.data.row_checks import Render, check_prompt_rows
 from caopd_megatron.data.tasks.digit_sum import make_digit_sum_records
 from caopd_megatron.data.tokenizer import TextTokenizer, build_synthetic_tokenizer
 from caopd_megatron.models.builder import VocabInfo, build_gpt_model, count_parameters, resolve_vocab
@@ -40,9 +43,11 @@ class Session:
     groups: Any  # megatron-core ProcessGroupCollection: built once here, passed to the models
 
 
-def open_session(cfg: CaOPDConfig, run_dir: str | Path | None = None) -> Session:
+def open_session(cfg: CaOPDConfig, run_dir: str | Path | None = None, existing: str | None = None) -> Session:
+    """``existing``: what a training job does with a directory that already holds a run (``run.existing``);
+    None for phases that only read it (rollout, rewrite, evaluate)."""
     run_dir = Path(run_dir or cfg.run.output_dir)
-    setup_logging(cfg.logging.level, run_dir if distributed.is_main_rank() else None)
+    setup_logging(cfg.logging.level, None)  # the console only, until the run directory is settled
     set_progress(cfg.logging.progress)
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
@@ -59,6 +64,10 @@ def open_session(cfg: CaOPDConfig, run_dir: str | Path | None = None) -> Session
                              cfg.model.num_attention_heads, cfg.model.num_query_groups)
     distributed.initialize(cfg.parallel, cfg.run.seed)
     groups = distributed.process_groups()
+    if existing is not None:
+        run_dir = choose_run_dir(run_dir, existing)
+        cfg = replace(cfg, run=replace(cfg.run, output_dir=str(run_dir)))
+    setup_logging(cfg.logging.level, run_dir if distributed.is_main_rank() else None)
     tokenizer = TextTokenizer.from_file(cfg.model.tokenizer) if cfg.model.tokenizer else build_synthetic_tokenizer()
     vocab = resolve_vocab(cfg.model, tokenizer.vocab_size, cfg.parallel.tensor_model_parallel_size)
     if distributed.is_main_rank():
@@ -97,20 +106,51 @@ def build_teacher(s: Session, student) -> torch.nn.Module:
     return freeze(teacher)
 
 
+def _checked_rows(s: Session, what: str, source: str, records: list[PromptRecord], loader_skipped: list[str],
+                  render: Render, response_tokens: int) -> list[PromptRecord]:
+    """Rows that pass ``data/row_checks.py``; the skipped count (loader + checks) is printed for each set."""
+    kept, dropped = check_prompt_rows(records, source=source, render=render, encode=s.tokenizer.encode,
+                                      context=s.cfg.model.max_position_embeddings, response_tokens=response_tokens,
+                                      on_bad_row=s.cfg.data.on_bad_row)
+    skipped = loader_skipped + dropped
+    if skipped:
+        log.warning("%s (%s): %d row(s) used, %d skipped (%d unreadable, %d failing checks); first: %s", what,
+                    source, len(kept), len(skipped), len(loader_skipped), len(dropped), skipped[0])
+    else:
+        log.info("%s (%s): %d row(s), none skipped", what, source, len(kept))
+    return kept
+
+
 def train_prompts(s: Session) -> list[PromptRecord]:
+    """Training prompts; each row checked as a student prompt and as the teacher's privileged prompt."""
     cfg = s.cfg
     if cfg.data.train_prompts:
         records, report = load_prompts(cfg.data.train_prompts, on_error=cfg.data.on_bad_row)
-        if report.n_skipped:
-            log.warning("%s: skipped %d bad rows: %s", cfg.data.train_prompts, report.n_skipped, report.errors[:3])
-        return records
-    return make_digit_sum_records(cfg.task.n_train, cfg.run.seed, cfg.task.min_digits, cfg.task.max_digits, "train")
+        source, loader_skipped = cfg.data.train_prompts, report.errors
+    else:
+        records = make_digit_sum_records(cfg.task.n_train, cfg.run.seed, cfg.task.min_digits, cfg.task.max_digits,
+                                         "train")
+        source, loader_skipped = "synthetic task", []
+    p = 1.0 if cfg.calibration.rewrite else None  # the longest note a rewrite writes has this many characters
+
+    def render(rec: PromptRecord) -> list[tuple[str, str]]:
+        return [("student prompt", student_prompt_text(rec, cfg.data)),
+                ("teacher prompt", teacher_prompt_text(rec, cfg.data, cfg.calibration, p))]
+
+    return _checked_rows(s, "train prompts", source, records, loader_skipped, render, cfg.rollout.max_new_tokens + 1)
 
 
 def eval_prompts(s: Session) -> list[PromptRecord]:
     cfg = s.cfg
     if cfg.data.eval_prompts:
-        records, _ = load_prompts(cfg.data.eval_prompts, on_error=cfg.data.on_bad_row)
-        return records
-    return make_digit_sum_records(cfg.task.n_eval, cfg.run.seed + 7919, cfg.task.min_digits, cfg.task.max_digits,
-                                  "eval")
+        records, report = load_prompts(cfg.data.eval_prompts, on_error=cfg.data.on_bad_row)
+        source, loader_skipped = cfg.data.eval_prompts, report.errors
+    else:
+        records = make_digit_sum_records(cfg.task.n_eval, cfg.run.seed + 7919, cfg.task.min_digits,
+                                         cfg.task.max_digits, "eval")
+        source, loader_skipped = "synthetic task", []
+
+    def render(rec: PromptRecord) -> list[tuple[str, str]]:
+        return [("student prompt", student_prompt_text(rec, cfg.data))]
+
+    return _checked_rows(s, "eval prompts", source, records, loader_skipped, render, cfg.evaluation.max_new_tokens + 1)

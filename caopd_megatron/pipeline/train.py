@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from caopd_megatron.calibration.revise import revise
+from caopd_megatron.checkpointing.run_dir import TRAIN_LOG, trim_log
 from caopd_megatron.config.schema import CaOPDConfig
 from caopd_megatron.data.prompts import PromptRecord
 from caopd_megatron.data.records import DistillExample
@@ -30,6 +31,7 @@ from caopd_megatron.distill.step import distill_step
 from caopd_megatron.models.teacher import ema_update
 from caopd_megatron.rollout.engine import rollout
 from caopd_megatron.runtime.distributed import is_main_rank
+from caopd_megatron.runtime.guard import CollapseWatch, at_step, json_number
 from caopd_megatron.runtime.progress import ExperimentTracker, progress
 
 log = logging.getLogger(__name__)
@@ -109,6 +111,8 @@ class Trainer:
         self.step = 0
         self.history: list[StepLog] = []
         self._written = 0  # history entries already appended to train_log.jsonl
+        d = cfg.distill
+        self.collapse = CollapseWatch(d.collapse_loss, d.collapse_grad_norm, d.collapse_steps)
 
     def train_step(self) -> StepLog:
         """One on-policy step: rollout of the next prompts, grading + rewrite, then ``learn``."""
@@ -125,8 +129,9 @@ class Trainer:
         cfg = self.cfg
         n_replay = round(cfg.teacher.replay_fraction * len(examples))
         extra = self.replay(self.student, examples, n_replay) if n_replay else None
-        stats = distill_step(self.student, self.teacher, self.optimizer, self.scheduler, examples, cfg.distill,
-                             self.tok.pad_id, self.real_vocab, extra_loss=extra)
+        with at_step(self.step):  # a non-finite loss/grad norm stops here, before the update
+            stats = distill_step(self.student, self.teacher, self.optimizer, self.scheduler, examples, cfg.distill,
+                                 self.tok.pad_id, self.real_vocab, extra_loss=extra)
         if cfg.teacher.mode == "ema":
             ema_update(self.teacher, self.student, cfg.teacher.ema_rate)
         n = max(1, len(examples))
@@ -137,6 +142,9 @@ class Trainer:
             empirical_confidence=sum(e.empirical_confidence for e in examples) / n)
         self.step += 1
         self.history.append(entry)
+        warning = self.collapse.observe(entry.step, entry.loss, entry.grad_norm)
+        if warning:
+            log.warning(warning)
         self.tracker.log(entry.step, asdict(entry))
         return entry
 
@@ -155,24 +163,24 @@ class Trainer:
 
     @property
     def log_path(self) -> Path:
-        return self.run_dir / "train_log.jsonl"
+        return self.run_dir / TRAIN_LOG
 
     def write_history(self) -> Path:
         """Append the entries logged since the last call (a resumed job continues the same file).
 
         Main rank only: every rank holds the same history, one writer keeps the file free of duplicates.
+        Non-finite floats are written as the strings "NaN" / "Infinity" / "-Infinity": every line is JSON.
         """
         if is_main_rank():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             with open(self.log_path, "a") as f:
                 for e in self.history[self._written:]:
-                    f.write(json.dumps(asdict(e)) + "\n")
+                    row = {k: json_number(v) if isinstance(v, float) else v for k, v in asdict(e).items()}
+                    f.write(json.dumps(row, allow_nan=False) + "\n")
         self._written = len(self.history)
         return self.log_path
 
     def truncate_history(self, step: int) -> None:
         """On resume from ``step``: drop logged entries of steps the checkpoint does not contain (main rank)."""
-        if not is_main_rank() or not self.log_path.is_file():
-            return
-        keep = [line for line in self.log_path.read_text().splitlines() if line and json.loads(line)["step"] < step]
-        self.log_path.write_text("".join(line + "\n" for line in keep))
+        if is_main_rank():
+            trim_log(self.log_path, step)

@@ -52,7 +52,7 @@ def save_megatron_checkpoint(ckpt_dir: str | Path, model: torch.nn.Module, model
     ``real_vocab_size`` defaults to ``model_cfg.vocab_size``; ``tokenizer_dir`` and ``hf_source_dir``
     (a folder with the HF ``config.json``/``generation_config.json``) are copied in when given.
     """
-    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core import dist_checkpointing
 
     model = unwrap_gpt_model(model)
     real = real_vocab_size or model_cfg.vocab_size
@@ -67,6 +67,7 @@ def save_megatron_checkpoint(ckpt_dir: str | Path, model: torch.nn.Module, model
         dist.barrier()
     sharded = weights_only(model.sharded_state_dict())
     dtype = next(p.dtype for p in model.parameters())
+    groups = model.pg_collection  # the layout the model was built over (models/builder.py)
     dist_checkpointing.save(sharded, str(out), sharded_strategy=streaming_save_strategy(None, one_file_per_chunk=False))
     if rank == 0:
         cfg = ModelConfig(**{**asdict(model_cfg), "vocab_size": real, "checkpoint": None, "tokenizer": None})
@@ -77,8 +78,7 @@ def save_megatron_checkpoint(ckpt_dir: str | Path, model: torch.nn.Module, model
             copy_hf_source(Path(hf_source_dir), out / HF_SOURCE_DIR)
         CheckpointInfo(real_vocab_size=real, padded_vocab_size=padded, source_architecture=source_architecture,
                        dtype=str(dtype).replace("torch.", ""),
-                       tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
-                       pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+                       tensor_model_parallel_size=groups.tp.size(), pipeline_model_parallel_size=groups.pp.size(),
                        created_by="save_megatron_checkpoint", megatron_core_version=installed_megatron_core_version()).write(out)
     if dist.is_initialized():
         dist.barrier()
