@@ -16,7 +16,7 @@ TEACHER_B = dict(num_layers=4, hidden_size=48, num_attention_heads=4, num_query_
 
 def examples(n: int = 5):
     """``n`` distillation examples with prompts and responses of varying lengths over ids [4, VOCAB)."""
-    from caopd_megatron.calibration.revise import DistillExample
+    from caopd_megatron.data.records import DistillExample
 
     g = torch.Generator().manual_seed(11)
     out = []

@@ -210,7 +210,7 @@ def step_mod():
 
 
 def make_examples():
-    from caopd_megatron.calibration.revise import DistillExample
+    from caopd_megatron.data.records import DistillExample
 
     g = torch.Generator().manual_seed(123)
     rnd = lambda n: torch.randint(3, REAL_VOCAB, (n,), generator=g).tolist()  # noqa: E731

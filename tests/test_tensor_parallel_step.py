@@ -17,7 +17,7 @@ VOCAB = 40
 
 
 def _examples():
-    from caopd_megatron.calibration.revise import DistillExample
+    from caopd_megatron.data.records import DistillExample
 
     g = torch.Generator().manual_seed(3)
     out = []

@@ -12,10 +12,11 @@ from __future__ import annotations
 import logging
 from argparse import Namespace
 
-from caopd_megatron.calibration.revise import DistillExample, RolloutRecord, revise
+from caopd_megatron.calibration.revise import revise
 from caopd_megatron.checkpointing import checkpoint as ckpt
 from caopd_megatron.config.loader import to_yaml
 from caopd_megatron.config.schema import CaOPDConfig
+from caopd_megatron.data.records import DistillExample, RolloutRecord
 from caopd_megatron.data.records_io import read_records, write_records
 from caopd_megatron.distill.step import distill_step
 from caopd_megatron.evaluation.evaluate import evaluate_model, write_eval

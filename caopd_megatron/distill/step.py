@@ -21,10 +21,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from caopd_megatron.calibration.revise import DistillExample
 from caopd_megatron.config.schema import DistillConfig
+from caopd_megatron.data.records import DistillExample
 from caopd_megatron.distill.batching import PackedBatch, gather_positions, pack
-from caopd_megatron.distill.losses import fused_chunked_divergence, masked_sequence_mean, vocab_parallel_divergence
+from caopd_megatron.distill.fused_output_loss import fused_chunked_divergence
+from caopd_megatron.distill.losses import masked_sequence_mean, vocab_parallel_divergence
 from caopd_megatron.distill.optim import optimizer_step
 from caopd_megatron.distill.sft import SupervisedRows, tp_group_or_none
 

@@ -56,7 +56,8 @@ def distill_backward(student, teacher, examples, cfg: DistillConfig, pad_id: int
 
     Gradients are left in DDP's buffers (not finalised); ``last_call``: no backward follows in this step.
     """
-    from caopd_megatron.distill.losses import fused_chunked_divergence, masked_sequence_mean, vocab_parallel_divergence
+    from caopd_megatron.distill.fused_output_loss import fused_chunked_divergence
+    from caopd_megatron.distill.losses import masked_sequence_mean, vocab_parallel_divergence
     from caopd_megatron.distill.sft import tp_group_or_none
     from caopd_megatron.distill.step import output_weight
 

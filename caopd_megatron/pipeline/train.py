@@ -20,9 +20,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from caopd_megatron.calibration.revise import DistillExample, revise
+from caopd_megatron.calibration.revise import revise
 from caopd_megatron.config.schema import CaOPDConfig
 from caopd_megatron.data.prompts import PromptRecord
+from caopd_megatron.data.records import DistillExample
 from caopd_megatron.distill.optim import build_optimizer, build_scheduler
 from caopd_megatron.distill.sft import SupervisedRows
 from caopd_megatron.distill.step import distill_step

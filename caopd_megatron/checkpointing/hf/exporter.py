@@ -2,7 +2,7 @@
 
 Design decisions:
 - The exporter reads the distributed checkpoint itself, without a model, a process group or
-  megatron-core's loader: DCP's ``.metadata`` (unpickled with the allow-list of ``importer``) says which
+  megatron-core's loader: DCP's ``.metadata`` (unpickled with the allow-list of ``checkpointing.safe_pickle``) says which
   chunks of which file hold each global tensor, and each needed chunk is read with
   ``torch.load(weights_only=True)`` from its byte range. So a checkpoint written under any TP/PP layout
   (one chunk per TP rank, per layer, or per SwiGLU half) exports the same way, from one process.

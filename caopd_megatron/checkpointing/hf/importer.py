@@ -34,18 +34,13 @@ Design decisions:
   written and not requested on load: a conversion/initial-weights checkpoint has no FP8 history.
 - No pickled code on load. HF weights are read with safetensors (or ``torch.load(weights_only=True)``).
   megatron-core loads ``common.pt`` with ``torch.load`` and PyTorch DCP unpickles ``.metadata`` with plain
-  ``pickle``; ``load_megatron_checkpoint`` first re-reads both with restricted loaders
-  (``weights_only=True``; an unpickler that only admits DCP's metadata dataclasses, torch sizes and dtypes)
-  and refuses the checkpoint if anything else is referenced, so the later full load can only rebuild
-  those same harmless objects.
+  ``pickle``; ``load_megatron_checkpoint`` first re-reads both with the restricted loaders of
+  ``checkpointing.safe_pickle`` and refuses the checkpoint if anything else is referenced.
 """
 from __future__ import annotations
 
-import dataclasses
-import enum
 import json
 import logging
-import pickle
 import shutil
 import time
 from collections import defaultdict
@@ -75,6 +70,7 @@ from caopd_megatron.checkpointing.hf.safetensors_io import (
     HFWeightReader,
     read_json,
 )
+from caopd_megatron.checkpointing.safe_pickle import UnsafeCheckpointError, verify_distributed_checkpoint
 from caopd_megatron.config.schema import ModelConfig, ParallelConfig
 
 log = logging.getLogger(__name__)
@@ -186,58 +182,13 @@ def _prepare_out_dir(out: Path, overwrite: bool, markers: tuple[str, ...] = (INF
 # Safe reading of the distributed checkpoint's pickled parts
 # --------------------------------------------------------------------------------------------------------
 
-_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
-                "torch.distributed.checkpoint.planner")
-# Besides DCP's own dataclasses/enums: what their fields pickle as (sizes, a layout looked up by name,
-# the checkpoint path of ``StorageMeta``) and plain containers.
-_ALLOWED_GLOBALS = {
-    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
-    ("pathlib", "PurePosixPath"), ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
-}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Admits only DCP metadata dataclasses and torch sizes/dtypes/layouts/memory formats."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _ALLOWED_GLOBALS:
-            return super().find_class(module, name)
-        if module in _DCP_MODULES:
-            obj = super().find_class(module, name)
-            # Data classes and enums only: constructing them runs no code of the file's choosing.
-            if isinstance(obj, type) and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)):
-                return obj
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
-            return getattr(torch, name)
-        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in checkpoint metadata")
-
-
-def read_dcp_metadata(ckpt_dir: str | Path) -> Any:
-    """The PyTorch DCP ``Metadata`` of a checkpoint, unpickled with an allow-list (never runs foreign code)."""
-    path = Path(ckpt_dir) / ".metadata"
-    if not path.is_file():
-        raise CheckpointFileError(f"{ckpt_dir}: not a megatron-core distributed checkpoint (no .metadata file)")
-    try:
-        with open(path, "rb") as f:
-            return _MetadataUnpickler(f).load()
-    except pickle.UnpicklingError as exc:
-        raise CheckpointFileError(f"{path}: refused ({exc})") from None
-    except Exception as exc:  # truncated or garbled file
-        raise CheckpointFileError(f"{path}: corrupt checkpoint metadata ({exc})") from None
-
 
 def check_checkpoint_safe(ckpt_dir: str | Path) -> Any:
     """Verify the pickled parts of a distributed checkpoint hold no code; return its DCP metadata."""
-    ckpt = Path(ckpt_dir)
-    if not (ckpt / "metadata.json").is_file():
-        raise CheckpointFileError(f"{ckpt}: not a megatron-core distributed checkpoint (no metadata.json)")
-    common = ckpt / "common.pt"
-    if common.is_file():
-        try:
-            torch.load(common, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise CheckpointFileError(f"{common}: refused, not loadable with weights_only=True ({exc})") from None
-    return read_dcp_metadata(ckpt)
+    try:
+        return verify_distributed_checkpoint(ckpt_dir)
+    except UnsafeCheckpointError as exc:
+        raise CheckpointFileError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------------------------------------
