@@ -48,8 +48,10 @@ def build(model_kw: dict, tp: int, pp: int, seed: int, sp: bool = False):
     from caopd_megatron.config.schema import ModelConfig, ParallelConfig
     from caopd_megatron.models.builder import build_gpt_model, resolve_vocab
     from caopd_megatron.runtime.backend import detect_backend
+    from caopd_megatron.runtime.distributed import process_groups
 
     mc = ModelConfig(**model_kw)
     torch.manual_seed(seed)
     return build_gpt_model(mc, ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                              sequence_parallel=sp), resolve_vocab(mc, VOCAB, tp), detect_backend())
+                                              sequence_parallel=sp), resolve_vocab(mc, VOCAB, tp), detect_backend(),
+                           process_groups())

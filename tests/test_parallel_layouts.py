@@ -89,21 +89,20 @@ def _step(name: str, tp: int, pp: int, init: dict | None, distributed_optimizer:
     ``overlap``: overlapped DP gradient reduction; ``launched`` records, per step, how many bucket reductions
     the backward hooks had issued before the finaliser ran, and the number of buckets. ``sp``: sequence
     parallelism (training on TP-padded micro-batches, decoding with it switched off)."""
-    import caopd_megatron.parallel.data_parallel as dpm
-
+    import caopd_megatron.distill.step as step_module
     from caopd_megatron.models.teacher import ema_update
     from caopd_megatron.parallel.state import gather_full_state_dict
     from caopd_megatron.rollout.sampler import SamplingParams, generate
 
     sc = {**SCENARIOS, **OVERLAP_ONLY}[name]
     student, teacher, opt, sched, seeded = _objects(name, tp, pp, init, distributed_optimizer, overlap, sp)
-    launched, finish = [], dpm.finish_gradients
+    launched, finish = [], step_module.finish_gradients
     if overlap:
         def finish_and_count(model):
             groups = model.bucket_groups
             launched.append((sum(g.grad_reduce_handle is not None for g in groups), len(groups)))
             finish(model)
-        dpm.finish_gradients = finish_and_count
+        step_module.finish_gradients = finish_and_count
     out: dict = {}
     if init is None:
         out["init_student"], out["init_teacher"] = seeded["student"], seeded["teacher"]
@@ -113,7 +112,7 @@ def _step(name: str, tp: int, pp: int, init: dict | None, distributed_optimizer:
         # Decoding through the pipeline / TP shards: sampled and greedy, prompts of different lengths.
         # Two batches (3 + 2 prompts): under DP=2 each replica decodes one and the results are all-gathered.
         import caopd_megatron.rollout.sampler as sampler
-        from caopd_megatron.parallel.data_parallel import data_parallel_rank
+        from caopd_megatron.parallel.data_parallel import data_parallel_rank, model_groups
 
         prompts = [e.student_prompt_ids for e in _examples()]
         decode, rows = sampler._generate_batch, []
@@ -129,7 +128,7 @@ def _step(name: str, tp: int, pp: int, init: dict | None, distributed_optimizer:
             out["generate_one_batch"] = [(g.response_ids, g.logprobs) for g in gens]
         finally:
             sampler._generate_batch = decode
-        out["decoded_rows"], out["dp_rank"] = rows, data_parallel_rank()
+        out["decoded_rows"], out["dp_rank"] = rows, data_parallel_rank(model_groups(student))
     stats = _distill(name, student, teacher, opt, sched)
     out.update(loss=stats.loss, grad_norm=stats.grad_norm, tokens=stats.tokens, sequences=stats.sequences,
                weights=gather_full_state_dict(student))
@@ -141,7 +140,7 @@ def _step(name: str, tp: int, pp: int, init: dict | None, distributed_optimizer:
     if steps == 2:
         stats = _distill(name, student, teacher, opt, sched)
         out.update(loss2=stats.loss, grad_norm2=stats.grad_norm, weights2=gather_full_state_dict(student))
-    dpm.finish_gradients = finish
+    step_module.finish_gradients = finish
     out["launched"] = launched
     if distributed_optimizer:
         from megatron.core import parallel_state

@@ -18,10 +18,8 @@ from caopd_megatron.config.loader import to_yaml
 from caopd_megatron.config.schema import CaOPDConfig
 from caopd_megatron.data.records import DistillExample, RolloutRecord
 from caopd_megatron.data.records_io import read_records, write_records
-from caopd_megatron.distill.step import distill_step
 from caopd_megatron.evaluation.evaluate import evaluate_model, write_eval
 from caopd_megatron.evaluation.reliability import plot_reliability
-from caopd_megatron.models.teacher import ema_update
 from caopd_megatron.pipeline.session import Session, build_student, build_teacher, eval_prompts, open_session, train_prompts
 from caopd_megatron.pipeline.train import Trainer
 from caopd_megatron.rollout.engine import rollout
@@ -93,14 +91,11 @@ def cmd_distill(cfg: CaOPDConfig, args: Namespace) -> None:
     s = open_session(cfg)
     t = _trainer(s)
     examples = read_records(args.examples, DistillExample)
-    stats = distill_step(t.student, t.teacher, t.optimizer, t.scheduler, examples, cfg.distill, s.tokenizer.pad_id,
-                         s.vocab.real)
-    if cfg.teacher.mode == "ema":
-        ema_update(t.teacher, t.student, cfg.teacher.ema_rate)
     t.cursor.take(cfg.rollout.prompts_per_step)  # the rollout of this step consumed these prompts
-    t.step += 1
+    e = t.learn(examples)
+    t.write_history()
     _save(s, t)
-    log.info("distill step %d: loss %.4f grad norm %.3f lr %.2e", t.step, stats.loss, stats.grad_norm, stats.lr)
+    log.info("distill step %d: loss %.4f grad norm %.3f lr %.2e", t.step, e.loss, e.grad_norm, e.lr)
 
 
 def cmd_evaluate(cfg: CaOPDConfig, args: Namespace) -> None:

@@ -7,7 +7,8 @@ Design decisions:
 - Layer spec: Transformer Engine's when TE is usable (and asked for or ``auto``), megatron-core's local
   spec otherwise; ``transformer_impl=transformer_engine`` without a usable TE is an error, not a silent
   fallback. FP8 requires TE (``models/fp8.py`` maps the ``model.fp8*`` keys). Sequence parallelism on the
-  local spec swaps its norms for ``models.norms.SequenceParallelRMSNorm`` (megatron's local norm refuses it).
+  local spec swaps its norms for ``models.local_layers.SequenceParallelRMSNorm`` (megatron's local norm
+  refuses it); its row-parallel linears are ``GroupedRowParallelLinear`` (the TP group passed explicitly).
 - The padded vocabulary is a multiple of ``make_vocab_size_divisible_by * TP`` (megatron-LM's rule), so
   each TP rank holds an equal shard; the real size is kept so losses and sampling ignore padded rows.
 - Fusions that need CUDA kernels (bias-dropout, masked softmax, RoPE, gradient-accumulation) are off on
@@ -29,13 +30,18 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from caopd_megatron.config.schema import ModelConfig, ParallelConfig
 from caopd_megatron.models.fp8 import cuda_capability, fp8_transformer_kwargs
+from caopd_megatron.parallel.state import copy_from_full_depth
 from caopd_megatron.runtime.backend import Backend, BackendError, fused_softmax_kernels_present
+
+if TYPE_CHECKING:
+    from megatron.core.process_groups_config import ProcessGroupCollection
 
 log = logging.getLogger(__name__)
 
@@ -124,27 +130,32 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, backend: Ba
         gradient_accumulation_fusion=False,
         **fp8_transformer_kwargs(model, parallel.pipeline_model_parallel_size, backend.transformer_engine,
                                  cuda_capability()),
+        # Our losses arrive weighted by their share of the global batch: megatron's schedules must not divide
+        # them by the micro-batch count, nor DDP pre-scale gradients by 1/DP (distill/schedule.py).
+        calculate_per_token_loss=True,
     )
 
 
 def layer_spec(model: ModelConfig, backend: Backend, config):
-    """The decoder spec: TE's layer spec, megatron's local layer spec, or (local and sequence-parallel) a block
-    spec whose norms are ``SequenceParallelRMSNorm`` (megatron's local norm refuses sequence parallelism)."""
+    """The decoder spec: TE's layer spec, or megatron's local layer spec with ``GroupedRowParallelLinear``
+    projections and (sequence-parallel) a block spec whose norms are ``SequenceParallelRMSNorm`` (megatron's
+    local norm refuses sequence parallelism)."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
     )
 
+    from caopd_megatron.models.local_layers import GroupedRowParallelLinear, SequenceParallelRMSNorm
+
     if use_transformer_engine(model, backend):
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
     spec = get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization="RMSNorm")
+    layer = spec.submodules
+    layer.self_attention.submodules.linear_proj = layer.mlp.submodules.linear_fc2 = GroupedRowParallelLinear
     if not config.sequence_parallel:
         return spec
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-    from caopd_megatron.models.norms import SequenceParallelRMSNorm
-
-    layer = spec.submodules
     layer.input_layernorm = layer.pre_mlp_layernorm = SequenceParallelRMSNorm
     if model.qk_layernorm:
         attention = layer.self_attention.submodules
@@ -154,19 +165,20 @@ def layer_spec(model: ModelConfig, backend: Backend, config):
 
 
 def build_gpt_model(model: ModelConfig, parallel: ParallelConfig, vocab: VocabInfo, backend: Backend,
-                    pre_process: bool | None = None, post_process: bool | None = None):
-    """The GPTModel stage owned by this rank (all of it without pipeline parallelism).
+                    groups: ProcessGroupCollection, pre_process: bool | None = None,
+                    post_process: bool | None = None):
+    """The GPTModel stage owned by this rank (all of it without pipeline parallelism), built over ``groups``
+    (the job's process groups, ``runtime.distributed.process_groups``; kept as the model's ``pg_collection``).
 
     Parameters live on this rank's TP shard; the output layer holds ``[padded/tp, h]`` of the vocabulary.
     """
-    from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
     whole_stage_default = pre_process is None and post_process is None
     if pre_process is None:
-        pre_process = parallel_state.is_pipeline_first_stage()
+        pre_process = groups.pp.rank() == 0
     if post_process is None:
-        post_process = parallel_state.is_pipeline_last_stage()
+        post_process = groups.pp.rank() == groups.pp.size() - 1
     cfg = transformer_config(model, parallel, backend)
     rng_before = torch.get_rng_state()
     gpt = GPTModel(
@@ -181,6 +193,7 @@ def build_gpt_model(model: ModelConfig, parallel: ParallelConfig, vocab: VocabIn
         rotary_base=int(model.rotary_base),
         rope_scaling=model.rope_scaling,
         rope_scaling_factor=model.rope_scaling_factor,
+        pg_collection=groups,
     )
     tp = parallel.tensor_model_parallel_size
     single_vocab = VocabInfo(vocab.real, padded_vocab_size(vocab.real, model.make_vocab_size_divisible_by, 1))
@@ -190,19 +203,18 @@ def build_gpt_model(model: ModelConfig, parallel: ParallelConfig, vocab: VocabIn
             log.warning("TP=%d does not divide the single-process padded vocabulary (%d): the random start differs "
                         "from a single process's", tp, single_vocab.padded)
         else:
-            _single_process_init(gpt, model, parallel, single_vocab, backend, rng_before)
+            _single_process_init(gpt, model, parallel, single_vocab, backend, groups, rng_before)
     if backend.device == "cuda":
         gpt = gpt.cuda()
     return gpt
 
 
 def _single_process_init(stage, model: ModelConfig, parallel: ParallelConfig, vocab: VocabInfo, backend: Backend,
-                         rng_before: torch.Tensor) -> None:
+                         groups: ProcessGroupCollection, rng_before: torch.Tensor) -> None:
     """Give this stage the weights a single process seeded like this one would have drawn (``vocab``: the
     single-process padding)."""
     from dataclasses import replace
 
-    from caopd_megatron.parallel.state import copy_from_full_depth
 
     full_size = count_parameters(stage) * parallel.pipeline_model_parallel_size
     if full_size > FULL_DEPTH_INIT_LIMIT:
@@ -211,7 +223,7 @@ def _single_process_init(stage, model: ModelConfig, parallel: ParallelConfig, vo
                     parallel.pipeline_model_parallel_size, full_size)
         return
     torch.set_rng_state(rng_before)
-    full = build_gpt_model(model, replace(parallel, pipeline_model_parallel_size=1), vocab, backend,
+    full = build_gpt_model(model, replace(parallel, pipeline_model_parallel_size=1), vocab, backend, groups,
                            pre_process=True, post_process=True)
     copy_from_full_depth(stage, full)
 
