@@ -125,6 +125,9 @@ class RolloutConfig:
     seed: int = 1234
     batch_size: int = 256  # sequences per generation batch
     output_format: str = "jsonl"  # jsonl | parquet
+    # Whose samples form the responses: the student's (on-policy) or the teacher's, drawn from its privileged
+    # prompt (sequence-level KD / soft-target SFT on teacher samples); grading, rewrite and distillation follow.
+    prefix_source: str = "student"  # student | teacher
 
 
 @dataclass
@@ -133,12 +136,20 @@ class CalibrationConfig:
     precision: int = 1  # decimals of the rewritten confidence (the embedded default's tokenizer has 0.0..1.0 tokens; 2 for real models)
     marker: str = "Confidence:"
     note_template: Optional[str] = "Note: {confidence}"
+    # verifier: p = share of the K samples the task's verifier accepts; self_consistency: share whose normalised
+    # answer equals the privileged demonstration's (the anchor), or the modal answer's share without one.
+    confidence_source: str = "verifier"  # verifier | self_consistency
 
 
 @dataclass
 class DistillConfig:
-    loss: str = "reverse_kl"  # reverse_kl | forward_kl | jsd
+    loss: str = "reverse_kl"  # reverse_kl | forward_kl | jsd | mixed | vopd
     beta: float = 0.5  # JSD interpolation
+    mix_weight: float = 0.5  # mixed: weight w of forward KL in w KL(q||p) + (1 - w) KL(p||q)
+    vopd_baseline: str = "full"  # vopd: none | full (V = -KL(p||q)) | top_k (over the student's top_k)
+    vopd_reward_clip: Optional[float] = None  # vopd: clip r_t = log q(y_t) - log p(y_t) from below
+    top_k: int = 8  # the student's top-k support: vopd's top_k baseline and the teacher-tail diagnostic
+    diagnostics: bool = True  # per-step entropies, divergence, tail, advantage sd (answer / confidence tokens)
     temperature: float = 1.0
     skip_first_tokens: int = 0  # mask the first n response tokens out of the loss
     fused: bool = False  # fused chunked loss from hidden states and output weights
@@ -220,7 +231,10 @@ CHOICES = {
     "teacher.mode": ("ema", "frozen", "separate"),
     "data.on_bad_row": ("fatal", "skip"),
     "rollout.output_format": ("jsonl", "parquet"),
-    "distill.loss": ("reverse_kl", "forward_kl", "jsd"),
+    "distill.loss": ("reverse_kl", "forward_kl", "jsd", "mixed", "vopd"),
+    "distill.vopd_baseline": ("none", "full", "top_k"),
+    "rollout.prefix_source": ("student", "teacher"),
+    "calibration.confidence_source": ("verifier", "self_consistency"),
     "optim.schedule": ("cosine", "constant"),
     "logging.level": ("DEBUG", "INFO", "WARNING", "ERROR"),
 }
