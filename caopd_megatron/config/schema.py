@@ -158,6 +158,14 @@ class DistillConfig:
     steps: int = 600  # optimizer steps per training job (one rollout + rewrite per step)
     grad_clip: float = 1.0
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.mix_weight <= 1.0:
+            raise ValueError(f"distill.mix_weight must be in [0, 1], got {self.mix_weight}")
+        if self.top_k < 1:
+            raise ValueError(f"distill.top_k must be >= 1, got {self.top_k}")
+        if self.loss == "vopd" and self.fused:
+            raise ValueError("distill.loss=vopd runs on unfused logits: set distill.fused=false")
+
 
 @dataclass
 class OptimConfig:

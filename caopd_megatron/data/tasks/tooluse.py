@@ -32,13 +32,14 @@ import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from caopd_megatron.data.tasks.base import extract_answer, register_task
+from caopd_megatron.data.tasks.base import extract_answer, register_normaliser, register_task
 
 __all__ = [
     "TASK_NAME",
     "ToolCall",
     "format_tool_calls",
     "json_equal",
+    "normalise_tooluse",
     "parse_golden_calls",
     "parse_tool_calls",
     "verify_tooluse",
@@ -168,4 +169,18 @@ def verify_tooluse(response: str, reference: str) -> bool:
     return all(p.name == g.name and json_equal(p.arguments, g.arguments) for p, g in zip(predicted, golden))
 
 
+def normalise_tooluse(response: str) -> str | None:
+    """The calls as canonical JSON (action + input with sorted keys, compact), None when malformed.
+
+    Equal strings mean equal calls for ``json_equal`` except that ``1`` and ``1.0`` stay apart (rare in tool
+    inputs; self-consistency then counts them as different answers).
+    """
+    calls = parse_tool_calls(response)
+    if calls is None:
+        return None
+    canonical = [{"action": c.name, "input": c.arguments} for c in calls]
+    return json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 register_task(TASK_NAME, verify_tooluse)
+register_normaliser(TASK_NAME, normalise_tooluse)
