@@ -3,7 +3,9 @@
 Design decisions (long form: ``parallel/design.md``):
 - One body for one process, TP, PP, DP, SP and their products: packed micro-batches of this DP rank's slice
   go through megatron's schedule (``distill/schedule.py``); the teacher runs first, forward-only, keeping
-  its final hidden states at response positions; ``response_divergence`` is the one loss entry point.
+  its final hidden states at response positions; ``response_divergence`` is the one loss entry point and
+  picks the objective (``distill.loss``: a divergence of ``losses``/``fused_output_loss``, or vOPD of
+  ``sampled_token`` on the response tokens); an optional ``StepDiagnostics`` rides along.
 - Weights come from *global* counts every rank knows without communication: a distillation micro-batch
   weighs ``its valid sequences / the step's`` (mean over a sequence's tokens, then over sequences), a
   supervised one ``its response tokens / the step's``. Summed over micro-batches and DP ranks this is the

@@ -1,7 +1,9 @@
 """The on-policy training loop: rollout -> grade + rewrite -> distill -> teacher update, step after step.
 
 Design decisions:
-- One loop serves OPD and CaOPD: the only difference is ``calibration.rewrite``.
+- One loop serves OPD and CaOPD: the only difference is ``calibration.rewrite``. The rollouts come from the
+  ``rollout.prefix_source`` model (``rollout.engine.prefix_rollout``); each step's diagnostics
+  (``distill.step_diagnostics``) join its log row.
 - Prompts are visited in a shuffled order per epoch (seeded); the cursor is part of the data position that
   checkpoints save, so a resumed run sees exactly the prompts an uninterrupted run would.
 - ``teacher.replay_fraction`` > 0 (useful with an EMA teacher): the student also trains with cross entropy on
