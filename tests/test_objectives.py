@@ -164,3 +164,22 @@ def test_vopd_diagnostics_carry_the_advantage():
     torch.testing.assert_close(rows[:, 4], advantage, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(rows[:, 0], entropy_s, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(rows[:, 3], tail, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "jsd", "mixed"])
+def test_fused_diagnostics_match_direct_computation(divergence):
+    """The output-layer-fused loss (chunks of 3 tokens) fills the same diagnostics from its own collectives."""
+    from caopd_megatron.distill.fused_output_loss import fused_chunked_divergence
+
+    gen = torch.Generator().manual_seed(13)
+    hs, ht = torch.randn(5, 2, 8, generator=gen), torch.randn(5, 2, 12, generator=gen)
+    ws, wt = torch.randn(40, 8, generator=gen), torch.randn(40, 12, generator=gen)
+    sink = DiagnosticsSink(top_k=4)
+    loss = fused_chunked_divergence(hs, ws, ht, wt, chunk_size=3, divergence=divergence, beta=0.4, temperature=1.1,
+                                    real_vocab_size=37, diagnostics=sink)
+    rows = sink.take().double()
+    entropy_s, entropy_t, tail = reference_diagnostics(hs @ ws.t(), ht @ wt.t(), 4, 1.1, 37)
+    torch.testing.assert_close(rows[:, 0], entropy_s.reshape(-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rows[:, 1], entropy_t.reshape(-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rows[:, 2], loss.reshape(-1).double())
+    torch.testing.assert_close(rows[:, 3], tail.reshape(-1), rtol=1e-5, atol=1e-5)
