@@ -76,7 +76,8 @@ def test_objectives_and_diagnostics_match_the_reference_under_tensor_parallelism
             ref_loss.sum().backward()
             ref_grad, advantage = leaf.grad[..., :REAL], None
         for r in results:
-            assert torch.equal(r["loss"], results[0]["loss"]) and torch.equal(r["rows"], results[0]["rows"]), key
+            assert torch.equal(r["loss"], results[0]["loss"]), key  # bitwise the same on every TP rank
+            torch.testing.assert_close(r["rows"], results[0]["rows"], rtol=0, atol=0, equal_nan=True)
             expected_gathers = 0 if world == 1 else (2 if key[0] == "jsd" else 1)
             assert r["fwd"]["gather"] == expected_gathers and r["fwd"]["all_reduce"] == 0, (key, r["fwd"])
             assert sum(r["bwd"].values()) == 0, (key, r["bwd"])

@@ -138,7 +138,10 @@ def load_config(files: Iterable[str | Path] = (), overrides: Sequence[str] = ())
     for path in files:
         cfg = _merge_yaml(cfg, Path(path))
     cfg = _apply_overrides(cfg, list(overrides))
-    obj = OmegaConf.to_object(cfg)
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except ValueError as exc:  # a section's own value check (``__post_init__``), e.g. DistillConfig's
+        raise ConfigError(str(exc)) from None
     assert isinstance(obj, CaOPDConfig)
     _check_choices(obj)
     return obj
