@@ -38,6 +38,8 @@ def plot_diagnostics(runs: Mapping[str, Sequence[Mapping]], path: str, title: st
                 if points:
                     steps, values = zip(*points)
                     ax.plot(steps, values, _STYLES[group], color=colour, label=f"{name} {group}", linewidth=1.2)
+        if not ax.lines:
+            ax.text(0.5, 0.5, "not logged by these runs", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(_TITLES[stat], fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
