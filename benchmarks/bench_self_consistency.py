@@ -18,6 +18,7 @@ import dataclasses
 import json
 import random
 import statistics
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -60,7 +61,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     cfg = load_config(overrides=[f"warmup.steps={args.warmup_steps}", "warmup.batch_size=128",
                                  f"rollout.samples_per_prompt={args.samples}", "logging.progress=false",
-                                 "logging.level=WARNING", f"run.output_dir={out / 'self_consistency_run'}"])
+                                 "logging.level=WARNING", f"run.output_dir={tempfile.mkdtemp(prefix='sc_run_')}"])
     t0 = time.time()
     s = open_session(cfg)
     student = build_student(s)
