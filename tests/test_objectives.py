@@ -83,6 +83,7 @@ def per_sample_gradients(student_row, teacher_row, tokens, baseline, top_k=2):
     return leaf.grad.double()
 
 
+@pytest.mark.parametrize("baseline", ["none", "full", "top_k"])
 def test_vopd_expected_gradient_is_the_reverse_kl_gradient(baseline):
     """Exact expectation (enumerating y) and a Monte-Carlo average of tokens drawn from the student."""
     student, teacher = make_logits(1, 6, seed=4), make_logits(1, 6, seed=5)
