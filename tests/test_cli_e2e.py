@@ -57,6 +57,7 @@ def test_demo_end_to_end_reduced(tmp_path: Path) -> None:
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) >= {"base", "OPD", "CaOPD", "accuracy_by_digits"}
     assert (out / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "diagnostics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "config.yaml").is_file() and (out / "tokenizer" / "tokenizer.json").is_file()
     for name in ("base", "opd", "caopd"):
         rows = read_jsonl(out / "eval" / f"{name}_responses.jsonl")
@@ -112,11 +113,14 @@ def test_resume_continues_the_same_trajectory(tmp_path: Path) -> None:
     assert [e["step"] for e in resumed] == [0, 1, 2, 3]
     assert [e["loss"] for e in resumed] == [e["loss"] for e in straight]
     assert [e["accuracy"] for e in resumed] == [e["accuracy"] for e in straight]
+    assert [e["confidence_student_entropy"] for e in resumed] == [e["confidence_student_entropy"] for e in straight]
+    assert (tmp_path / "resumed" / "diagnostics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("args, needle", [
     (["model.hiden_size=3"], "unknown key 'model.hiden_size'"),
     (["distill.loss=l2"], "distill.loss"),
+    (["distill.loss=vopd", "distill.fused=true"], "distill.loss=vopd runs on unfused logits"),
     (["parallel.tensor_model_parallel_size=3"], "num_attention_heads=4 is not divisible by tensor_model_parallel_size=3"),
     (["data.train_prompts=/nonexistent/prompts.jsonl"], "/nonexistent/prompts.jsonl"),
 ])

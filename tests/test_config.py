@@ -302,7 +302,7 @@ def literal_fields():
 
 def test_the_schema_types_its_choices():
     keys = dict(literal_fields())
-    assert keys["distill.loss"] == ("reverse_kl", "forward_kl", "jsd")
+    assert keys["distill.loss"] == ("reverse_kl", "forward_kl", "jsd", "mixed", "vopd")
     assert keys["model.params_dtype"] == ("float32", "bfloat16", "float16")
     assert {"teacher.mode", "parallel.backend", "optim.schedule", "logging.level", "model.fp8"} <= set(keys)
 

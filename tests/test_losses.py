@@ -31,6 +31,8 @@ def reference_divergence(student, teacher, kind, beta=0.5, temperature=1.0, real
         return kl(logp, logq)
     if kind == "forward_kl":
         return kl(logq, logp)
+    if kind == "mixed":  # beta is the forward-KL weight
+        return beta * kl(logq, logp) + (1 - beta) * kl(logp, logq)
     beta_t = torch.tensor(beta, dtype=torch.float64)
     logm = torch.logsumexp(torch.stack((logq + torch.log(beta_t), logp + torch.log1p(-beta_t))), dim=0)
     return beta * kl(logq, logm) + (1 - beta) * kl(logp, logm)
@@ -62,7 +64,7 @@ def assert_close(actual, expected, rtol=1e-6, atol=1e-6):
 
 
 KWARGS = [dict(divergence="reverse_kl"), dict(divergence="forward_kl"), dict(divergence="jsd", beta=0.3),
-          dict(divergence="jsd", beta=0.5)]
+          dict(divergence="jsd", beta=0.5), dict(divergence="mixed", beta=0.3)]
 
 
 # ------------------------------------------------------------------------------------------- value & grads

@@ -25,12 +25,14 @@ CASES = [
     ("jsd_teacher_smaller", "jsd", 0.5, 1.0, 112, 96, 90, torch.float32, (4, 2)),
     ("rkl_bf16_mismatch", "reverse_kl", 0.5, 1.0, 96, 112, 90, torch.bfloat16, (4, 2)),
     ("jsd_empty", "jsd", 0.5, 1.0, 96, 112, 90, torch.float32, (0, 2)),
+    ("mixed_mismatch", "mixed", 0.3, 0.9, 96, 112, 90, torch.float32, (3, 3)),
 ]
 # name, divergence, beta, temperature, Vs, Vt, real, chunk_size
 FUSED_CASES = [
     ("fused_rkl_mismatch", "reverse_kl", 0.5, 1.0, 96, 112, 90, 3),
     ("fused_jsd_pad", "jsd", 0.4, 1.3, 64, 64, 61, 4),
     ("fused_fkl_far_shift", "forward_kl", 0.5, 1.0, 64, 128, 60, 7),
+    ("fused_mixed_pad", "mixed", 0.6, 1.2, 64, 64, 61, 5),
 ]
 HIDDEN_S, HIDDEN_T = 8, 12
 # Re-run with disjoint TP sub-groups (world 4 -> 2 x TP2): the cases that exercise group-rank mapping.

@@ -6,7 +6,8 @@ Design decisions:
   not know whether they were rewritten. ``calibration.rewrite=false`` gives the OPD/SDFT baseline through
   exactly the same code path.
 - Empirical confidence p = correct / K over the K samples of each prompt (all samples of a prompt in the
-  batch count, whatever K is).
+  batch count, whatever K is); with ``calibration.confidence_source=self_consistency`` p is the anchored
+  agreement of ``calibration.self_consistency`` instead (no verifier needed).
 - Rewrite on: the response keeps its answer and its confidence span becomes ``Confidence: p``; it is
   re-tokenized (the answer's tokens are unchanged for whitespace-delimited tokenizers; for BPE a boundary
   token may merge differently, which is harmless since the revised text is what both models score). The
@@ -27,10 +28,12 @@ from caopd_megatron.data.confidence import (
     rewrite_privileged_context,
     rewrite_response_confidence,
 )
+from caopd_megatron.calibration.self_consistency import agreement, anchor_answer
 from caopd_megatron.config.schema import CalibrationConfig, DataConfig
-from caopd_megatron.data.grading import grade_rollouts
+from caopd_megatron.data.grading import grade_response, grade_rollouts
 from caopd_megatron.data.prompts import PromptRecord
 from caopd_megatron.data.records import DistillExample, RolloutRecord
+from caopd_megatron.data.tasks.base import get_normaliser, has_verifier
 from caopd_megatron.data.templates import PromptTemplates, render_student, render_teacher
 
 
@@ -57,12 +60,31 @@ def student_prompt_text(rec: PromptRecord, data: DataConfig) -> str:
     return render_student(templates(data), rec)
 
 
+def self_consistency_grades(rollouts: Sequence[RolloutRecord], prompts: Mapping[str, PromptRecord],
+                            marker: str) -> tuple[list[bool], list[bool]]:
+    """(agreement with each prompt's anchor, the logged verdict) per rollout (``calibration.self_consistency``)."""
+    answers: dict[str, list] = defaultdict(list)
+    for r in rollouts:
+        if r.prompt_id not in prompts:
+            raise KeyError(f"rollout refers to unknown prompt id {r.prompt_id!r}")
+        answers[r.prompt_id].append(get_normaliser(prompts[r.prompt_id].task)(r.text))
+    agrees = {pid: iter(agreement(a, anchor_answer(prompts[pid], default_demonstration(prompts[pid], marker))))
+              for pid, a in answers.items()}
+    agreed = [next(agrees[r.prompt_id]) for r in rollouts]
+    verdicts = [grade_response(prompts[r.prompt_id], r.text) if has_verifier(prompts[r.prompt_id].task) else a
+                for r, a in zip(rollouts, agreed)]
+    return agreed, verdicts
+
+
 def revise(rollouts: Sequence[RolloutRecord], prompts: Mapping[str, PromptRecord], tokenizer, data: DataConfig,
            calib: CalibrationConfig) -> list[DistillExample]:
     """Grade every rollout, compute p per prompt, and build the (rewritten or baseline) examples."""
-    correct = grade_rollouts(rollouts, prompts)
+    if calib.confidence_source == "self_consistency":
+        counted, correct = self_consistency_grades(rollouts, prompts, calib.marker)
+    else:
+        counted = correct = grade_rollouts(rollouts, prompts)
     by_prompt: dict[str, list[bool]] = defaultdict(list)
-    for r, c in zip(rollouts, correct):
+    for r, c in zip(rollouts, counted):
         by_prompt[r.prompt_id].append(c)
     p_of = {pid: empirical_confidence(cs) for pid, cs in by_prompt.items()}
 

@@ -12,6 +12,7 @@ Design decisions:
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from argparse import Namespace
@@ -25,11 +26,12 @@ from caopd_megatron.config.loader import to_yaml
 from caopd_megatron.config.schema import CaOPDConfig
 from caopd_megatron.data.records import DistillExample, RolloutRecord
 from caopd_megatron.data.records_io import read_records, write_records
+from caopd_megatron.evaluation.diagnostics_plot import plot_diagnostics
 from caopd_megatron.evaluation.evaluate import evaluate_model, write_eval
 from caopd_megatron.evaluation.reliability import plot_reliability
 from caopd_megatron.pipeline.session import Session, build_student, build_teacher, eval_prompts, open_session, train_prompts
 from caopd_megatron.pipeline.train import Trainer
-from caopd_megatron.rollout.engine import rollout
+from caopd_megatron.rollout.engine import prefix_rollout
 from caopd_megatron.runtime.distributed import is_main_rank
 from caopd_megatron.runtime.fault_injection import kill_point
 from caopd_megatron.runtime.guard import at_step
@@ -79,7 +81,8 @@ def cmd_rollout(cfg: CaOPDConfig, args: Namespace) -> None:
     s = open_session(cfg)
     t = _trainer(s)
     prompts = [t.prompts[i] for i in t.cursor.take(cfg.rollout.prompts_per_step)]
-    rows = rollout(t.student, prompts, s.tokenizer, cfg, s.vocab.real, step=args.step, desc="rollout")
+    rows = prefix_rollout(t.student, t.teacher, prompts, s.tokenizer, cfg, s.vocab.real, step=args.step,
+                          desc="rollout")
     if is_main_rank():  # every rank generated the same rows; one writes them
         write_records(args.out, rows)
     log.info("wrote %d rollouts of %d prompts to %s", len(rows), len(prompts), args.out)
@@ -105,6 +108,9 @@ def cmd_distill(cfg: CaOPDConfig, args: Namespace) -> None:
     e = t.learn(examples)
     t.write_history()
     _save(s, t)
+    if cfg.distill.diagnostics and is_main_rank() and t.log_path.is_file():
+        rows = [json.loads(line) for line in t.log_path.read_text().splitlines() if line]
+        log.info("diagnostics plot: %s", plot_diagnostics({"run": rows}, str(s.run_dir / "diagnostics.png")))
     log.info("distill step %d: loss %.4f grad norm %.3f lr %.2e", t.step, e.loss, e.grad_norm, e.lr)
 
 
@@ -141,6 +147,9 @@ def cmd_run(cfg: CaOPDConfig, args: Namespace) -> None:
     t.write_history()
     if saved != t.step:  # never the same step twice (a re-save opens a window with no complete copy)
         _save(s, t)
+    if cfg.distill.diagnostics and is_main_rank() and t.log_path.is_file():
+        rows = [json.loads(line) for line in t.log_path.read_text().splitlines() if line]
+        log.info("diagnostics plot: %s", plot_diagnostics({"run": rows}, str(s.run_dir / "diagnostics.png")))
     if t.step >= cfg.distill.steps:
         _write_final(s, t)
 

@@ -213,7 +213,12 @@ def load_config(files: Iterable[str | Path] = (), overrides: Sequence[str] = ())
     for path in files:
         cfg = _merge_yaml(cfg, Path(path))
     cfg = _apply_overrides(cfg, list(overrides))
-    obj = _typed_tree(CaOPDConfig, cfg, source="config")
+    try:
+        obj = _typed_tree(CaOPDConfig, cfg, source="config")
+    except ConfigError:
+        raise
+    except ValueError as exc:  # a section's own value check (``__post_init__``), e.g. DistillConfig's
+        raise ConfigError(str(exc)) from None
     for problem in out_of_range(obj):  # value ranges: config/validate.py
         raise ConfigError(problem)
     return obj

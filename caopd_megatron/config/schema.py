@@ -20,7 +20,8 @@ from typing import List, Literal, Optional
 # Choices are typed: the loader checks a value against its field's ``Literal`` (``config/loader.py``), and the
 # code that dispatches on a choice takes its names from these aliases (``typing.get_args``), so each list of
 # names has one home.
-Divergence = Literal["reverse_kl", "forward_kl", "jsd"]
+Divergence = Literal["reverse_kl", "forward_kl", "jsd", "mixed"]
+DistillLoss = Literal[Divergence, "vopd"]
 ParamsDtype = Literal["float32", "bfloat16", "float16"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 OnBadRow = Literal["fatal", "skip"]
@@ -143,6 +144,9 @@ class RolloutConfig:
     seed: int = 1234
     batch_size: int = 256  # sequences per generation batch
     output_format: Literal["jsonl", "parquet"] = "jsonl"
+    # Whose samples form the responses: the student's (on-policy) or the teacher's, drawn from its privileged
+    # prompt (sequence-level KD / soft-target SFT on teacher samples); grading, rewrite and distillation follow.
+    prefix_source: Literal["student", "teacher"] = "student"
 
 
 @dataclass
@@ -151,12 +155,20 @@ class CalibrationConfig:
     precision: int = 1  # decimals of the rewritten confidence (the embedded default's tokenizer has 0.0..1.0 tokens; 2 for real models)
     marker: str = CONFIDENCE_MARKER
     note_template: Optional[str] = "Note: {confidence}"
+    # verifier: p = share of the K samples the task's verifier accepts; self_consistency: share whose normalised
+    # answer equals the privileged demonstration's (the anchor), or the modal answer's share without one.
+    confidence_source: Literal["verifier", "self_consistency"] = "verifier"
 
 
 @dataclass
 class DistillConfig:
-    loss: Divergence = "reverse_kl"
+    loss: DistillLoss = "reverse_kl"  # a Divergence, or vopd (the sampled-token estimator)
     beta: float = 0.5  # JSD interpolation
+    mix_weight: float = 0.5  # mixed: weight w of forward KL in w KL(q||p) + (1 - w) KL(p||q)
+    vopd_baseline: Literal["none", "full", "top_k"] = "full"  # vopd: none | full (V = -KL(p||q)) | top_k (over the student's top_k)
+    vopd_reward_clip: Optional[float] = None  # vopd: clip r_t = log q(y_t) - log p(y_t) from below
+    top_k: int = 8  # the student's top-k support: vopd's top_k baseline and the teacher-tail diagnostic
+    diagnostics: bool = True  # per-step entropies, divergence, tail, advantage sd (answer / confidence tokens)
     temperature: float = 1.0
     skip_first_tokens: int = 0  # mask the first n response tokens out of the loss
     fused: bool = False  # fused chunked loss from hidden states and output weights
@@ -169,6 +181,14 @@ class DistillConfig:
     collapse_loss: float = 1e-9
     collapse_grad_norm: float = 1e-9
     collapse_steps: int = 5
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.mix_weight <= 1.0:
+            raise ValueError(f"distill.mix_weight must be in [0, 1], got {self.mix_weight}")
+        if self.top_k < 1:
+            raise ValueError(f"distill.top_k must be >= 1, got {self.top_k}")
+        if self.loss == "vopd" and self.fused:
+            raise ValueError("distill.loss=vopd runs on unfused logits: set distill.fused=false")
 
 
 @dataclass

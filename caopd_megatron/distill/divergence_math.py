@@ -10,7 +10,9 @@ Design decisions:
   end points included (``beta == 0`` *is* forward KL, ``beta == 1`` reverse KL; ``J_beta / beta`` and
   ``J_beta / (1 - beta)`` tend to them, tested). Analytic gradients (``g`` the incoming per-token gradient):
   reverse KL ``g p (log p - log q - L) / T``; forward KL ``g (p - q) / T``;
-  JSD ``g (1 - beta) p (log p - log m - KL(p||m)) / T``. The teacher never receives a gradient.
+  JSD ``g (1 - beta) p (log p - log m - KL(p||m)) / T``. ``mixed`` (weight ``w``, passed as ``beta``) is the
+  convex mix ``w KL(q||p) + (1 - w) KL(p||q)``, gradient the same mix of the two; its end points are the KLs.
+  The teacher never receives a gradient.
 - One collective for KL: each shard's statistics (row max, sum exp relative to it, KL numerator) are local
   and merged afterwards with the log-sum-exp rule from one all-gather of a few fp32 scalars per token; the
   gathered ``[tp, N, k]`` tensor is reduced locally in rank order, so the loss is bitwise identical on every
@@ -49,10 +51,13 @@ def resolve_divergence(divergence: str, beta: float, temperature: float) -> str:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if divergence != "jsd":
+    if divergence not in ("jsd", "mixed"):
         return divergence
     if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be in [0, 1], got {beta}")
+        raise ValueError(f"{'beta' if divergence == 'jsd' else 'mix weight'} must be in [0, 1], got {beta}")
+    if divergence == "mixed":
+        # w KL(q||p) + (1 - w) KL(p||q): its end points are exactly the KLs.
+        return {0.0: "reverse_kl", 1.0: "forward_kl"}.get(float(beta), "mixed")
     # TRL's GKD end points: the rescaled limits of J_beta (see the module docstring).
     return {0.0: "forward_kl", 1.0: "reverse_kl"}.get(float(beta), "jsd")
 
@@ -202,6 +207,14 @@ class VocabParallelDivergence:
     def forward_kl_grad_(logp: torch.Tensor, logq: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """``scale * (p - q)`` ``[c, n]`` (into ``logp``)."""
         return logp.exp_().sub_(logq.exp_()).mul_(scale.unsqueeze(-1))
+
+    @staticmethod
+    def mixed_kl_grad_(logp: torch.Tensor, logq: torch.Tensor, scratch: torch.Tensor, kl_pq: torch.Tensor,
+                       weight: float, scale: torch.Tensor) -> torch.Tensor:
+        """``scale * (w (p - q) + (1 - w) p (log p - log q - KL(p||q)))`` ``[c, n]`` (into ``logq``)."""
+        q = scratch.copy_(logq).exp_()
+        grad = VocabParallelDivergence.reverse_kl_grad_(logp, logq, kl_pq, scale * (1.0 - weight))  # logp is now p
+        return grad.add_(logp.sub_(q).mul_((scale * weight).unsqueeze(-1)))
 
     @staticmethod
     def jsd_grad_(

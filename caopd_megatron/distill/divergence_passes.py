@@ -4,7 +4,8 @@ Design decisions:
 - A ``ShardPass`` names what every pass reads: the divergence, the student's and the realigned teacher's
   pieces over this rank's ``n`` real columns of ``[N, V/tp]`` (on the TP group), the temperature, beta, and
   the student shard's size, which sizes the work buffers. Its passes return per-token statistics; only
-  ``forward`` communicates (one all-gather for KL, two for JSD), ``write_grad`` never does.
+  ``forward`` communicates (one all-gather for KL and mixed, two for JSD), ``write_grad`` never does; its
+  first all-gather can carry extra per-token columns (``forward_with``: the diagnostics ride on it).
 - Memory: nothing logits-sized in fp32 is kept between forward and backward. Each pass reads the caller's
   pieces (any float dtype) in row chunks into at most 4 reusable fp32 work buffers sized to
   ``max(WORK_BUFFER_FRACTION * shard_bytes, MIN_WORK_BYTES)``; backward recomputes ``log p``, ``log q``
@@ -49,7 +50,8 @@ def token_chunks(num_rows: int, chunk_rows: int) -> Iterator[Tuple[slice, int]]:
 class TokenStats(NamedTuple):
     """Per-token ``[N]`` fp32 results of a forward pass, identical on every rank of the TP group.
 
-    ``aux`` is KL(p||q) for reverse KL, KL(q||p) for forward KL (unused by its gradient), KL(p||m) for JSD.
+    ``aux`` is KL(p||q) for reverse KL and mixed, KL(q||p) for forward KL (unused by its gradient), KL(p||m)
+    for JSD.
     """
 
     loss: torch.Tensor
@@ -65,6 +67,16 @@ class TokenStats(NamedTuple):
         return TokenStats(empty, empty, empty, empty, empty, empty)
 
     @staticmethod
+    def from_local(gathered: torch.Tensor, kind: str, temperature: float, beta: float) -> "TokenStats":
+        """``[tp, N, 5]`` (mixed: 10) gathered ``ShardPass.local_stats`` -> the token statistics."""
+        if kind != "mixed":
+            return TokenStats.from_kl(gathered, kind, temperature)
+        reverse = TokenStats.from_kl(gathered[..., :5], "reverse_kl", temperature)
+        forward = TokenStats.from_kl(gathered[..., 5:], "forward_kl", temperature)
+        # beta carries the forward-KL weight w; aux keeps KL(p||q), which the reverse part's gradient needs.
+        return reverse._replace(loss=beta * forward.loss + (1.0 - beta) * reverse.loss)
+
+    @staticmethod
     def from_kl(gathered: torch.Tensor, kind: str, temperature: float) -> "TokenStats":
         """``[tp, N, 5]`` gathered ``ShardPass.kl_stats`` of a KL divergence -> its token statistics."""
         norm_x, norm_y, kl = _Math.merge_kl_stats(gathered, temperature)
@@ -76,13 +88,13 @@ class TokenStats(NamedTuple):
 class ShardPass:
     """One rank's inputs to the chunked passes over ``num_rows`` tokens and its ``num_cols`` real columns."""
 
-    kind: str  # reverse_kl | forward_kl | jsd (already resolved)
+    kind: str  # reverse_kl | forward_kl | jsd | mixed (already resolved)
     student: Sequence[Piece]  # covering [0, num_cols) of [num_rows, Vs/tp]
     teacher: Sequence[Piece]  # realigned teacher covering [0, num_cols)
     num_rows: int
     num_cols: int
     temperature: float
-    beta: float
+    beta: float  # JSD's beta; for mixed the forward-KL weight w
     reference_bytes: int  # bytes of the student shard: sizes the work buffers
     device: torch.device
 
@@ -98,12 +110,16 @@ class ShardPass:
         rows = rows_per_chunk(self.num_rows, self.num_cols, self.reference_bytes, num_buffers)
         return rows, torch.empty((num_buffers, rows, self.num_cols), dtype=torch.float32, device=self.device)
 
-    def kl_stats(self) -> torch.Tensor:
-        """Local ``[num_rows, 5]`` statistics of the KL (see ``kl_partial_stats_``); no communication."""
+    def kl_stats(self, kind: Optional[str] = None) -> torch.Tensor:
+        """Local ``[num_rows, 5]`` statistics of the KL ``kind`` (default: this pass's; see ``kl_partial_stats_``).
+
+        No communication.
+        """
         if self.num_cols == 0:
             empty = torch.tensor([-math.inf, 0.0, -math.inf, 0.0, 0.0], device=self.device)
             return empty.expand(self.num_rows, 5).clone()
-        x_pieces, y_pieces = (self.student, self.teacher) if self.kind == "reverse_kl" else (self.teacher, self.student)
+        kind = kind or self.kind
+        x_pieces, y_pieces = (self.student, self.teacher) if kind == "reverse_kl" else (self.teacher, self.student)
         stats = torch.empty((self.num_rows, 5), dtype=torch.float32, device=self.device)
         chunk_rows, work = self._work_buffers(3)
         for rows, c in token_chunks(self.num_rows, chunk_rows):
@@ -141,17 +157,37 @@ class ShardPass:
             stats[rows] = _Math.jsd_partial_stats_(logp, logq, work[2, :c], self.beta)
         return stats
 
+    def local_stats(self) -> torch.Tensor:
+        """Local ``[num_rows, 5]`` (mixed: 10) statistics of a one-collective divergence (KL, mixed)."""
+        if self.kind == "mixed":
+            return torch.cat((self.kl_stats("reverse_kl"), self.kl_stats("forward_kl")), dim=-1)
+        return self.kl_stats()
+
     def forward(self, tp_group: Optional[dist.ProcessGroup]) -> TokenStats:
         """Global per-token statistics, the same on all ranks of tp_group (1 collective for KL, 2 for JSD)."""
+        return self.forward_with(tp_group, None)[0]
+
+    def forward_with(self, tp_group: Optional[dist.ProcessGroup],
+                     extra: Optional[torch.Tensor]) -> Tuple[TokenStats, Optional[torch.Tensor]]:
+        """``forward`` whose first collective also carries ``extra`` ``[num_rows, k]`` local columns.
+
+        Returns the statistics and the gathered ``[tp, num_rows, k]`` extra columns (None without ``extra``).
+        The divergence's own columns are merged exactly as without ``extra`` (bitwise the same statistics).
+        """
         if self.kind != "jsd":
-            return TokenStats.from_kl(_Math.gather_token_stats(self.kl_stats(), tp_group), self.kind, self.temperature)
+            local = self.local_stats()
+            width = local.shape[-1]
+            gathered = _Math.gather_token_stats(local if extra is None else torch.cat((local, extra), -1), tp_group)
+            return TokenStats.from_local(gathered[..., :width], self.kind, self.temperature, self.beta), None if extra is None else gathered[..., width:]
         # JSD collective 1 of 2: per-shard (max, sum exp) of student and teacher.
-        gathered = _Math.gather_token_stats(self.lse_stats(), tp_group)
+        local = self.lse_stats()
+        gathered = _Math.gather_token_stats(local if extra is None else torch.cat((local, extra), -1), tp_group)
         norm_s = _Math.merge_log_normaliser(gathered[..., 0], gathered[..., 1], self.temperature)
         norm_t = _Math.merge_log_normaliser(gathered[..., 2], gathered[..., 3], self.temperature)
         # JSD collective 2 of 2: per-shard KL(q||m), KL(p||m) partial sums, summed in rank order.
         kl_qm, kl_pm = _Math.gather_token_stats(self.jsd_stats(norm_s, norm_t), tp_group).sum(dim=0).unbind(dim=-1)
-        return TokenStats(self.beta * kl_qm + (1.0 - self.beta) * kl_pm, *norm_s, *norm_t, kl_pm)
+        stats = TokenStats(self.beta * kl_qm + (1.0 - self.beta) * kl_pm, *norm_s, *norm_t, kl_pm)
+        return stats, None if extra is None else gathered[..., 4:]
 
     def write_grad(self, norm_s: Tuple[torch.Tensor, torch.Tensor], norm_t: Tuple[torch.Tensor, torch.Tensor],
                    aux: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
@@ -162,8 +198,8 @@ class ShardPass:
         """
         if self.num_cols == 0 or self.num_rows == 0:
             return
-        # JSD: 3 buffers + the softplus temporary.
-        chunk_rows, work = self._work_buffers(4 if self.kind == "jsd" else 2)
+        # JSD: 3 buffers + the softplus temporary; mixed: 3.
+        chunk_rows, work = self._work_buffers({"jsd": 4, "mixed": 3}.get(self.kind, 2))
         for rows, c in token_chunks(self.num_rows, chunk_rows):
             logp = _Math.load_log_probs_(work[0, :c], self.student, rows, self.temperature, *norm_s)
             logq = _Math.load_log_probs_(work[1, :c], self.teacher, rows, self.temperature, *norm_t)
@@ -171,6 +207,8 @@ class ShardPass:
                 grad = _Math.reverse_kl_grad_(logp, logq, aux[rows], scale[rows])
             elif self.kind == "forward_kl":
                 grad = _Math.forward_kl_grad_(logp, logq, scale[rows])
+            elif self.kind == "mixed":
+                grad = _Math.mixed_kl_grad_(logp, logq, work[2, :c], aux[rows], self.beta, scale[rows])
             else:
                 grad = _Math.jsd_grad_(logp, logq, aux[rows], self.beta, scale[rows])
             out[rows].copy_(grad)

@@ -27,6 +27,7 @@ from torch.autograd.function import once_differentiable
 from caopd_megatron.distill.divergence_math import VocabParallelDivergence as _Math
 from caopd_megatron.distill.divergence_math import resolve_divergence
 from caopd_megatron.distill.divergence_passes import ShardPass, TokenStats, token_chunks
+from caopd_megatron.distill.token_diagnostics import DiagnosticsSink, local_columns, merge_columns, num_columns
 from caopd_megatron.distill.vocab_realign import (
     effective_tp_group,
     real_range,
@@ -49,7 +50,7 @@ class _FusedChunkedDivergence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student_hidden, student_weight, teacher_hidden, teacher_weight, kind, temperature, beta,
-                real_vocab_size, chunk_size, tp_group):
+                real_vocab_size, chunk_size, tp_group, sink):
         hidden = student_hidden.reshape(-1, student_hidden.shape[-1])  # [N, h_s], replicated on tp_group
         teacher_h = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])  # [N, h_t]
         num_rows = hidden.shape[0]
@@ -61,19 +62,33 @@ class _FusedChunkedDivergence(torch.autograd.Function):
         w_pieces = realign_teacher(teacher_weight, 0, student_weight.shape[0], real_vocab_size, tp_group)
         device = student_hidden.device
         token_stats = torch.empty((len(TokenStats._fields), num_rows), dtype=torch.float32, device=device)
-        local_kl = torch.empty((num_rows, 5), dtype=torch.float32, device=device)
+        local_kl = torch.empty((num_rows, 10 if kind == "mixed" else 5), dtype=torch.float32, device=device)
+        # Diagnostics columns (local, then gathered for JSD's per-chunk collectives) ride on the loss's gathers.
+        diag = None if sink is None else torch.empty((num_rows, num_columns(sink.top_k)), device=device)
+        gathered_diag = [] if sink is not None else None
         for rows, _ in token_chunks(num_rows, chunk_size):
             logits, t_logits = _chunk_logits(hidden[rows], weight_real, teacher_h[rows], w_pieces)
             shard = ShardPass.over_logits(logits, num_cols, t_logits, kind, temperature, beta)
+            if sink is not None:
+                diag[rows] = local_columns(shard, sink.top_k)
             if kind == "jsd":
                 # Two collectives per chunk: recomputing the matmuls for a second pass would cost more.
-                token_stats[:, rows] = torch.stack(shard.forward(tp_group))
+                chunk_stats, columns = shard.forward_with(tp_group, None if sink is None else diag[rows])
+                token_stats[:, rows] = torch.stack(chunk_stats)
+                if sink is not None:
+                    gathered_diag.append(columns)
             else:
-                local_kl[rows] = shard.kl_stats()
+                local_kl[rows] = shard.local_stats()
             del logits, t_logits, shard
         stats = TokenStats(*token_stats)
         if kind != "jsd" and num_rows > 0:
-            stats = TokenStats.from_kl(_Math.gather_token_stats(local_kl, tp_group), kind, temperature)
+            local = local_kl if sink is None else torch.cat((local_kl, diag), dim=-1)
+            gathered = _Math.gather_token_stats(local, tp_group)
+            stats = TokenStats.from_local(gathered[..., :local_kl.shape[-1]], kind, temperature, beta)
+            if sink is not None:
+                gathered_diag.append(gathered[..., local_kl.shape[-1]:])
+        if sink is not None and num_rows > 0:
+            sink.add(merge_columns(torch.cat(gathered_diag, dim=1), temperature, sink.top_k), stats.loss, None)
         ctx.save_for_backward(student_hidden, student_weight, teacher_hidden, *(p[2] for p in w_pieces),
                               *stats[1:])
         ctx.piece_bounds = [p[:2] for p in w_pieces]
@@ -117,7 +132,7 @@ class _FusedChunkedDivergence(torch.autograd.Function):
             dist.all_reduce(grad_hidden, op=dist.ReduceOp.SUM, group=ctx.tp_group)
         return (grad_hidden.view(student_hidden.shape) if need_hidden else None,
                 grad_weight.to(student_weight.dtype) if need_weight else None,
-                None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None)
 
 
 def fused_chunked_divergence(
@@ -132,6 +147,7 @@ def fused_chunked_divergence(
     temperature: float = 1.0,
     real_vocab_size: Optional[int] = None,
     tp_group: Optional[dist.ProcessGroup] = None,
+    diagnostics: Optional[DiagnosticsSink] = None,
 ) -> torch.Tensor:
     """Output layer + ``vocab_parallel_divergence`` without materialising more than one chunk of logits.
 
@@ -142,7 +158,7 @@ def fused_chunked_divergence(
         teacher_hidden: ``[s, b, h_t]``, replicated on tp_group; no gradient.
         teacher_weight: ``[Vt/tp, h_t]`` on tp_group; no gradient.
         chunk_size: tokens per chunk (the last chunk may be shorter).
-        divergence, beta, temperature, real_vocab_size, tp_group: as in ``vocab_parallel_divergence``.
+        divergence, beta, temperature, real_vocab_size, tp_group, diagnostics: as in ``vocab_parallel_divergence``.
     Returns:
         ``[s, b]`` fp32 per-token loss, identical on every rank of tp_group; equal (up to matmul rounding)
         to ``vocab_parallel_divergence(student_hidden @ student_weight.T, teacher_hidden @ teacher_weight.T)``.
@@ -156,4 +172,4 @@ def fused_chunked_divergence(
     real_vocab = resolve_real_vocab(student_weight.shape[0], teacher_weight.shape[0], real_vocab_size, tp_group)
     return _FusedChunkedDivergence.apply(student_hidden, student_weight, teacher_hidden.detach(),
                                          teacher_weight.detach(), kind, float(temperature), float(beta),
-                                         real_vocab, int(chunk_size), tp_group)
+                                         real_vocab, int(chunk_size), tp_group, diagnostics)

@@ -2,10 +2,10 @@
 
 Design decisions:
 - ``vocab_parallel_divergence`` is the unfused loss: the caller has the student's and the teacher's logits
-  (``[..., V/tp]`` on the TP group). One ``torch.autograd.Function`` serves every divergence, with the
-  analytic backward of ``divergence_math`` (no autograd graph through the softmax, no second backward).
-  The output-layer-fused variant is ``fused_output_loss.fused_chunked_divergence``; the sampled-token
-  estimator is ``sampled_token.sampled_token_advantage``.
+  (``[..., V/tp]`` on the TP group). One ``torch.autograd.Function`` serves every divergence (reverse and
+  forward KL, JSD, their ``mixed``), with the analytic backward of ``divergence_math`` (no autograd graph
+  through the softmax, no second backward). The output-layer-fused variant is
+  ``fused_output_loss.fused_chunked_divergence``; the sampled-token estimator (vOPD) is ``sampled_token``.
 - Forward saves only the inputs, the received teacher slices and five per-token scalars; backward
   recomputes ``log p``/``log q`` chunk by chunk (``divergence_passes``) and issues no collective.
 - fp32 arithmetic whatever the input dtype; the loss is fp32 and the gradient comes back in the student's
@@ -23,6 +23,7 @@ from torch.autograd.function import once_differentiable
 
 from caopd_megatron.distill.divergence_math import resolve_divergence
 from caopd_megatron.distill.divergence_passes import ShardPass, TokenStats
+from caopd_megatron.distill.token_diagnostics import DiagnosticsSink, local_columns, merge_columns
 from caopd_megatron.distill.vocab_realign import effective_tp_group, layout_logits, resolve_real_vocab
 
 
@@ -30,11 +31,18 @@ class _VocabParallelDivergenceFunction(torch.autograd.Function):
     """Per-token divergence of vocab-parallel logits; backward is the analytic ``dL/dz_s`` (no collective)."""
 
     @staticmethod
-    def forward(ctx, student_logits, teacher_logits, kind, temperature, beta, real_vocab_size, tp_group):
+    def forward(ctx, student_logits, teacher_logits, kind, temperature, beta, real_vocab_size, tp_group, sink):
         layout = layout_logits(student_logits, teacher_logits, real_vocab_size, tp_group)
         shard = ShardPass.over_logits(layout.student_2d, layout.num_cols, layout.teacher_pieces, kind, temperature,
                                       beta)
-        stats = TokenStats.empty(student_logits.device) if shard.num_rows == 0 else shard.forward(tp_group)
+        if shard.num_rows == 0:
+            stats = TokenStats.empty(student_logits.device)
+        elif sink is None:
+            stats = shard.forward(tp_group)
+        else:
+            # The diagnostics ride on the divergence's first collective.
+            stats, columns = shard.forward_with(tp_group, local_columns(shard, sink.top_k))
+            sink.add(merge_columns(columns, temperature, sink.top_k), stats.loss, None)
         # Only inputs, received teacher slices and five per-token scalars: backward recomputes the rest.
         ctx.save_for_backward(student_logits, *(piece[2] for piece in layout.teacher_pieces), *stats[1:])
         ctx.piece_bounds = [piece[:2] for piece in layout.teacher_pieces]
@@ -53,7 +61,7 @@ class _VocabParallelDivergenceFunction(torch.autograd.Function):
         shard = ShardPass.over_logits(student_2d, num_cols, teacher_pieces, ctx.kind, ctx.temperature, ctx.beta)
         shard.write_grad((max_s, log_z_s), (max_t, log_z_t), aux, grad_loss.reshape(-1).float() / ctx.temperature,
                          grad_2d[:, :num_cols])
-        return grad_2d.view(student_logits.shape), None, None, None, None, None, None
+        return grad_2d.view(student_logits.shape), None, None, None, None, None, None, None
 
 
 def vocab_parallel_divergence(
@@ -65,6 +73,7 @@ def vocab_parallel_divergence(
     temperature: float = 1.0,
     real_vocab_size: Optional[int] = None,
     tp_group: Optional[dist.ProcessGroup] = None,
+    diagnostics: Optional[DiagnosticsSink] = None,
 ) -> torch.Tensor:
     """Per-token divergence between vocab-parallel student and teacher logits.
 
@@ -73,11 +82,13 @@ def vocab_parallel_divergence(
             rank r of tp_group; any float dtype; receives the gradient (same dtype and shape).
         teacher_logits: ``[..., Vt/tp]`` likewise for the teacher (``Vt`` may differ from ``Vs``); detached.
         divergence: ``"reverse_kl"`` KL(p||q), ``"forward_kl"`` KL(q||p), ``"jsd"`` generalised JSD(beta)
-            (beta 0 / 1 give forward / reverse KL, as in TRL's GKD).
+            (beta 0 / 1 give forward / reverse KL, as in TRL's GKD), ``"mixed"`` ``beta KL(q||p) +
+            (1 - beta) KL(p||q)`` (beta is then the forward-KL weight).
         temperature: both distributions are ``softmax(logits / temperature)``.
         real_vocab_size: ids ``>= real_vocab_size`` are padding and get no mass and zero gradient;
             ``None`` means every entry is real (requires ``Vs == Vt``).
         tp_group: the tensor-parallel group over which the vocabulary is sharded; ``None`` = single shard.
+        diagnostics: receives the per-token diagnostics (``token_diagnostics``), computed on the same collective.
     Returns:
         ``[...]`` fp32 per-token loss, replicated (bitwise identical) on every rank of tp_group.
     """
@@ -89,7 +100,7 @@ def vocab_parallel_divergence(
     tp_group = effective_tp_group(tp_group)
     real_vocab = resolve_real_vocab(student_logits.shape[-1], teacher_logits.shape[-1], real_vocab_size, tp_group)
     return _VocabParallelDivergenceFunction.apply(student_logits, teacher_logits.detach(), kind, float(temperature),
-                                                  float(beta), real_vocab, tp_group)
+                                                  float(beta), real_vocab, tp_group, diagnostics)
 
 
 def masked_sequence_mean(per_token_loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

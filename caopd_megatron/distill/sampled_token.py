@@ -1,12 +1,19 @@
-"""The sampled-token estimator of the on-policy reverse-KL objective, with its closed-form baseline.
+"""vOPD: the sampled-token estimator of the on-policy reverse-KL objective, with its closed-form baseline.
 
 Design decisions:
 - For a sampled token ``y_t ~ p`` the reward is ``r_t = log q(y_t) - log p(y_t)`` (its expectation under p
-  is ``-KL(p||q)``), so ``r_t - V(s_t)`` with ``V(s_t) = -KL(p||q)(s_t)`` is a zero-mean, lower-variance
-  advantage for a policy-gradient update. Not wired into the step yet; a config choice will select it.
-- No gradient. It reuses the reverse-KL statistics pass of ``divergence_passes`` and rides on its single
-  all-gather: two extra per-token columns carry the sampled logits, contributed by the TP rank that owns
-  the id and 0 elsewhere.
+  is ``-KL(p||q)``), so ``A_t = r_t - V(s_t)`` with ``V(s_t) = -KL(p||q)(s_t)`` is a zero-mean, lower-variance
+  advantage; the detached ``A_t`` drives a policy-gradient step on ``-A_t log p(y_t)``, whose expectation
+  over ``y_t ~ p`` is the exact reverse-KL gradient (tested by Monte Carlo).
+- Baselines (``distill.vopd_baseline``): ``none`` (V = 0, the plain estimator), ``full`` (V = -KL over the
+  whole real vocabulary, from the reverse-KL statistics) and ``top_k`` (V = the expected reward under the
+  student renormalised on its top-k: ``sum_{j in top-k} p~_j (log q_j - log p_j)``). ``vopd_reward_clip``
+  clips ``r_t`` from below before the baseline is subtracted (the baseline itself is not clipped).
+- One collective: the reverse-KL all-gather carries two extra per-token columns (the sampled token's logits,
+  contributed by the TP rank that owns the id and 0 elsewhere) and, for the top-k baseline or diagnostics,
+  the support columns of ``token_diagnostics``. Backward ``g A (p - e_y) / T`` is local to each shard.
+- The loss's *value* is the full-vocabulary KL(p||q) (what the other objectives report); only its gradient
+  is the sampled estimator. Unfused logits only (``distill.fused`` is refused at start-up).
 """
 from __future__ import annotations
 
@@ -14,10 +21,17 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from torch.autograd.function import once_differentiable
 
 from caopd_megatron.distill.divergence_math import VocabParallelDivergence as _Math
 from caopd_megatron.distill.divergence_math import resolve_divergence
-from caopd_megatron.distill.divergence_passes import ShardPass, TokenStats
+from caopd_megatron.distill.divergence_passes import ShardPass, TokenStats, rows_per_chunk, token_chunks
+from caopd_megatron.distill.token_diagnostics import (
+    DiagnosticsSink,
+    local_columns,
+    merge_columns,
+    top_k_expected_reward,
+)
 from caopd_megatron.distill.vocab_realign import (
     Piece,
     effective_tp_group,
@@ -25,6 +39,8 @@ from caopd_megatron.distill.vocab_realign import (
     resolve_real_vocab,
     tp_rank_and_size,
 )
+
+BASELINES = ("none", "full", "top_k")
 
 
 class SampledTokenAdvantage(NamedTuple):
@@ -67,27 +83,131 @@ def sampled_token_advantage(
         student_logits, teacher_logits: as in ``vocab_parallel_divergence`` (on tp_group).
         sampled_tokens: ``[...]`` integer ids ``< real_vocab_size`` (global ids, replicated on tp_group).
     """
-    kind = resolve_divergence("reverse_kl", 0.0, temperature)
     tp_group = effective_tp_group(tp_group)
     real_vocab = resolve_real_vocab(student_logits.shape[-1], teacher_logits.shape[-1], real_vocab_size, tp_group)
-    layout = layout_logits(student_logits, teacher_logits, real_vocab, tp_group)
-    shard = ShardPass.over_logits(layout.student_2d, layout.num_cols, layout.teacher_pieces, kind,
-                                  float(temperature), 0.0)
+    sampled = _sampled_forward(student_logits, teacher_logits, sampled_tokens, float(temperature), real_vocab,
+                               tp_group, 0)
     shape = student_logits.shape[:-1]
-    if shard.num_rows == 0:
-        empty = torch.zeros(shape, dtype=torch.float32, device=student_logits.device)
-        return SampledTokenAdvantage(empty, empty.clone(), empty.clone())
+    kl = sampled.stats.loss
+    return SampledTokenAdvantage((sampled.log_ratio + kl).view(shape), sampled.log_ratio.view(shape), kl.view(shape))
+
+
+class _SampledForward(NamedTuple):
+    """What one forward pass yields for ``N`` tokens (all ``[N]`` fp32, replicated on tp_group)."""
+
+    shard: ShardPass
+    stats: TokenStats  # reverse-KL statistics: loss = KL(p||q), student/teacher normalisers
+    log_ratio: torch.Tensor  # r_t = log q(y_t) - log p(y_t)
+    local_ids: torch.Tensor  # [N] sampled id minus this shard's first column
+    owned: torch.Tensor  # [N] bool: the id lies in this shard's real columns
+    columns: Optional[torch.Tensor]  # [tp, N, 6 + 2k] gathered support columns (top_k > 0)
+
+
+def _sampled_forward(student_logits: torch.Tensor, teacher_logits: torch.Tensor, sampled_tokens: torch.Tensor,
+                     temperature: float, real_vocab: int, tp_group, top_k: int) -> _SampledForward:
+    """Reverse-KL statistics, the sampled tokens' log-ratio and (``top_k`` > 0) support columns: one collective."""
+    kind = resolve_divergence("reverse_kl", 0.0, temperature)
+    layout = layout_logits(student_logits, teacher_logits, real_vocab, tp_group)
+    shard = ShardPass.over_logits(layout.student_2d, layout.num_cols, layout.teacher_pieces, kind, temperature, 0.0)
     rank, _ = tp_rank_and_size(tp_group)
     ids = sampled_tokens.reshape(-1).to(torch.long) - rank * layout.student_2d.shape[1]
     owned = (ids >= 0) & (ids < shard.num_cols)
-    local = torch.cat((shard.kl_stats(), _owned_values(shard.student, ids, owned).unsqueeze(-1),
-                       _owned_values(shard.teacher, ids, owned).unsqueeze(-1)), dim=-1)
-    gathered = _Math.gather_token_stats(local, tp_group)
+    if shard.num_rows == 0:
+        empty = torch.zeros(0, dtype=torch.float32, device=student_logits.device)
+        return _SampledForward(shard, TokenStats.empty(student_logits.device), empty, ids, owned, None)
+    local = [shard.kl_stats(), _owned_values(shard.student, ids, owned).unsqueeze(-1),
+             _owned_values(shard.teacher, ids, owned).unsqueeze(-1)]
+    if top_k:
+        local.append(local_columns(shard, top_k))
+    gathered = _Math.gather_token_stats(torch.cat(local, dim=-1), tp_group)
     stats = TokenStats.from_kl(gathered[..., :5], kind, shard.temperature)
     # Exactly one rank owns each id, the others add zeros, so the sum is the owner's (raw) logit.
-    sampled_s, sampled_t = gathered[..., 5:].sum(dim=0).unbind(dim=-1)
+    sampled_s, sampled_t = gathered[..., 5:7].sum(dim=0).unbind(dim=-1)
     log_q = _Math.scale_(sampled_t - stats.max_t, shard.temperature) - stats.log_z_t
     log_p = _Math.scale_(sampled_s - stats.max_s, shard.temperature) - stats.log_z_s
-    log_ratio = log_q - log_p
-    kl = stats.loss
-    return SampledTokenAdvantage((log_ratio + kl).view(shape), log_ratio.view(shape), kl.view(shape))
+    return _SampledForward(shard, stats, log_q - log_p, ids, owned, gathered[..., 7:] if top_k else None)
+
+
+class _SampledTokenPolicyGradient(torch.autograd.Function):
+    """Value KL(p||q) per token; gradient ``g A (p - e_y) / T`` with the detached advantage A (no collective)."""
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, sampled_tokens, temperature, real_vocab_size, tp_group,
+                baseline, top_k, reward_clip, sink):
+        # One support serves the baseline and the diagnostics (with the top_k baseline, its k for both).
+        support_k = top_k if baseline == "top_k" else (sink.top_k if sink is not None else 0)
+        out = _sampled_forward(student_logits, teacher_logits, sampled_tokens, temperature, real_vocab_size,
+                               tp_group, support_k)
+        support = None if out.columns is None else merge_columns(out.columns, temperature, support_k)
+        reward = out.log_ratio if reward_clip is None else out.log_ratio.clamp(min=reward_clip)
+        if baseline == "full":
+            advantage = reward + out.stats.loss  # V = -KL(p||q)
+        elif baseline == "top_k":
+            advantage = reward - top_k_expected_reward(support)
+        else:
+            advantage = reward
+        if sink is not None and out.shard.num_rows > 0:
+            sink.add(support, out.stats.loss, advantage)
+        ctx.save_for_backward(student_logits, out.stats.max_s, out.stats.log_z_s, advantage, out.local_ids, out.owned)
+        ctx.num_cols, ctx.temperature = out.shard.num_cols, temperature
+        return out.stats.loss.view(student_logits.shape[:-1])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        student_logits, max_s, log_z_s, advantage, local_ids, owned = ctx.saved_tensors
+        num_cols, temperature = ctx.num_cols, ctx.temperature
+        student_2d = student_logits.reshape(-1, student_logits.shape[-1])
+        grad_2d = torch.zeros_like(student_2d, memory_format=torch.contiguous_format)
+        num_rows = student_2d.shape[0]
+        if num_cols == 0 or num_rows == 0:
+            return grad_2d.view(student_logits.shape), *([None] * 9)
+        weight = grad_loss.reshape(-1).float() * advantage / temperature  # [N]: g A / T
+        pieces = [(0, num_cols, student_2d[:, :num_cols])]
+        chunk = rows_per_chunk(num_rows, num_cols, student_2d.numel() * student_2d.element_size(), 1)
+        work = torch.empty((chunk, num_cols), dtype=torch.float32, device=student_2d.device)
+        for rows, c in token_chunks(num_rows, chunk):
+            p = _Math.load_log_probs_(work[:c], pieces, rows, temperature, max_s, log_z_s).exp_()
+            grad_2d[rows, :num_cols] = p.mul_(weight[rows].unsqueeze(-1))
+        # The sampled token's -g A / T, on the rank that owns its id.
+        rows = owned.nonzero().squeeze(-1)
+        grad_2d[rows, local_ids[rows]] -= weight[rows].to(grad_2d.dtype)
+        return grad_2d.view(student_logits.shape), *([None] * 9)
+
+
+def sampled_token_policy_gradient(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    sampled_tokens: torch.Tensor,
+    *,
+    baseline: str = "full",
+    top_k: int = 8,
+    reward_clip: Optional[float] = None,
+    temperature: float = 1.0,
+    real_vocab_size: Optional[int] = None,
+    tp_group: Optional[dist.ProcessGroup] = None,
+    diagnostics: Optional[DiagnosticsSink] = None,
+) -> torch.Tensor:
+    """vOPD per token: value KL(p||q), gradient the policy gradient of ``-A_t log p(y_t)`` (A detached).
+
+    Args:
+        student_logits, teacher_logits, temperature, real_vocab_size, tp_group, diagnostics: as in
+            ``losses.vocab_parallel_divergence`` (``[..., V/tp]`` on tp_group).
+        sampled_tokens: ``[...]`` global ids ``< real_vocab_size`` of the response tokens, replicated on tp_group.
+        baseline: ``none`` | ``full`` | ``top_k`` (see the module docstring); ``top_k``: its support size.
+        reward_clip: lower bound on ``r_t`` (None: no clipping).
+    Returns:
+        ``[...]`` fp32 KL(p||q), replicated on tp_group; its gradient w.r.t. ``student_logits`` is the estimator's.
+    """
+    if baseline not in BASELINES:
+        raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
+    if baseline == "top_k" and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 for the top_k baseline, got {top_k}")
+    if student_logits.shape[:-1] != teacher_logits.shape[:-1] or student_logits.shape[:-1] != sampled_tokens.shape:
+        raise ValueError(f"token shapes differ: {tuple(student_logits.shape)}, {tuple(teacher_logits.shape)}, "
+                         f"{tuple(sampled_tokens.shape)}")
+    tp_group = effective_tp_group(tp_group)
+    real_vocab = resolve_real_vocab(student_logits.shape[-1], teacher_logits.shape[-1], real_vocab_size, tp_group)
+    return _SampledTokenPolicyGradient.apply(student_logits, teacher_logits.detach(), sampled_tokens,
+                                             float(temperature), real_vocab, tp_group, baseline, int(top_k),
+                                             None if reward_clip is None else float(reward_clip), diagnostics)

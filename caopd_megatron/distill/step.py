@@ -3,7 +3,9 @@
 Design decisions (long form: ``parallel/design.md``):
 - One body for one process, TP, PP, DP, SP and their products: packed micro-batches of this DP rank's slice
   go through megatron's schedule (``distill/schedule.py``); the teacher runs first, forward-only, keeping
-  its final hidden states at response positions; ``response_divergence`` is the one loss entry point.
+  its final hidden states at response positions; ``response_divergence`` is the one loss entry point and
+  picks the objective (``distill.loss``: a divergence of ``losses``/``fused_output_loss``, or vOPD of
+  ``sampled_token`` on the response tokens); an optional ``StepDiagnostics`` rides along.
 - Weights come from *global* counts every rank knows without communication: a distillation micro-batch
   weighs ``its valid sequences / the step's`` (mean over a sequence's tokens, then over sequences), a
   supervised one ``its response tokens / the step's``. Summed over micro-batches and DP ranks this is the
@@ -15,8 +17,8 @@ Design decisions (long form: ``parallel/design.md``):
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -26,6 +28,7 @@ from caopd_megatron.distill.batching import PackedBatch, gather_positions, pack
 from caopd_megatron.distill.fused_output_loss import fused_chunked_divergence
 from caopd_megatron.distill.losses import masked_sequence_mean, vocab_parallel_divergence
 from caopd_megatron.distill.optim import optimizer_step
+from caopd_megatron.distill.sampled_token import sampled_token_policy_gradient
 from caopd_megatron.distill.schedule import (
     HiddenStateCapture,
     forward_backward,
@@ -35,6 +38,7 @@ from caopd_megatron.distill.schedule import (
     teacher_response_hidden,
 )
 from caopd_megatron.distill.sft import SupervisedRows, one_hot_shard, sft_loss_from_logits, vocab_shard_range
+from caopd_megatron.distill.step_diagnostics import StepDiagnostics
 from caopd_megatron.parallel.data_parallel import (
     all_reduce_dp,
     broadcast_from_last_stage,
@@ -55,6 +59,7 @@ class StepStats:
     tokens: int
     sequences: int
     lr: float
+    diagnostics: dict = field(default_factory=dict)  # step_diagnostics.diagnostic_keys() -> value (or empty)
 
 
 def micro_batches(start: int, stop: int, size: int) -> list[slice]:
@@ -64,17 +69,30 @@ def micro_batches(start: int, stop: int, size: int) -> list[slice]:
 
 
 def response_divergence(student_out: torch.Tensor, teacher_hidden: torch.Tensor, student, teacher,
-                        cfg: DistillConfig, real_vocab_size: int) -> torch.Tensor:
+                        cfg: DistillConfig, real_vocab_size: int, targets: Optional[torch.Tensor] = None,
+                        diagnostics: Optional[StepDiagnostics] = None) -> torch.Tensor:
     """The distillation loss per response token, ``[b, R]`` fp32 (replicated on the TP group).
 
     ``student_out``: the student at response positions, ``[b, R, V/tp]`` logits, or with ``cfg.fused``
     ``[b, R, h_s]`` final hidden states; ``teacher_hidden``: the teacher's ``[b, R, h_t]`` final hidden states
     (no gradient). The teacher is projected through its output-layer shard ``[V_t/tp, h_t]``: all at once
     (unfused) or chunk by chunk together with the student (fused), so no full-sequence logits exist.
+    ``targets``: the ``[b, R]`` response token ids (the sampled tokens ``distill.loss=vopd`` needs);
+    ``diagnostics``: its sink receives the per-token diagnostics.
     """
-    kw = dict(divergence=cfg.loss, beta=cfg.beta, temperature=cfg.temperature, real_vocab_size=real_vocab_size,
-              tp_group=model_groups(student).tp)
+    sink = None if diagnostics is None else diagnostics.sink
+    tp_group = model_groups(student).tp
     t_weight = output_weight(teacher).detach()
+    if cfg.loss == "vopd":
+        if cfg.fused or targets is None:
+            raise ValueError("distill.loss=vopd needs unfused logits and the response tokens")
+        return sampled_token_policy_gradient(student_out, torch.matmul(teacher_hidden, t_weight.t()),
+                                             targets.to(student_out.device), baseline=cfg.vopd_baseline,
+                                             top_k=cfg.top_k, reward_clip=cfg.vopd_reward_clip,
+                                             temperature=cfg.temperature, real_vocab_size=real_vocab_size,
+                                             tp_group=tp_group, diagnostics=sink)
+    kw = dict(divergence=cfg.loss, beta=cfg.mix_weight if cfg.loss == "mixed" else cfg.beta,
+              temperature=cfg.temperature, real_vocab_size=real_vocab_size, tp_group=tp_group, diagnostics=sink)
     if cfg.fused:
         return fused_chunked_divergence(student_out.transpose(0, 1), output_weight(student),
                                         teacher_hidden.transpose(0, 1), t_weight, chunk_size=cfg.chunk_size,
@@ -90,7 +108,8 @@ def distill_loss(student, teacher, s_batch: PackedBatch, t_batch: PackedBatch, c
         t_hidden = gather_positions(teacher(t_batch.tokens, t_batch.positions, attention_mask=None), t_batch.index)
     with HiddenStateCapture(student) if cfg.fused else contextlib.nullcontext():
         s_out = gather_positions(student(s_batch.tokens, s_batch.positions, attention_mask=None), s_batch.index)
-    return masked_sequence_mean(response_divergence(s_out, t_hidden, student, teacher, cfg, real_vocab_size),
+    return masked_sequence_mean(response_divergence(s_out, t_hidden, student, teacher, cfg, real_vocab_size,
+                                                    s_batch.targets),
                                 s_batch.mask)
 
 
@@ -107,11 +126,12 @@ def step_total(values: Sequence[torch.Tensor], model) -> float:
 
 
 def distill_backward(student, teacher, examples: Sequence[DistillExample], cfg: DistillConfig, pad_id: int,
-                     real_vocab_size: int, n_valid: int, last_call: bool = True) -> float:
+                     real_vocab_size: int, n_valid: int, last_call: bool = True,
+                     diagnostics: Optional[StepDiagnostics] = None) -> float:
     """Forward/backward of the distillation loss over this DP rank's slice; returns the global step loss.
 
     Gradients are left unfinalised (in DDP's buffers when wrapped); ``last_call``: no backward follows in
-    this step.
+    this step; ``diagnostics`` accumulates this rank's per-token diagnostics.
     """
     groups = model_groups(student)
     local = dp_slice(len(examples), groups)
@@ -133,7 +153,10 @@ def distill_backward(student, teacher, examples: Sequence[DistillExample], cfg: 
         s_batch = s_batches[i]
         s_out = gather_positions(real_rows(output, s_batch), s_batch.index)  # [b, R, h_s] or [b, R, V/tp]
         t_h, t_hidden[i] = t_hidden[i], None  # the loss keeps what backward needs; drop the step's reference
-        per_token = response_divergence(s_out, t_h, student, teacher, cfg, real_vocab_size)
+        per_token = response_divergence(s_out, t_h, student, teacher, cfg, real_vocab_size, s_batch.targets,
+                                        diagnostics)
+        if diagnostics is not None:
+            diagnostics.absorb(s_batch.targets, s_batch.mask)
         return masked_sequence_mean(per_token, s_batch.mask) * (shares[i] / max(1, n_valid))
 
     student.train()
@@ -188,12 +211,14 @@ def supervised_step(model, optimizer, scheduler, rows: SupervisedRows, real_voca
 
 def distill_step(student, teacher, optimizer, scheduler, examples: Sequence[DistillExample], cfg: DistillConfig,
                  pad_id: int, real_vocab_size: int,
-                 extra_loss: Callable[[], torch.Tensor] | SupervisedRows | None = None) -> StepStats:
+                 extra_loss: Callable[[], torch.Tensor] | SupervisedRows | None = None,
+                 diagnostics: Optional[StepDiagnostics] = None) -> StepStats:
     """Forward/backward over micro-batches of ``examples``, clip, and take one optimizer step (any layout).
 
     ``extra_loss``: its loss joins the same optimizer step (the trainer's teacher-format replay), as
     ``SupervisedRows`` (scheduled and DP-split like the distillation micro-batches) or, with PP = 1 only, a
-    closure returning a scalar that every DP rank computes in full.
+    closure returning a scalar that every DP rank computes in full. ``diagnostics``: the step's answer /
+    confidence token diagnostics are returned in ``StepStats.diagnostics``.
     """
     groups = model_groups(student)
     closure = extra_loss is not None and not isinstance(extra_loss, SupervisedRows)
@@ -210,7 +235,7 @@ def distill_step(student, teacher, optimizer, scheduler, examples: Sequence[Dist
     total = 0.0
     if n_valid:
         total = distill_backward(student, teacher, examples, cfg, pad_id, real_vocab_size, n_valid,
-                                 last_call=not (replay or closure))
+                                 last_call=not (replay or closure), diagnostics=diagnostics)
     if replay:
         sft_backward(student, extra_loss, real_vocab_size, cfg.micro_batch_size)
     elif closure:
@@ -218,4 +243,6 @@ def distill_step(student, teacher, optimizer, scheduler, examples: Sequence[Dist
         (extra_loss() / data_parallel_size(groups)).backward()
     finish_gradients(student)
     norm, lr = optimizer_step(student, optimizer, scheduler, cfg.grad_clip, loss=total)
-    return StepStats(loss=total, grad_norm=norm, tokens=int(s_all.mask.sum()), sequences=n_valid, lr=lr)
+    report = diagnostics.summary(student) if diagnostics is not None else {}
+    return StepStats(loss=total, grad_norm=norm, tokens=int(s_all.mask.sum()), sequences=n_valid, lr=lr,
+                     diagnostics=report)

@@ -24,12 +24,14 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from caopd_megatron.checkpointing.hf import save_megatron_checkpoint
 from caopd_megatron.config.schema import CaOPDConfig
+from caopd_megatron.evaluation.diagnostics_plot import plot_diagnostics
 from caopd_megatron.evaluation.evaluate import evaluate_model, write_eval
 from caopd_megatron.evaluation.metrics import CalibrationReport
 from caopd_megatron.evaluation.reliability import plot_reliability
@@ -80,6 +82,7 @@ def run_demo(cfg: CaOPDConfig) -> dict:
 
     reports: dict[str, CalibrationReport] = {}
     difficulty: dict[str, dict[int, float]] = {}
+    histories: dict[str, list[dict]] = {}
     report, rows = evaluate_model(student, held_out, s.tokenizer, cfg, s.vocab.real, desc="evaluate base")
     reports["base"], difficulty["base"] = report, accuracy_by_difficulty(rows)
     if is_main_rank():  # every rank evaluated the same generations; one writes them
@@ -94,7 +97,7 @@ def run_demo(cfg: CaOPDConfig) -> dict:
         torch.manual_seed(cfg.run.seed)
         trainer = Trainer(run_cfg, student, teacher, s.tokenizer, s.vocab.real, train, s.run_dir / name.lower(),
                           replay=warmup_replay(data, s.vocab.real, s.tokenizer.pad_id))
-        trainer.train(desc=f"{name} distill")
+        histories[name] = [asdict(e) for e in trainer.train(desc=f"{name} distill")]
         report, rows = evaluate_model(student, held_out, s.tokenizer, cfg, s.vocab.real, desc=f"evaluate {name}")
         reports[name], difficulty[name] = report, accuracy_by_difficulty(rows)
         if is_main_rank():
@@ -108,6 +111,9 @@ def run_demo(cfg: CaOPDConfig) -> dict:
         (s.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         plot_reliability(reports, str(s.run_dir / "reliability.png"),
                          title=f"Embedded default: digit-sum, {len(held_out)} held-out questions")
+        if cfg.distill.diagnostics:
+            plot_diagnostics(histories, str(s.run_dir / "diagnostics.png"),
+                             title="Distillation diagnostics: answer vs confidence tokens")
         table = format_table(reports)
         print("\n" + table)
         print("\naccuracy by number of digits: " + "; ".join(

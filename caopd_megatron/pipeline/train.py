@@ -1,7 +1,9 @@
 """The on-policy training loop: rollout -> grade + rewrite -> distill -> teacher update, step after step.
 
 Design decisions:
-- One loop serves OPD and CaOPD: the only difference is ``calibration.rewrite``.
+- One loop serves OPD and CaOPD: the only difference is ``calibration.rewrite``. The rollouts come from the
+  ``rollout.prefix_source`` model (``rollout.engine.prefix_rollout``); each step's diagnostics
+  (``distill.step_diagnostics``) join its log row.
 - Prompts are visited in a shuffled order per epoch (seeded); the cursor is part of the data position that
   checkpoints save, so a resumed run sees exactly the prompts an uninterrupted run would.
 - ``teacher.replay_fraction`` > 0 (useful with an EMA teacher): the student also trains with cross entropy on
@@ -18,7 +20,7 @@ import logging
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from caopd_megatron.calibration.revise import revise
 from caopd_megatron.checkpointing.run_dir import TRAIN_LOG, trim_log
@@ -28,8 +30,9 @@ from caopd_megatron.data.records import DistillExample
 from caopd_megatron.distill.optim import build_optimizer, build_scheduler
 from caopd_megatron.distill.sft import SupervisedRows
 from caopd_megatron.distill.step import distill_step
+from caopd_megatron.distill.step_diagnostics import StepDiagnostics, marker_patterns
 from caopd_megatron.models.teacher import ema_update
-from caopd_megatron.rollout.engine import rollout
+from caopd_megatron.rollout.engine import prefix_rollout
 from caopd_megatron.runtime.distributed import is_main_rank
 from caopd_megatron.runtime.guard import CollapseWatch, at_step, json_number
 from caopd_megatron.runtime.progress import ExperimentTracker, progress
@@ -80,6 +83,17 @@ class StepLog:
     accuracy: float  # rollout accuracy of this step's samples
     stated_confidence: float  # mean confidence the student stated (missing = 0)
     empirical_confidence: float  # mean p over the step's prompts
+    # Diagnostics (distill.diagnostics; distill/step_diagnostics.py): token means over answer / confidence tokens.
+    answer_student_entropy: Optional[float] = None
+    answer_teacher_entropy: Optional[float] = None
+    answer_divergence: Optional[float] = None
+    answer_teacher_tail: Optional[float] = None  # teacher mass outside the student's top-k
+    answer_advantage_sd: Optional[float] = None  # vOPD only
+    confidence_student_entropy: Optional[float] = None
+    confidence_teacher_entropy: Optional[float] = None
+    confidence_divergence: Optional[float] = None
+    confidence_teacher_tail: Optional[float] = None
+    confidence_advantage_sd: Optional[float] = None
 
 
 # (student, the step's revised examples, number of rows) -> the replay rows, as data (``SupervisedRows``) so
@@ -93,6 +107,12 @@ def revised_examples_replay(pad_id: int, real_vocab_size: int, seed: int) -> Rep
         chosen = random.Random(seed + len(examples)).sample(examples, min(n, len(examples)))
         return SupervisedRows([e.teacher_prompt_ids for e in chosen], [e.response_ids for e in chosen], pad_id)
     return rows
+
+
+def short_diagnostics(entry: StepLog) -> dict[str, str]:
+    """The progress bar's diagnostics: confidence-token student entropy and answer-token teacher tail."""
+    shown = {"H_conf": entry.confidence_student_entropy, "tail": entry.answer_teacher_tail}
+    return {name: f"{value:.2f}" for name, value in shown.items() if value is not None}
 
 
 class Trainer:
@@ -110,6 +130,8 @@ class Trainer:
         self.tracker = ExperimentTracker(cfg.logging.wandb, self.run_dir, asdict(cfg))
         self.step = 0
         self.history: list[StepLog] = []
+        self.diagnostics = (StepDiagnostics(marker_patterns(tokenizer, cfg.calibration.marker), cfg.distill.top_k)
+                            if cfg.distill.diagnostics else None)
         self._written = 0  # history entries already appended to train_log.jsonl
         d = cfg.distill
         self.collapse = CollapseWatch(d.collapse_loss, d.collapse_grad_norm, d.collapse_steps)
@@ -118,7 +140,7 @@ class Trainer:
         """One on-policy step: rollout of the next prompts, grading + rewrite, then ``learn``."""
         cfg = self.cfg
         batch = [self.prompts[i] for i in self.cursor.take(cfg.rollout.prompts_per_step)]
-        rolls = rollout(self.student, batch, self.tok, cfg, self.real_vocab, step=self.step)
+        rolls = prefix_rollout(self.student, self.teacher, batch, self.tok, cfg, self.real_vocab, step=self.step)
         return self.learn(revise(rolls, self.by_id, self.tok, cfg.data, cfg.calibration))
 
     def learn(self, examples: list[DistillExample]) -> StepLog:
@@ -131,7 +153,7 @@ class Trainer:
         extra = self.replay(self.student, examples, n_replay) if n_replay else None
         with at_step(self.step):  # a non-finite loss/grad norm stops here, before the update
             stats = distill_step(self.student, self.teacher, self.optimizer, self.scheduler, examples, cfg.distill,
-                                 self.tok.pad_id, self.real_vocab, extra_loss=extra)
+                                 self.tok.pad_id, self.real_vocab, extra_loss=extra, diagnostics=self.diagnostics)
         if cfg.teacher.mode == "ema":
             ema_update(self.teacher, self.student, cfg.teacher.ema_rate)
         n = max(1, len(examples))
@@ -139,7 +161,7 @@ class Trainer:
             step=self.step, loss=stats.loss, grad_norm=stats.grad_norm, lr=stats.lr,
             accuracy=sum(e.correct for e in examples) / n,
             stated_confidence=sum((e.stated_confidence or 0.0) for e in examples) / n,
-            empirical_confidence=sum(e.empirical_confidence for e in examples) / n)
+            empirical_confidence=sum(e.empirical_confidence for e in examples) / n, **stats.diagnostics)
         self.step += 1
         self.history.append(entry)
         warning = self.collapse.observe(entry.step, entry.loss, entry.grad_norm)
@@ -154,7 +176,8 @@ class Trainer:
         for _ in bar:
             e = self.train_step()
             if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{e.loss:.3f}", acc=f"{e.accuracy:.2f}", conf=f"{e.stated_confidence:.2f}")
+                bar.set_postfix(loss=f"{e.loss:.3f}", acc=f"{e.accuracy:.2f}", conf=f"{e.stated_confidence:.2f}",
+                                **short_diagnostics(e))
             if self.cfg.logging.log_interval and e.step % self.cfg.logging.log_interval == 0:
                 log.info("%s step %d: loss %.4f acc %.3f stated conf %.3f empirical %.3f lr %.2e", desc, e.step,
                          e.loss, e.accuracy, e.stated_confidence, e.empirical_confidence, e.lr)

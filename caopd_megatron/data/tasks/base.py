@@ -16,6 +16,9 @@ Design decisions:
   default; ``ignore_case=True`` opts in, as there).
 - Verifiers are total and linear-time on any text: no regex that can backtrack over a long run, no
   str->int conversion of unbounded digit strings (tests/test_grader_hostile.py holds them to it).
+- Next to its verifier a family may register an answer normaliser ``(response) -> str | None``: the
+  canonical form of the response's answer, None when it has none. Self-consistency confidence compares
+  these forms; families without one get ``normalise_free_text`` (the answer part, whitespace collapsed).
 - Verifiers never evaluate model text as code (no eval/exec/ast.literal_eval); JSON parsing is the most
   they do. Model text is untrusted input.
 - A verifier returns False for a malformed *response* and never raises for one; a malformed *reference*
@@ -34,8 +37,12 @@ __all__ = [
     "UnknownTaskError",
     "Verifier",
     "extract_answer",
+    "get_normaliser",
     "get_verifier",
+    "has_verifier",
     "known_tasks",
+    "normalise_free_text",
+    "register_normaliser",
     "register_task",
 ]
 
@@ -63,6 +70,7 @@ class UnknownTaskError(KeyError):
 
 
 _REGISTRY: dict[str, Verifier] = {}
+_NORMALISERS: dict[str, Callable[[str], "str | None"]] = {}
 _builtins_loaded = False
 
 V = TypeVar("V", bound=Callable[[str, str], bool])
@@ -127,6 +135,33 @@ def get_verifier(task: str) -> Verifier:
         raise UnknownTaskError(
             f"unknown task {task!r}; known tasks: {', '.join(sorted(_REGISTRY)) or '(none)'}"
         ) from None
+
+
+def has_verifier(task: str) -> bool:
+    """Whether ``task`` has a registered verifier."""
+    _load_builtins()
+    return task in _REGISTRY
+
+
+def register_normaliser(name: str, normaliser: Callable[[str], "str | None"]) -> Callable[[str], "str | None"]:
+    """Register the answer normaliser of task family ``name`` (replacing is an error, as for verifiers)."""
+    existing = _NORMALISERS.get(name)
+    if existing is not None and existing is not normaliser:
+        raise ValueError(f"task {name!r} already has an answer normaliser ({_describe(existing)})")
+    _NORMALISERS[name] = normaliser
+    return normaliser
+
+
+def normalise_free_text(response: str) -> str | None:
+    """Default normaliser: the answer part with runs of whitespace collapsed; None when empty."""
+    answer = " ".join(extract_answer(response).split())
+    return answer or None
+
+
+def get_normaliser(task: str) -> Callable[[str], "str | None"]:
+    """The answer normaliser of ``task`` (``normalise_free_text`` for a family without one, or no verifier)."""
+    _load_builtins()
+    return _NORMALISERS.get(task, normalise_free_text)
 
 
 def extract_answer(response: str, marker: str = CONFIDENCE_MARKER, *, ignore_case: bool = False) -> str:

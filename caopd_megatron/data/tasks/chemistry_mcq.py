@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 
-from caopd_megatron.data.tasks.base import extract_answer, register_task
+from caopd_megatron.data.tasks.base import extract_answer, register_normaliser, register_task
 
 __all__ = ["TASK_NAME", "extract_choice", "verify_chemistry_mcq"]
 
@@ -64,3 +64,5 @@ def verify_chemistry_mcq(response: str, reference: str) -> bool:
 
 
 register_task(TASK_NAME, verify_chemistry_mcq)
+# The normalised answer is the chosen letter (None without a well-formed choice).
+register_normaliser(TASK_NAME, extract_choice)

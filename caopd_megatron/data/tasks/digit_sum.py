@@ -19,9 +19,9 @@ import random
 
 from caopd_megatron.config.schema import CONFIDENCE_MARKER
 from caopd_megatron.data.prompts import PromptRecord
-from caopd_megatron.data.tasks.base import extract_answer, register_task
+from caopd_megatron.data.tasks.base import extract_answer, register_normaliser, register_task
 
-__all__ = ["TASK_NAME", "digit_sum_answer", "make_digit_sum_records", "verify_digit_sum"]
+__all__ = ["TASK_NAME", "digit_sum_answer", "make_digit_sum_records", "normalise_digit_sum", "verify_digit_sum"]
 
 TASK_NAME = "digit_sum"
 
@@ -84,4 +84,11 @@ def verify_digit_sum(response: str, reference: str) -> bool:
     return extract_answer(response) == ref
 
 
+def normalise_digit_sum(response: str) -> str | None:
+    """The answer digit, or None when the answer part is not exactly one digit (as the verifier reads it)."""
+    answer = extract_answer(response)
+    return answer if len(answer) == 1 and answer.isascii() and answer.isdigit() else None
+
+
 register_task(TASK_NAME, verify_digit_sum)
+register_normaliser(TASK_NAME, normalise_digit_sum)

@@ -35,7 +35,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from caopd_megatron.data.tasks.base import extract_answer, register_task
+from caopd_megatron.data.tasks.base import extract_answer, register_normaliser, register_task
 
 __all__ = [
     "TASK_NAME",
@@ -43,6 +43,7 @@ __all__ = [
     "ToolCall",
     "format_tool_calls",
     "json_equal",
+    "normalise_tooluse",
     "parse_golden_calls",
     "parse_tool_calls",
     "verify_tooluse",
@@ -191,4 +192,18 @@ def verify_tooluse(response: str, reference: str) -> bool:
         return False
 
 
+def normalise_tooluse(response: str) -> str | None:
+    """The calls as canonical JSON (action + input with sorted keys, compact), None when malformed.
+
+    Equal strings mean equal calls for ``json_equal`` except that ``1`` and ``1.0`` stay apart (rare in tool
+    inputs; self-consistency then counts them as different answers).
+    """
+    calls = parse_tool_calls(response)
+    if calls is None:
+        return None
+    canonical = [{"action": c.name, "input": c.arguments} for c in calls]
+    return json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 register_task(TASK_NAME, verify_tooluse)
+register_normaliser(TASK_NAME, normalise_tooluse)
