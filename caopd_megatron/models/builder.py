@@ -5,8 +5,9 @@ Design decisions:
   (optionally Llama-3 scaled), GQA, optional QKV bias (Qwen2) and QK norm (Qwen3), tied or untied
   embeddings. The converters in ``checkpointing/hf`` map HF configs onto the same ``ModelConfig``.
 - Layer spec: Transformer Engine's when TE is usable (and asked for or ``auto``), megatron-core's local
-  spec otherwise; ``transformer_impl=transformer_engine`` without a usable TE is an error, not a silent
-  fallback. FP8 requires TE. Sequence parallelism on the local spec swaps its norms for
+  spec otherwise, self-attention as ``rollout.kv_cache.SlotCachedSelfAttention`` (megatron's, plus the
+  rollout cache's rotate-once path); ``transformer_impl=transformer_engine`` without a usable TE is an
+  error, not a silent fallback. FP8 requires TE. Sequence parallelism on the local spec swaps its norms for
   ``models.norms.SequenceParallelRMSNorm`` (megatron's local norm refuses it).
 - The padded vocabulary is a multiple of ``make_vocab_size_divisible_by * TP`` (megatron-LM's rule), so
   each TP rank holds an equal shard; the real size is kept so losses and sampling ignore padded rows.
@@ -134,10 +135,18 @@ def layer_spec(model: ModelConfig, backend: Backend, config):
         get_gpt_layer_with_transformer_engine_spec,
     )
 
-    if use_transformer_engine(model, backend):
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
-    spec = get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization="RMSNorm")
-    if not config.sequence_parallel:
+    from caopd_megatron.rollout.kv_cache import GroupedSlotAttention, SlotCachedSelfAttention  # lazy megatron
+
+    te = use_transformer_engine(model, backend)
+    if te:
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
+    else:
+        spec = get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization="RMSNorm")
+    # megatron's classes with the rollout cache's path (rotated keys cached; GQA without repeated heads).
+    spec.submodules.self_attention.module = SlotCachedSelfAttention
+    if not te:
+        spec.submodules.self_attention.submodules.core_attention = GroupedSlotAttention
+    if te or not config.sequence_parallel:
         return spec
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
