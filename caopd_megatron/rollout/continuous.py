@@ -196,7 +196,7 @@ class SlotDecoder:
         return self.done
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def decode_groups(model, groups: Sequence[PromptGroup], params: SamplingParams, eos_id: int,
                   real_vocab_size: int, slots: int, device: torch.device) -> dict[int, Generation]:
     """Every sequence of ``groups`` decoded through a cache of ``min(slots, sequences)`` rows;
