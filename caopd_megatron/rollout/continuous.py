@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -29,6 +29,7 @@ from caopd_megatron.parallel.data_parallel import pipeline_parallel_size
 from caopd_megatron.parallel.generation import broadcast_step, stage_forward
 from caopd_megatron.rollout.kv_cache import SlotKVCache
 from caopd_megatron.rollout.sampling import Generation, SamplingParams, choose_tokens
+from caopd_megatron.runtime.progress import progress
 
 PREFILL_TOKENS = 16384  # padded prompt tokens per prefill forward (bounds its activations)
 
@@ -63,7 +64,7 @@ class _Row:
 
 
 class SlotDecoder:
-    """Decodes queued ``PromptGroup``s through ``slots`` cache rows; ``run`` returns ``{index: Generation}``."""
+    """Decodes queued ``PromptGroup``s through ``slots`` cache rows (``steps``); results in ``done``."""
 
     def __init__(self, model, params: SamplingParams, eos_id: int, real_vocab_size: int, slots: int,
                  max_len: int, device: torch.device):
@@ -177,7 +178,8 @@ class SlotDecoder:
             admitted.append(queue.popleft())
         return admitted
 
-    def run(self, groups: Sequence[PromptGroup]) -> dict[int, Generation]:
+    def steps(self, groups: Sequence[PromptGroup]) -> Iterator[int]:
+        """Decode every group; yields the number of finished sequences after each step."""
         queue = deque(groups)
         while queue or self.rows:
             admitted = self._admit(queue)
@@ -193,18 +195,22 @@ class SlotDecoder:
             if self.rows:
                 self._decode_step()
                 self._retire()
-        return self.done
+            yield len(self.done)
 
 
 @torch.inference_mode()
 def decode_groups(model, groups: Sequence[PromptGroup], params: SamplingParams, eos_id: int,
-                  real_vocab_size: int, slots: int, device: torch.device) -> dict[int, Generation]:
+                  real_vocab_size: int, slots: int, device: torch.device,
+                  desc: str | None = None) -> dict[int, Generation]:
     """Every sequence of ``groups`` decoded through a cache of ``min(slots, sequences)`` rows;
-    ``{caller index: Generation}``."""
+    ``{caller index: Generation}``. ``desc``: a progress bar's label (decode steps)."""
     if not groups:
         return {}
     if min(len(g.prompt) for g in groups) < 1:
         raise ValueError("every prompt needs at least one token")
     slots = min(slots, sum(len(g.members) for g in groups))
     max_len = max(len(g.prompt) for g in groups) + params.max_new_tokens
-    return SlotDecoder(model, params, eos_id, real_vocab_size, slots, max_len, device).run(groups)
+    decoder = SlotDecoder(model, params, eos_id, real_vocab_size, slots, max_len, device)
+    for _ in progress(decoder.steps(groups), desc=desc, unit="step"):
+        pass
+    return decoder.done

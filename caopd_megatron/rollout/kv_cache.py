@@ -46,17 +46,33 @@ class SlotKVCache(StaticInferenceContext):
         self.device = device
         self.rows: torch.Tensor | None = None  # [b] slots fed by this forward; None = slots 0..b-1
         self.write_pos: torch.Tensor | None = None  # [b, s] cache position (= RoPE position) of each token
+        self.write_index: torch.Tensor | None = None  # [s*b] flat (position, slot) index of each token
         self.read_len = 0
+        self._freqs: torch.Tensor | None = None
+        self._table: torch.Tensor | None = None
 
     def plan(self, write_pos: torch.Tensor, read_len: int, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Set the next forward's layout; returns its attention mask ``[b, 1, s, read_len]`` (True = masked).
 
         ``write_pos`` ``[b, s]``: cache position of each fed token (``self.trash`` for padding); ``read_len``:
         cache positions the forward attends over; ``rows`` ``[b]``: the slots fed (None: slots ``0..b-1``).
+        Everything every layer needs (the flat write index, the RoPE angles) is derived once per forward.
         """
-        self.rows, self.write_pos, self.read_len = rows, write_pos, read_len
+        b = write_pos.size(0)
+        self.rows, self.read_len = rows, read_len
+        slots = rows if rows is not None else torch.arange(b, device=write_pos.device)
+        self.write_index = (write_pos.t() * self.max_batch_size + slots).reshape(-1)  # [s*b] into [(L+1)*S]
+        self.write_pos, self._freqs, self._table = write_pos, None, None
         keys = torch.arange(read_len, device=write_pos.device)
-        return (keys.view(1, 1, 1, -1) > write_pos.unsqueeze(1).unsqueeze(-1))
+        return keys.view(1, 1, 1, -1) > write_pos.unsqueeze(1).unsqueeze(-1)
+
+    def freqs(self, table: torch.Tensor) -> torch.Tensor:
+        """RoPE angles ``[s, b, 1, d]`` of the fed tokens from megatron's ``[L, 1, 1, d]`` table (once per forward)."""
+        if self._table is not table:
+            b, s = self.write_pos.shape
+            self._freqs = table[self.write_pos.t().reshape(-1)].view(s, b, 1, table.size(-1))
+            self._table = table
+        return self._freqs
 
     def buffers(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's ``(K, V)`` buffers, allocated on first use like ``key`` / ``value`` ``[s, b, g, d]``."""
@@ -74,12 +90,6 @@ class SlotKVCache(StaticInferenceContext):
             v_buf[:length, dst] = v_buf[:length, src]
 
 
-def per_token_freqs(table: torch.Tensor, write_pos: torch.Tensor) -> torch.Tensor:
-    """RoPE angles ``[s, b, 1, d]`` of tokens at ``write_pos`` ``[b, s]`` from megatron's ``[L, 1, 1, d]`` table."""
-    b, s = write_pos.shape
-    return table[write_pos.t().reshape(-1)].view(s, b, 1, table.size(-1))
-
-
 class SlotCachedSelfAttention(SelfAttention):
     """megatron's ``SelfAttention``; with a ``SlotKVCache`` it caches rotated keys at per-token positions."""
 
@@ -94,20 +104,16 @@ class SlotCachedSelfAttention(SelfAttention):
         q_freqs = None
         if rotary_pos_emb is not None:
             q_table, k_table = rotary_pos_emb
-            key = apply_rotary_pos_emb(key, per_token_freqs(k_table, ctx.write_pos), config=self.config,
-                                       cp_group=self.pg_collection.cp)
-            q_freqs = per_token_freqs(q_table, ctx.write_pos)
+            key = apply_rotary_pos_emb(key, ctx.freqs(k_table), config=self.config, cp_group=self.pg_collection.cp)
+            q_freqs = ctx.freqs(q_table)
         k_buf, v_buf = ctx.buffers(self.layer_number, key, value)
-        b = key.size(1)
-        rows = ctx.rows if ctx.rows is not None else torch.arange(b, device=key.device)
-        pos = ctx.write_pos.t()  # [s, b]
-        slot = rows.unsqueeze(0).expand_as(pos)
-        k_buf[pos, slot] = key
-        v_buf[pos, slot] = value
+        s, b, groups, dim = key.shape
+        k_buf.view(-1, groups, dim).index_copy_(0, ctx.write_index, key.reshape(s * b, groups, dim))
+        v_buf.view(-1, groups, v_buf.size(-1)).index_copy_(0, ctx.write_index, value.reshape(s * b, groups, -1))
         if ctx.rows is None:  # live slots are 0..b-1: a view of the cache
             key, value = k_buf[:ctx.read_len, :b], v_buf[:ctx.read_len, :b]
         else:
-            key, value = k_buf[:ctx.read_len, rows], v_buf[:ctx.read_len, rows]
+            key, value = k_buf[:ctx.read_len, ctx.rows], v_buf[:ctx.read_len, ctx.rows]
         # Keys are rotated already: only the queries get an embedding (megatron skips a None key embedding).
         return query, key, value, (q_freqs, None), AttnMaskType.arbitrary, None
 

@@ -81,7 +81,7 @@ def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
             arguments; every rank returns the same generations, data-parallel replicas each decoding a share).
         prompts: token ids per prompt.
         batch_size: cache slots, i.e. sequences decoded together.
-        desc: kept for callers' progress labels (decoding is one queue per replica).
+        desc: label of a progress bar over decode steps (None: silent).
         seq_ids: the key of each prompt's sampling noise (default: its index); equal ids and seeds give
             equal samples of the same prompt.
     Returns: generations in the order of ``prompts``.
@@ -105,7 +105,7 @@ def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
     model.eval()
     try:
         with sequence_parallel_off(model):
-            results = decode_groups(model, mine, params, eos_id, real_vocab_size, batch_size, device)
+            results = decode_groups(model, mine, params, eos_id, real_vocab_size, batch_size, device, desc)
     finally:
         model.train(was_training)
     results = _gather_over_dp(results, prompts, device)
