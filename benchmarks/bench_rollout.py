@@ -164,8 +164,8 @@ def bench_mechanisms(args, ours, vocab: int) -> dict:
     for _ in range(args.reps):
         pre["one"].append(measure(lambda: generate(ours, [prompt], one, eos_id=NEVER, real_vocab_size=vocab))[0])
         pre["k8"].append(measure(lambda: generate(ours, [prompt] * 8, one, eos_id=NEVER, real_vocab_size=vocab))[0])
-    batch = 32
-    prompts, eos = workload(vocab, batch, 16, 1, True, None, ours)
+    batch = 64
+    prompts, eos = workload(vocab, batch, 128, 1, True, None, ours)
     greedy = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0)
     ret = {"all_long": [], "half_end": []}
     for _ in range(args.reps):
@@ -193,7 +193,7 @@ def markdown(args, rows: list[dict], mech: list[dict]) -> str:
         lines.append(f"| {r['vocab']} | {r['batch']} | {r['prompt']} | {r['k']} | {'yes' if r['early_eos'] else 'no'} "
                      f"| {r['engine_tok_s']:.0f} | {r['hf_tok_s']:.0f} | {nc} | {r['engine_vs_hf']:.2f}x | {ncr} "
                      f"| {r['engine_peak_mib']:.0f} / {r['hf_peak_mib']:.0f} |")
-    lines += ["", "| vocab | prefill K=8 x 512 tokens / one prefill | half the rows ending at once / none (batch 32) |",
+    lines += ["", "| vocab | prefill K=8 x 512 tokens / one prefill | half the rows ending at once / none (batch 64, 128-token prompts, greedy) |",
               "|---|---|---|"]
     for m in mech:
         lines.append(f"| {m['vocab']} | {m['prefill_k8_over_one']:.2f} | {m['half_end_over_all_long']:.2f} |")

@@ -17,10 +17,10 @@ Design decisions:
 - Shared prompts are prefilled once and copied (``copy_slots``) into the slots of their other samples; finished
   rows retire (the last live slot is copied into the hole), so live slots stay ``0..n-1`` and a decode
   step reads a view of the cache, never a gather.
-- Grouped-query attention reads the cache without expanding it: megatron's local ``DotProductAttention``
-  repeats every cached key and value head for its query heads at each step (a copy of the cache per layer);
-  ``GroupedSlotAttention`` instead folds a group's query heads into the query length (``[b, g, r*s, d]``
-  against ``[b, g, L, d]``), same scale, mask and softmax. TE's attention handles GQA itself.
+- The local spec's core attention on this path is torch's fused ``scaled_dot_product_attention`` with
+  grouped-query heads (``GroupedSlotAttention``): megatron's local ``DotProductAttention`` repeats every
+  cached key and value head for its query heads at each step (a copy of the cache per layer) and
+  materialises the scores; same scale and mask, float rounding aside. TE's attention handles GQA itself.
 - Only the subclasses behave differently, and only on the slot cache's path (a ``SlotKVCache`` handed to the
   self-attention, the ``arbitrary`` mask type it returns to the core attention): training, plain forwards
   and megatron's own inference contexts take megatron's code unchanged.
@@ -119,24 +119,22 @@ class SlotCachedSelfAttention(SelfAttention):
 
 
 class GroupedSlotAttention(DotProductAttention):
-    """megatron's local core attention; on the slot cache's path (``AttnMaskType.arbitrary`` with a mask) the
-    ``r`` query heads of each KV group attend to their shared cached head without repeating it.
+    """megatron's local core attention; on the slot cache's path (``AttnMaskType.arbitrary`` with a mask) it
+    is torch's fused ``scaled_dot_product_attention``, grouped query heads reading their shared cached head.
 
     ``query`` ``[s, b, g*r, d]``, ``key`` / ``value`` ``[L, b, g, d]`` (this TP rank's heads), ``attention_mask``
-    ``[b, 1, s, L]`` (True = masked) -> ``[s, b, g*r*d]``.
+    ``[b, 1, s, L]`` (True = masked) -> ``[s, b, g*r*d]``. Query head h reads KV head ``h // r``, as megatron's
+    repeat does; the scale is megatron's (``softmax_scale`` times the softmax's layer-scaling coefficient).
     """
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
-        if attn_mask_type is not AttnMaskType.arbitrary or attention_mask is None:
+        if attn_mask_type is not AttnMaskType.arbitrary or attention_mask is None or self.softmax_offset is not None:
             return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
                                    attention_bias=attention_bias, packed_seq_params=packed_seq_params)
         s, b, heads, d = query.shape
-        groups, length = key.size(2), key.size(0)
-        r = heads // groups
-        q = query.view(s, b, groups, r, d).permute(1, 2, 3, 0, 4).reshape(b, groups, r * s, d)
-        scores = torch.matmul(q, key.permute(1, 2, 3, 0)) * self.softmax_scale  # [b, g, r*s, L]
-        mask = attention_mask.unsqueeze(2).expand(b, 1, r, s, length).reshape(b, 1, r * s, length)
-        probs = self.scale_mask_softmax(scores, mask, self.softmax_offset)
-        context = torch.matmul(probs.to(value.dtype), value.permute(1, 2, 0, 3))  # [b, g, r*s, d]
-        return context.view(b, groups, r, s, d).permute(3, 0, 1, 2, 4).reshape(s, b, heads * d)
+        scale = self.softmax_scale * (self.scale_mask_softmax.scale or 1.0)
+        context = torch.nn.functional.scaled_dot_product_attention(
+            query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3),
+            attn_mask=~attention_mask, scale=scale, enable_gqa=True)  # [b, g*r, s, d]
+        return context.permute(2, 0, 1, 3).reshape(s, b, heads * d)
