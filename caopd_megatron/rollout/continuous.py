@@ -70,7 +70,7 @@ class SlotDecoder:
                  max_len: int, device: torch.device):
         self.model, self.params, self.eos_id, self.vocab = model, params, eos_id, real_vocab_size
         self.slots, self.device = slots, device
-        self.ctx = SlotKVCache(slots, max_len, device)
+        self.ctx = SlotKVCache(slots, max_len)
         self.pipelined = pipeline_parallel_size() > 1
         self.rows: list[_Row] = []  # live rows; rows[i] sits in slot i
         self.lengths = torch.zeros(slots, dtype=torch.long, device=device)  # cached tokens per slot

@@ -40,10 +40,9 @@ from megatron.core.transformer.enums import AttnMaskType
 class SlotKVCache(StaticInferenceContext):
     """KV cache of ``slots`` rows of up to ``max_len`` tokens each (plus one trash position for pads)."""
 
-    def __init__(self, slots: int, max_len: int, device: torch.device):
+    def __init__(self, slots: int, max_len: int):
         super().__init__(slots, max_len + 1)  # rotary tables span the trash position too
         self.trash = max_len
-        self.device = device
         self.rows: torch.Tensor | None = None  # [b] slots fed by this forward; None = slots 0..b-1
         self.write_pos: torch.Tensor | None = None  # [b, s] cache position (= RoPE position) of each token
         self.write_index: torch.Tensor | None = None  # [s*b] flat (position, slot) index of each token
