@@ -226,15 +226,15 @@ def main() -> None:
     detect_backend()  # installs the CPU shims megatron-core needs without CUDA
     distributed.initialize(ParallelConfig(), seed=0)  # a world of one with megatron-core's parallel state
     rows, mech = [], []
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        for vocab in args.vocabs:
+        for vocab in args.vocabs:  # results written after each vocabulary, so a long run leaves figures
             hf, ours, real = build_pair(vocab, Path(tmp) / str(vocab))
             rows += bench_grid(args, hf, ours, real)
             mech.append(bench_mechanisms(args, ours, real))
             print(json.dumps(mech[-1]), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(dict(rows=rows, mechanisms=mech), indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(args, rows, mech))
+            args.out.with_suffix(".json").write_text(json.dumps(dict(rows=rows, mechanisms=mech), indent=1) + "\n")
+            args.out.with_suffix(".md").write_text(markdown(args, rows, mech))
     print(markdown(args, rows, mech))
 
 
