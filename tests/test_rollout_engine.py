@@ -152,3 +152,14 @@ def test_rollout_uses_the_current_weights_and_its_logprobs_match_a_recomputed_fo
             recomputed = [float(torch.log_softmax(full_forward_logits(m, g.prompt_ids + g.response_ids[:j])[:REAL_VOCAB]
                                                   .double(), -1)[t]) for j, t in enumerate(g.response_ids)]
         assert g.logprobs == pytest.approx(recomputed, abs=1e-4)
+
+
+def test_a_model_without_the_rollout_attention_is_refused(model, monkeypatch):
+    """megatron's plain SelfAttention would read a slot cache as a single-offset static cache (wrong, silently)."""
+    from megatron.core.transformer.attention import SelfAttention
+
+    layer = model.decoder.layers[0].self_attention
+    monkeypatch.setattr(layer, "__class__", SelfAttention)
+    with pytest.raises(TypeError, match="not SlotCachedSelfAttention: build it with caopd_megatron.models.builder"):
+        generate(model, [[1, 2]], SamplingParams(max_new_tokens=1, temperature=0.0), eos_id=NEVER,
+                 real_vocab_size=REAL_VOCAB)

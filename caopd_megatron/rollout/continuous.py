@@ -25,9 +25,8 @@ from typing import Iterator, Sequence
 
 import torch
 
-from caopd_megatron.parallel.data_parallel import pipeline_parallel_size
+from caopd_megatron.parallel.data_parallel import pipeline_parallel_size, unwrap
 from caopd_megatron.parallel.generation import broadcast_step, stage_forward
-from caopd_megatron.rollout.kv_cache import SlotKVCache
 from caopd_megatron.rollout.sampling import Generation, SamplingParams, choose_tokens
 from caopd_megatron.runtime.progress import progress
 
@@ -66,16 +65,16 @@ class _Row:
 class SlotDecoder:
     """Decodes queued ``PromptGroup``s through ``slots`` cache rows (``steps``); results in ``done``."""
 
-    def __init__(self, model, params: SamplingParams, eos_id: int, real_vocab_size: int, slots: int,
-                 max_len: int, device: torch.device):
+    def __init__(self, model, params: SamplingParams, eos_id: int, real_vocab_size: int, cache,
+                 device: torch.device):
         self.model, self.params, self.eos_id, self.vocab = model, params, eos_id, real_vocab_size
-        self.slots, self.device = slots, device
-        self.ctx = SlotKVCache(slots, max_len)
+        self.slots, self.device = cache.max_batch_size, device
+        self.ctx = cache  # a rollout.kv_cache.SlotKVCache
         self.pipelined = pipeline_parallel_size() > 1
         self.rows: list[_Row] = []  # live rows; rows[i] sits in slot i
-        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)  # cached tokens per slot
-        self.last = torch.zeros(slots, dtype=torch.long, device=device)  # sampled token not yet fed
-        self.keys = torch.zeros(slots, dtype=torch.long, device=device)  # noise key (sequence id) per slot
+        self.lengths = torch.zeros(self.slots, dtype=torch.long, device=device)  # cached tokens per slot
+        self.last = torch.zeros(self.slots, dtype=torch.long, device=device)  # sampled token not yet fed
+        self.keys = torch.zeros(self.slots, dtype=torch.long, device=device)  # noise key (sequence id) per slot
         self.done: dict[int, Generation] = {}
 
     # ------------------------------------------------------------------ model calls
@@ -206,11 +205,21 @@ def decode_groups(model, groups: Sequence[PromptGroup], params: SamplingParams, 
     ``{caller index: Generation}``. ``desc``: a progress bar's label (decode steps)."""
     if not groups:
         return {}
+    # megatron-core is imported when first needed, as everywhere in the package (runtime/backend.py).
+    from megatron.core.transformer.attention import SelfAttention
+
+    from caopd_megatron.rollout.kv_cache import SlotCachedSelfAttention, SlotKVCache
+
+    plain = [type(m).__name__ for m in unwrap(model).modules()
+             if isinstance(m, SelfAttention) and not isinstance(m, SlotCachedSelfAttention)]
+    if plain:
+        raise TypeError(f"the model's self-attention is {plain[0]}, not SlotCachedSelfAttention: build it with "
+                        "caopd_megatron.models.builder (its layer spec serves the rollout cache)")
     if min(len(g.prompt) for g in groups) < 1:
         raise ValueError("every prompt needs at least one token")
     slots = min(slots, sum(len(g.members) for g in groups))
     max_len = max(len(g.prompt) for g in groups) + params.max_new_tokens
-    decoder = SlotDecoder(model, params, eos_id, real_vocab_size, slots, max_len, device)
+    decoder = SlotDecoder(model, params, eos_id, real_vocab_size, SlotKVCache(slots, max_len), device)
     for _ in progress(decoder.steps(groups), desc=desc, unit="step"):
         pass
     return decoder.done
