@@ -68,8 +68,9 @@ def _timed_rollout(rank: int, world: int, port: int, args, queue) -> None:
     prompts = [torch.randint(4, args.vocab, (int(torch.randint(8, 40, (1,), generator=g)),), generator=g).tolist()
                for _ in range(args.sequences)]
     rows = []
-    decode = sampler._generate_batch
-    sampler._generate_batch = lambda m, batch, *a: rows.append(len(batch)) or decode(m, batch, *a)
+    decode = sampler.decode_groups
+    sampler.decode_groups = lambda m, groups, *a: (rows.append(sum(len(g.members) for g in groups))
+                                                   or decode(m, groups, *a))
     params = sampler.SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, seed=5)
     torch.distributed.barrier()
     start = time.perf_counter()

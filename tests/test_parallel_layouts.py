@@ -115,8 +115,9 @@ def _step(name: str, tp: int, pp: int, init: dict | None, distributed_optimizer:
         from caopd_megatron.parallel.data_parallel import data_parallel_rank, model_groups
 
         prompts = [e.student_prompt_ids for e in _examples()]
-        decode, rows = sampler._generate_batch, []
-        sampler._generate_batch = lambda model, batch, *a: rows.append(len(batch)) or decode(model, batch, *a)
+        decode, rows = sampler.decode_groups, []
+        sampler.decode_groups = lambda model, groups, *a: (rows.append(sum(len(g.members) for g in groups))
+                                                           or decode(model, groups, *a))
         try:
             for temperature in (1.0, 0.0):
                 gens = generate(student, prompts, SamplingParams(max_new_tokens=5, temperature=temperature, seed=7),
@@ -127,7 +128,7 @@ def _step(name: str, tp: int, pp: int, init: dict | None, distributed_optimizer:
                             eos_id=3, real_vocab_size=VOCAB, batch_size=8)
             out["generate_one_batch"] = [(g.response_ids, g.logprobs) for g in gens]
         finally:
-            sampler._generate_batch = decode
+            sampler.decode_groups = decode
         out["decoded_rows"], out["dp_rank"] = rows, data_parallel_rank(model_groups(student))
     stats = _distill(name, student, teacher, opt, sched)
     out.update(loss=stats.loss, grad_norm=stats.grad_norm, tokens=stats.tokens, sequences=stats.sequences,
@@ -280,8 +281,8 @@ def _check(results: dict, refs: dict, world: int) -> None:
             assert r["grad_norm2"] == pytest.approx(ref["grad_norm2"], rel=1e-5), label
             _close_dicts(r["weights2"], ref["weights2"], f"{label} weight after step 2", atol=2e-5)
         if "decoded_rows" in r:  # this replica decoded only its round-robin share, once per temperature
-            share = [3, 2] if r["dp"] == 1 else [[3], [2]][r["dp_rank"]]
-            one_batch = [5] if r["dp"] == 1 or r["dp_rank"] == 0 else []
+            share = [5] if r["dp"] == 1 else [[3], [2]][r["dp_rank"]]
+            one_batch = [5] if r["dp"] == 1 or r["dp_rank"] == 0 else [0]
             assert r["decoded_rows"] == share * 2 + one_batch, label
         for key in ("generate_t1.0", "generate_t0.0", "generate_one_batch"):
             if key in r:

@@ -5,10 +5,12 @@ Design decisions:
   (optionally Llama-3 scaled), GQA, optional QKV bias (Qwen2) and QK norm (Qwen3), tied or untied
   embeddings. The converters in ``checkpointing/hf`` map HF configs onto the same ``ModelConfig``.
 - Layer spec: Transformer Engine's when TE is usable (and asked for or ``auto``), megatron-core's local
-  spec otherwise; ``transformer_impl=transformer_engine`` without a usable TE is an error, not a silent
-  fallback. FP8 requires TE (``models/fp8.py`` maps the ``model.fp8*`` keys). Sequence parallelism on the
-  local spec swaps its norms for ``models.local_layers.SequenceParallelRMSNorm`` (megatron's local norm
-  refuses it); its row-parallel linears are ``GroupedRowParallelLinear`` (the TP group passed explicitly).
+  spec otherwise, self-attention as ``models.kv_cache_attention.SlotCachedSelfAttention`` (megatron's, plus
+  the rollout cache's rotate-once path); ``transformer_impl=transformer_engine`` without a usable TE is an
+  error, not a silent fallback. FP8 requires TE (``models/fp8.py`` maps the ``model.fp8*`` keys). Sequence
+  parallelism on the local spec swaps its norms for ``models.local_layers.SequenceParallelRMSNorm``
+  (megatron's local norm refuses it); its row-parallel linears are ``GroupedRowParallelLinear`` (the TP
+  group passed explicitly).
 - The padded vocabulary is a multiple of ``make_vocab_size_divisible_by * TP`` (megatron-LM's rule), so
   each TP rank holds an equal shard; the real size is kept so losses and sampling ignore padded rows.
 - Fusions that need CUDA kernels (bias-dropout, masked softmax, RoPE, gradient-accumulation) are off on
@@ -146,12 +148,20 @@ def layer_spec(model: ModelConfig, backend: Backend, config):
         get_gpt_layer_with_transformer_engine_spec,
     )
 
+    from caopd_megatron.models.kv_cache_attention import GroupedSlotAttention, SlotCachedSelfAttention
     from caopd_megatron.models.local_layers import GroupedRowParallelLinear, SequenceParallelRMSNorm
 
-    if use_transformer_engine(model, backend):
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
-    spec = get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization="RMSNorm")
+    te = use_transformer_engine(model, backend)
+    if te:
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
+    else:
+        spec = get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization="RMSNorm")
+    # megatron's classes with the rollout cache's path (rotated keys cached; GQA without repeated heads).
+    spec.submodules.self_attention.module = SlotCachedSelfAttention
+    if te:
+        return spec
     layer = spec.submodules
+    layer.self_attention.submodules.core_attention = GroupedSlotAttention
     layer.self_attention.submodules.linear_proj = layer.mlp.submodules.linear_fc2 = GroupedRowParallelLinear
     if not config.sequence_parallel:
         return spec

@@ -1,8 +1,8 @@
 """Autoregressive decoding through a pipeline: each stage runs its layers, hidden states go stage to stage.
 
 Design decisions:
-- The sampler (``rollout/sampler.py``) keeps its algorithm (shared-prefix prefill, then one token per step,
-  megatron's ``StaticInferenceContext`` as KV cache); under PP each forward call becomes
+- The sampler (``rollout/continuous.py``) keeps its algorithm (prefill, then one token per live row per step,
+  a ``SlotKVCache`` as KV cache); under PP each forward call becomes
   ``stage_forward``: a non-first stage receives the previous stage's ``[s, b, h]`` activations by p2p
   (``recv`` from the previous pipeline rank), runs its layers with its own KV cache, and sends its output on;
   only the last stage has logits. Sampling happens on the last stage (same keyed noise, same draws as one
@@ -32,9 +32,11 @@ import torch.distributed as dist
 from caopd_megatron.parallel.data_parallel import broadcast_from_last_stage, is_last_stage, model_groups, unwrap, uses_sequence_parallel
 
 
-def stage_forward(model, tokens: torch.Tensor, positions: torch.Tensor, inference_context) -> torch.Tensor | None:
-    """One decoding forward of this stage for ``tokens`` ``[b, s]``; returns ``[b, s, V]`` logits (gathered over
-    TP) on the last stage, ``None`` on the others. Activations travel over the model's pipeline group."""
+def stage_forward(model, tokens: torch.Tensor, positions: torch.Tensor, inference_context,
+                  attention_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+    """One decoding forward of this stage for ``tokens`` ``[b, s]``; returns ``[b, s', V]`` logits (gathered
+    over TP; megatron keeps the last position only) on the last stage, ``None`` on the others. Activations
+    travel over the model's pipeline group."""
     inner = unwrap(model)
     pp = model_groups(model).pp
     if pp.rank() > 0:
@@ -43,7 +45,7 @@ def stage_forward(model, tokens: torch.Tensor, positions: torch.Tensor, inferenc
                              device=tokens.device)
         dist.recv(hidden, src=dist.get_global_rank(pp, pp.rank() - 1))
         inner.set_input_tensor(hidden)
-    out = model(tokens, positions, attention_mask=None, inference_context=inference_context,
+    out = model(tokens, positions, attention_mask=attention_mask, inference_context=inference_context,
                 runtime_gather_output=True)
     if not is_last_stage(model_groups(model)):
         dist.send(out.contiguous(), dst=dist.get_global_rank(pp, pp.rank() + 1))

@@ -1,0 +1,139 @@
+"""A slot-addressed static KV cache for rollouts, and the self-attention that reads and writes it.
+
+Design decisions:
+- ``SlotKVCache`` is a megatron-core ``StaticInferenceContext`` (so ``GPTModel`` keeps its static-batching
+  behaviour: last-token logits only), but each batch row is a *slot* with its own length. A forward names the
+  slots it feeds and the cache position of every token it feeds (``plan``); slots start at position 0, so a
+  token's cache position is its RoPE position, whatever its slot's neighbours hold.
+- Keys enter the cache already rotated: ``SlotCachedSelfAttention`` rotates the new keys at their own
+  positions before writing them and returns no key embedding, so megatron's attention rotates the queries
+  only. megatron's own static path keeps unrotated keys and re-rotates the whole cache every step (most of a
+  decode step's time with long prompts). Same RoPE function, same per-position angles: the rotated keys are
+  elementwise the ones megatron would have produced.
+- Mixed prompt lengths prefill in one forward, left-padded: pad tokens are written to a spare "trash"
+  position past the end that no read covers, so the last column holds every row's last prompt token (the
+  logits megatron materialises). A boolean mask ``[b, 1, s, read_len]`` (True = masked, megatron's
+  convention) hides cache positions after each token's own position; masked scores become exact zeros.
+- Shared prompts are prefilled once and copied (``copy_slots``) into the slots of their other samples; finished
+  rows retire (the last live slot is copied into the hole), so live slots stay ``0..n-1`` and a decode
+  step reads a view of the cache, never a gather.
+- The local spec's core attention on this path is torch's fused ``scaled_dot_product_attention`` with
+  grouped-query heads (``GroupedSlotAttention``): megatron's local ``DotProductAttention`` repeats every
+  cached key and value head for its query heads at each step (a copy of the cache per layer) and
+  materialises the scores; same scale and mask, float rounding aside. TE's attention handles GQA itself.
+- Only the subclasses behave differently, and only on the slot cache's path (a ``SlotKVCache`` handed to the
+  self-attention, the ``arbitrary`` mask type it returns to the core attention): training, plain forwards
+  and megatron's own inference contexts take megatron's code unchanged.
+Buffers: ``[max_len + 1, slots, query groups / TP, head dim]`` per layer, on this rank's TP shard of heads
+and this pipeline stage's layers.
+"""
+from __future__ import annotations
+
+import torch
+from megatron.core.inference.contexts import StaticInferenceContext
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+
+
+class SlotKVCache(StaticInferenceContext):
+    """KV cache of ``slots`` rows of up to ``max_len`` tokens each (plus one trash position for pads)."""
+
+    def __init__(self, slots: int, max_len: int):
+        super().__init__(slots, max_len + 1)  # rotary tables span the trash position too
+        self.trash = max_len
+        self.rows: torch.Tensor | None = None  # [b] slots fed by this forward; None = slots 0..b-1
+        self.write_pos: torch.Tensor | None = None  # [b, s] cache position (= RoPE position) of each token
+        self.write_index: torch.Tensor | None = None  # [s*b] flat (position, slot) index of each token
+        self.read_len = 0
+        self._freqs: torch.Tensor | None = None
+        self._table: torch.Tensor | None = None
+
+    def plan(self, write_pos: torch.Tensor, read_len: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Set the next forward's layout; returns its attention mask ``[b, 1, s, read_len]`` (True = masked).
+
+        ``write_pos`` ``[b, s]``: cache position of each fed token (``self.trash`` for padding); ``read_len``:
+        cache positions the forward attends over; ``rows`` ``[b]``: the slots fed (None: slots ``0..b-1``).
+        Everything every layer needs (the flat write index, the RoPE angles) is derived once per forward.
+        """
+        b = write_pos.size(0)
+        self.rows, self.read_len = rows, read_len
+        slots = rows if rows is not None else torch.arange(b, device=write_pos.device)
+        self.write_index = (write_pos.t() * self.max_batch_size + slots).reshape(-1)  # [s*b] into [(L+1)*S]
+        self.write_pos, self._freqs, self._table = write_pos, None, None
+        keys = torch.arange(read_len, device=write_pos.device)
+        return keys.view(1, 1, 1, -1) > write_pos.unsqueeze(1).unsqueeze(-1)
+
+    def freqs(self, table: torch.Tensor) -> torch.Tensor:
+        """RoPE angles ``[s, b, 1, d]`` of the fed tokens from megatron's ``[L, 1, 1, d]`` table (once per forward)."""
+        if self._table is not table:
+            b, s = self.write_pos.shape
+            self._freqs = table[self.write_pos.t().reshape(-1)].view(s, b, 1, table.size(-1))
+            self._table = table
+        return self._freqs
+
+    def buffers(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's ``(K, V)`` buffers, allocated on first use like ``key`` / ``value`` ``[s, b, g, d]``."""
+        if layer not in self.key_value_memory_dict:
+            shape = lambda t: (self.max_sequence_length, self.max_batch_size, t.size(2), t.size(3))  # noqa: E731
+            self.key_value_memory_dict[layer] = (torch.zeros(shape(key), dtype=key.dtype, device=key.device),
+                                                 torch.zeros(shape(value), dtype=value.dtype, device=value.device))
+        return self.key_value_memory_dict[layer]
+
+    def copy_slots(self, src: torch.Tensor, dst: torch.Tensor, length: int) -> None:
+        """Copy the first ``length`` positions of slots ``src`` ``[n]`` into slots ``dst`` ``[n]``, every layer:
+        a shared prompt's prefill forked to its other samples, or a live slot moved into a retired one's hole."""
+        for k_buf, v_buf in self.key_value_memory_dict.values():
+            k_buf[:length, dst] = k_buf[:length, src]
+            v_buf[:length, dst] = v_buf[:length, src]
+
+
+class SlotCachedSelfAttention(SelfAttention):
+    """megatron's ``SelfAttention``; with a ``SlotKVCache`` it caches rotated keys at per-token positions."""
+
+    def _adjust_key_value_for_inference(self, inference_context, query, key, value, rotary_pos_emb,
+                                        rotary_pos_cos=None, rotary_pos_sin=None, rotary_pos_cos_sin=None,
+                                        sequence_len_offset=None, *, inference_params=None):
+        if not isinstance(inference_context, SlotKVCache):
+            return super()._adjust_key_value_for_inference(
+                inference_context, query, key, value, rotary_pos_emb, rotary_pos_cos, rotary_pos_sin,
+                rotary_pos_cos_sin, sequence_len_offset, inference_params=inference_params)
+        ctx = inference_context
+        q_freqs = None
+        if rotary_pos_emb is not None:
+            q_table, k_table = rotary_pos_emb
+            key = apply_rotary_pos_emb(key, ctx.freqs(k_table), config=self.config, cp_group=self.pg_collection.cp)
+            q_freqs = ctx.freqs(q_table)
+        k_buf, v_buf = ctx.buffers(self.layer_number, key, value)
+        s, b, groups, dim = key.shape
+        k_buf.view(-1, groups, dim).index_copy_(0, ctx.write_index, key.reshape(s * b, groups, dim))
+        v_buf.view(-1, groups, v_buf.size(-1)).index_copy_(0, ctx.write_index, value.reshape(s * b, groups, -1))
+        if ctx.rows is None:  # live slots are 0..b-1: a view of the cache
+            key, value = k_buf[:ctx.read_len, :b], v_buf[:ctx.read_len, :b]
+        else:
+            key, value = k_buf[:ctx.read_len, ctx.rows], v_buf[:ctx.read_len, ctx.rows]
+        # Keys are rotated already: only the queries get an embedding (megatron skips a None key embedding).
+        return query, key, value, (q_freqs, None), AttnMaskType.arbitrary, None
+
+
+class GroupedSlotAttention(DotProductAttention):
+    """megatron's local core attention; on the slot cache's path (``AttnMaskType.arbitrary`` with a mask) it
+    is torch's fused ``scaled_dot_product_attention``, grouped query heads reading their shared cached head.
+
+    ``query`` ``[s, b, g*r, d]``, ``key`` / ``value`` ``[L, b, g, d]`` (this TP rank's heads), ``attention_mask``
+    ``[b, 1, s, L]`` (True = masked) -> ``[s, b, g*r*d]``. Query head h reads KV head ``h // r``, as megatron's
+    repeat does; the scale is megatron's (``softmax_scale`` times the softmax's layer-scaling coefficient).
+    """
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if attn_mask_type is not AttnMaskType.arbitrary or attention_mask is None or self.softmax_offset is not None:
+            return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
+                                   attention_bias=attention_bias, packed_seq_params=packed_seq_params)
+        s, b, heads, d = query.shape
+        scale = self.softmax_scale * (self.scale_mask_softmax.scale or 1.0)
+        context = torch.nn.functional.scaled_dot_product_attention(
+            query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3),
+            attn_mask=~attention_mask, scale=scale, enable_gqa=True)  # [b, g*r, s, d]
+        return context.permute(2, 0, 1, 3).reshape(s, b, heads * d)
