@@ -6,11 +6,20 @@ Design decisions:
   sensible for the synthetic task).
 - ``distill`` is one optimizer step per call and saves a checkpoint after it, so a launcher alternating
   rollout / rewrite / distill jobs makes progress that survives any job failing.
+- The phase loop is driven by the checkpoint, not by the launcher: each phase works on step k = the latest
+  checkpoint's step (a given ``--step`` must agree), its files default to ``phases/step_<k>.*.jsonl`` in the
+  run directory, and once k reaches ``distill.steps`` a phase does nothing and exits with code 3, so a loop
+  resubmitted after a kill resumes where it was and stops by itself. ``rollout`` loads the student's weights
+  only; ``rewrite`` builds no model and no process group (one task, whatever the layout); ``distill`` loads
+  the full state and appends its step to ``train_log.jsonl``.
+- ``run`` checks for a stop request (signal, time budget) at every step boundary, saves once and exits with
+  code 75 (``runtime/preemption.py``); it never saves the same step twice, and a finished run exits at once.
 """
 from __future__ import annotations
 
 import logging
 from argparse import Namespace
+from pathlib import Path
 
 from caopd_megatron.calibration.revise import DistillExample, RolloutRecord, revise
 from caopd_megatron.checkpointing import checkpoint as ckpt
@@ -22,11 +31,33 @@ from caopd_megatron.evaluation.evaluate import evaluate_model, write_eval
 from caopd_megatron.evaluation.reliability import plot_reliability
 from caopd_megatron.models.teacher import ema_update
 from caopd_megatron.pipeline.session import Session, build_student, build_teacher, eval_prompts, open_session, train_prompts
-from caopd_megatron.pipeline.train import Trainer
+from caopd_megatron.pipeline.train import PromptCursor, StepLog, Trainer
 from caopd_megatron.rollout.engine import rollout
 from caopd_megatron.runtime.distributed import is_main_rank
+from caopd_megatron.runtime.exit_codes import EXIT_DONE, EXIT_INTERRUPTED, NothingLeftToDo, PhaseOrderError
+from caopd_megatron.runtime.preemption import NO_STOP, StopGuard, describe_stop
 
 log = logging.getLogger(__name__)
+
+
+def completed_steps(s: Session) -> int:
+    """Optimizer steps the run directory's latest checkpoint holds (0 without one or with resume off)."""
+    latest = ckpt.latest_checkpoint(s.run_dir) if s.cfg.checkpoint.resume else None
+    return 0 if latest is None else int(latest.name.removeprefix("step_"))
+
+
+def next_phase_step(s: Session, phase: str) -> int:
+    """The step a phase works on; ``NothingLeftToDo`` once the run is complete."""
+    done = completed_steps(s)
+    if done >= s.cfg.distill.steps:
+        raise NothingLeftToDo(f"the checkpoint in {s.run_dir} is at step {done} and distill.steps={s.cfg.distill.steps}: "
+                              f"training is complete, no {phase} to do")
+    return done
+
+
+def phase_file(s: Session, step: int, kind: str, given: str | None) -> Path:
+    """``given`` when the user named the file, else ``<run_dir>/phases/step_<k>.<kind>.jsonl``."""
+    return Path(given) if given else s.run_dir / "phases" / f"step_{step:06d}.{kind}.jsonl"
 
 
 def _load_initial(s: Session, student) -> None:
@@ -68,38 +99,54 @@ def cmd_demo(cfg: CaOPDConfig, args: Namespace) -> None:
 
 def cmd_rollout(cfg: CaOPDConfig, args: Namespace) -> None:
     s = open_session(cfg)
-    t = _trainer(s)
-    prompts = [t.prompts[i] for i in t.cursor.take(cfg.rollout.prompts_per_step)]
-    rows = rollout(t.student, prompts, s.tokenizer, cfg, s.vocab.real, step=args.step, desc="rollout")
+    step = next_phase_step(s, "rollout")
+    if args.step is not None and args.step != step:
+        raise PhaseOrderError(f"--step {args.step}, but the checkpoint in {s.run_dir} is at step {step}: the next "
+                              f"rollout is step {step} (omit --step to follow the checkpoint)")
+    student = build_student(s)  # weights only: no teacher, no optimizer
+    _load_initial(s, student)
+    all_prompts = train_prompts(s)
+    cursor = PromptCursor(len(all_prompts), cfg.run.seed)
+    if step:
+        cursor.load(ckpt.load_checkpoint(s.run_dir, student=student).data_position)
+    prompts = [all_prompts[i] for i in cursor.take(cfg.rollout.prompts_per_step)]
+    rows = rollout(student, prompts, s.tokenizer, cfg, s.vocab.real, step=step, desc="rollout")
+    out = phase_file(s, step, "rollouts", args.out)
     if is_main_rank():  # every rank generated the same rows; one writes them
-        write_records(args.out, rows)
-    log.info("wrote %d rollouts of %d prompts to %s", len(rows), len(prompts), args.out)
+        write_records(out, rows)
+    log.info("step %d: wrote %d rollouts of %d prompts to %s", step, len(rows), len(prompts), out)
 
 
 def cmd_rewrite(cfg: CaOPDConfig, args: Namespace) -> None:
-    s = open_session(cfg)
-    rows = read_records(args.rollouts, RolloutRecord)
+    s = open_session(cfg, parallel=False)
+    step = next_phase_step(s, "rewrite")
+    source = phase_file(s, step, "rollouts", args.rollouts)
+    rows = read_records(source, RolloutRecord)
     prompts = {p.id: p for p in train_prompts(s)}
     examples = revise(rows, prompts, s.tokenizer, cfg.data, cfg.calibration)
+    out = phase_file(s, step, "revised", args.out)
     if is_main_rank():
-        write_records(args.out, examples)
+        write_records(out, examples)
     acc = sum(e.correct for e in examples) / max(1, len(examples))
-    log.info("graded %d responses (accuracy %.3f), rewrite=%s -> %s", len(examples), acc, cfg.calibration.rewrite,
-             args.out)
+    log.info("step %d: graded %d responses (accuracy %.3f), rewrite=%s -> %s", step, len(examples), acc,
+             cfg.calibration.rewrite, out)
 
 
 def cmd_distill(cfg: CaOPDConfig, args: Namespace) -> None:
     s = open_session(cfg)
+    step = next_phase_step(s, "distill")
+    examples = read_records(phase_file(s, step, "revised", args.examples), DistillExample)
     t = _trainer(s)
-    examples = read_records(args.examples, DistillExample)
     stats = distill_step(t.student, t.teacher, t.optimizer, t.scheduler, examples, cfg.distill, s.tokenizer.pad_id,
                          s.vocab.real)
     if cfg.teacher.mode == "ema":
         ema_update(t.teacher, t.student, cfg.teacher.ema_rate)
     t.cursor.take(cfg.rollout.prompts_per_step)  # the rollout of this step consumed these prompts
+    t.history.append(StepLog.of(step, stats, examples))
     t.step += 1
+    t.write_history()
     _save(s, t)
-    log.info("distill step %d: loss %.4f grad norm %.3f lr %.2e", t.step, stats.loss, stats.grad_norm, stats.lr)
+    log.info("distill step %d: loss %.4f grad norm %.3f lr %.2e", step, stats.loss, stats.grad_norm, stats.lr)
 
 
 def cmd_evaluate(cfg: CaOPDConfig, args: Namespace) -> None:
@@ -114,19 +161,35 @@ def cmd_evaluate(cfg: CaOPDConfig, args: Namespace) -> None:
              report.brier, path)
 
 
-def cmd_run(cfg: CaOPDConfig, args: Namespace) -> None:
-    s = open_session(cfg)
-    t = _trainer(s)
-    interval = cfg.checkpoint.save_interval
-    stop = cfg.distill.steps if not cfg.run.max_steps_per_job else min(cfg.distill.steps,
-                                                                       t.step + cfg.run.max_steps_per_job)
-    while t.step < stop:
-        e = t.train_step()
-        if cfg.logging.log_interval and e.step % cfg.logging.log_interval == 0:
-            log.info("step %d: loss %.4f acc %.3f stated conf %.3f empirical %.3f", e.step, e.loss, e.accuracy,
-                     e.stated_confidence, e.empirical_confidence)
-        if interval and t.step % interval == 0:
-            t.write_history()
+def cmd_run(cfg: CaOPDConfig, args: Namespace) -> int:
+    with StopGuard(cfg.run.stop_signals, cfg.run.max_minutes_per_job) as guard:
+        s = open_session(cfg)
+        if completed_steps(s) >= cfg.distill.steps:
+            log.info("run complete: the checkpoint in %s is at distill.steps=%d; nothing to do", s.run_dir,
+                     cfg.distill.steps)
+            return EXIT_DONE
+        t = _trainer(s)
+        interval = cfg.checkpoint.save_interval
+        stop = cfg.distill.steps if not cfg.run.max_steps_per_job else min(cfg.distill.steps,
+                                                                           t.step + cfg.run.max_steps_per_job)
+        saved, reason = t.step, NO_STOP
+        while t.step < stop:
+            e = t.train_step()
+            if cfg.logging.log_interval and e.step % cfg.logging.log_interval == 0:
+                log.info("step %d: loss %.4f acc %.3f stated conf %.3f empirical %.3f", e.step, e.loss, e.accuracy,
+                         e.stated_confidence, e.empirical_confidence)
+            reason = guard.agreed_stop()  # step boundary: one collective, every rank gets the same verdict
+            if reason != NO_STOP or (interval and t.step % interval == 0):
+                t.write_history()
+                _save(s, t)
+                saved = t.step
+            if reason != NO_STOP:
+                break
+        t.write_history()
+        if saved != t.step:
             _save(s, t)
-    t.write_history()
-    _save(s, t)
+        if reason != NO_STOP and t.step < cfg.distill.steps:
+            log.warning("%s: saved step %d of %d; exiting with code %d (resubmit or requeue to continue)",
+                        describe_stop(reason), t.step, cfg.distill.steps, EXIT_INTERRUPTED)
+            return EXIT_INTERRUPTED
+        return EXIT_DONE

@@ -182,6 +182,12 @@ class RunConfig:
     seed: int = 1234
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
     max_steps_per_job: int = 0  # `caopd run` stops (checkpointed) after this many steps; 0 = run to distill.steps
+    # `caopd run` saves and exits (code 75) at the first step boundary where the minutes since start plus the
+    # longest step so far would pass this budget; 0 = no budget. Set it below the job's --time by a save or two.
+    max_minutes_per_job: float = 0.0
+    # Signals that make `caopd run` finish its step, save, and exit with code 75 (README, "Running on Slurm").
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGINT"])
+    lock: bool = True  # refuse a second live job on the same run.output_dir (lock file caopd.lock)
 
 
 @dataclass

@@ -78,6 +78,15 @@ class StepLog:
     stated_confidence: float  # mean confidence the student stated (missing = 0)
     empirical_confidence: float  # mean p over the step's prompts
 
+    @classmethod
+    def of(cls, step: int, stats, examples: list[DistillExample]) -> "StepLog":
+        """The log entry of a step from its distillation statistics and its revised examples."""
+        n = max(1, len(examples))
+        return cls(step=step, loss=stats.loss, grad_norm=stats.grad_norm, lr=stats.lr,
+                   accuracy=sum(e.correct for e in examples) / n,
+                   stated_confidence=sum((e.stated_confidence or 0.0) for e in examples) / n,
+                   empirical_confidence=sum(e.empirical_confidence for e in examples) / n)
+
 
 # (student, the step's revised examples, number of rows) -> the replay rows, as data (``SupervisedRows``) so
 # that the pipeline-parallel step can schedule them; the distillation step computes their loss.
@@ -120,12 +129,7 @@ class Trainer:
                              self.tok.pad_id, self.real_vocab, extra_loss=extra)
         if cfg.teacher.mode == "ema":
             ema_update(self.teacher, self.student, cfg.teacher.ema_rate)
-        n = max(1, len(examples))
-        entry = StepLog(
-            step=self.step, loss=stats.loss, grad_norm=stats.grad_norm, lr=stats.lr,
-            accuracy=sum(e.correct for e in examples) / n,
-            stated_confidence=sum((e.stated_confidence or 0.0) for e in examples) / n,
-            empirical_confidence=sum(e.empirical_confidence for e in examples) / n)
+        entry = StepLog.of(self.step, stats, examples)
         self.step += 1
         self.history.append(entry)
         self.tracker.log(entry.step, asdict(entry))
