@@ -44,7 +44,8 @@ def open_session(cfg: CaOPDConfig, run_dir: str | Path | None = None, parallel: 
     """Start-up checks, process groups (unless ``parallel`` is False: a single-task phase such as ``rewrite``,
     which needs no model and runs under any layout), logging, the run-directory lock, tokenizer."""
     run_dir = Path(run_dir or cfg.run.output_dir)
-    setup_logging(cfg.logging.level, None, distributed.read_env().rank)  # console only until the group exists
+    env = distributed.read_env()
+    setup_logging(cfg.logging.level, None, env.rank)  # console only until the process group exists
     set_progress(cfg.logging.progress)
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
@@ -57,13 +58,15 @@ def open_session(cfg: CaOPDConfig, run_dir: str | Path | None = None, parallel: 
             t = cfg.teacher.model
             distributed.check_layout(None, cfg.parallel, t.num_layers, t.num_attention_heads, t.num_query_groups,
                                      what="teacher.model")
-        distributed.check_layout(distributed.read_env().world_size, cfg.parallel, cfg.model.num_layers,
+        distributed.check_layout(env.world_size, cfg.parallel, cfg.model.num_layers,
                                  cfg.model.num_attention_heads, cfg.model.num_query_groups)
-        distributed.initialize(cfg.parallel, cfg.run.seed)
+        env = distributed.initialize(cfg.parallel, cfg.run.seed)
     log_file = setup_logging(cfg.logging.level, run_dir, distributed.current_rank())
     if cfg.run.lock:
         acquire_run_lock(run_dir, " ".join([Path(sys.argv[0]).name, *sys.argv[1:2]]))
     log.info("backend: %s", backend.describe())
+    if env.rendezvous:
+        log.info("rendezvous: %s", env.rendezvous)
     tokenizer = TextTokenizer.from_file(cfg.model.tokenizer) if cfg.model.tokenizer else build_synthetic_tokenizer()
     vocab = resolve_vocab(cfg.model, tokenizer.vocab_size, cfg.parallel.tensor_model_parallel_size)
     if distributed.is_main_rank():

@@ -18,7 +18,7 @@ import os
 import re
 import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -38,6 +38,7 @@ class DistEnv:
     world_size: int
     local_rank: int
     launcher: str  # torchrun | slurm | single
+    rendezvous: str = ""  # where the process group met (address, port and where they came from), for the log
 
 
 def read_env() -> DistEnv:
@@ -153,7 +154,7 @@ def initialize(parallel: ParallelConfig, seed: int) -> DistEnv:
             init_method = f"tcp://127.0.0.1:{_free_port()}"
         elif env.launcher == "slurm":
             rdv = slurm_rendezvous(dict(os.environ))
-            log.info("rendezvous: MASTER_ADDR=%s MASTER_PORT=%d (%s)", rdv.addr, rdv.port, rdv.origin)
+            env = replace(env, rendezvous=f"MASTER_ADDR={rdv.addr} MASTER_PORT={rdv.port} ({rdv.origin})")
             init_method = f"tcp://{rdv.addr}:{rdv.port}"
         elif "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
             raise LayoutError(f"{env.launcher} launch with {env.world_size} ranks needs MASTER_ADDR and MASTER_PORT")

@@ -20,6 +20,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from caopd_megatron.config.loader import ConfigError
+
 log = logging.getLogger(__name__)
 
 # The agreed code: 0 nothing, TIME_BUDGET the budget, otherwise the signal number (MAX keeps a signal over the
@@ -29,12 +31,12 @@ TIME_BUDGET = 1
 
 
 def parse_signal(name: str) -> signal.Signals:
-    """``SIGTERM``, ``TERM`` or ``15`` -> ``signal.SIGTERM``; ValueError naming the input otherwise."""
+    """``SIGTERM``, ``TERM`` or ``15`` -> ``signal.SIGTERM``; ``ConfigError`` naming the input otherwise."""
     text = str(name).strip().upper()
     try:
         return signal.Signals(int(text)) if text.isdigit() else signal.Signals[text if text.startswith("SIG") else f"SIG{text}"]
     except (KeyError, ValueError):
-        raise ValueError(f"run.stop_signals: {name!r} is not a signal name") from None
+        raise ConfigError(f"key 'run.stop_signals': {name!r} is not a signal name") from None
 
 
 def describe_stop(code: int) -> str:
