@@ -121,6 +121,15 @@ def test_live_process_refused_dead_process_taken_over(tmp_path, outside_slurm, c
     assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
 
 
+def test_exited_unreaped_process_is_not_the_owner(tmp_path, outside_slurm):
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    while run_lock.proc_stat(child.pid)[:1] != ["Z"]:  # exited; its parent (us) has not reaped it yet
+        time.sleep(0.05)
+    write_lock(tmp_path, owner(pid=child.pid, pid_start=run_lock.process_start(child.pid)))
+    assert try_lock(tmp_path, run_lock.current_owner("x")) is None
+    child.wait()
+
+
 def test_recycled_pid_is_not_the_owner(tmp_path, outside_slurm):
     write_lock(tmp_path, owner(pid=os.getppid(), pid_start="1"))  # alive, but started at another time
     assert try_lock(tmp_path, run_lock.current_owner("x")) is None

@@ -85,7 +85,10 @@ def assert_same_weights(a: list[dict], b: list[dict]) -> None:
     for x, y in zip(a, b):
         assert x.keys() == y.keys()
         for k in x:
-            assert torch.equal(x[k], y[k]), k
+            if isinstance(x[k], torch.Tensor):
+                assert torch.equal(x[k], y[k]), k
+            else:
+                assert x[k] == y[k], k
 
 
 def saved_steps(run: Path) -> list[int]:

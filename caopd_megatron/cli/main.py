@@ -17,12 +17,13 @@ Design decisions:
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
 from pathlib import Path
 
-from caopd_megatron.runtime.exit_codes import (EXIT_DONE, EXIT_KEYBOARD_INTERRUPT, EXIT_NOTHING_TO_DO, EXIT_USER_ERROR,
-                                               NothingLeftToDo, PhaseOrderError)
+from caopd_megatron.runtime.exit_codes import (EXIT_DONE, EXIT_INTERRUPTED, EXIT_KEYBOARD_INTERRUPT,
+                                               EXIT_NOTHING_TO_DO, EXIT_USER_ERROR, NothingLeftToDo, PhaseOrderError)
 
 log = logging.getLogger("caopd")
 
@@ -93,10 +94,16 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, preset + list(args.overrides))
         from caopd_megatron.cli import phases
 
+        from caopd_megatron.runtime.preemption import leave_together
+
         handler = getattr(phases, f"cmd_{args.command}")
-        return handler(cfg, args) or EXIT_DONE
+        code = handler(cfg, args) or EXIT_DONE
+        if code == EXIT_INTERRUPTED:
+            leave_together()
+        return code
     except NothingLeftToDo as exc:
         print(f"caopd {args.command}: nothing to do: {exc}", file=sys.stderr)
+        leave_together()
         return EXIT_NOTHING_TO_DO
     except _user_errors() as exc:
         if args.debug:
@@ -108,9 +115,13 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return EXIT_KEYBOARD_INTERRUPT
     finally:
-        from caopd_megatron.runtime import distributed
+        from caopd_megatron.runtime import distributed, run_lock
 
         distributed.teardown()
+        run_lock.release_held_locks()
+        # The process ends next: keep the interpreter's final garbage-collection passes off megatron's object
+        # graph (measured: 18 s at exit on a busy 2-core machine, 1 s with the freeze).
+        gc.freeze()
 
 
 if __name__ == "__main__":

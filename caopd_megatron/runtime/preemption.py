@@ -9,6 +9,8 @@ Design decisions:
   longest step seen so far would pass the budget, so the job saves before the wall clock kills it.
 - A second SIGINT raises ``KeyboardInterrupt`` at once (a person who presses Ctrl-C twice means it).
 - The loop exits with ``EXIT_INTERRUPTED`` (75, ``runtime/exit_codes.py``) so a batch script can requeue.
+  Ranks leave a deliberate non-zero exit together (``leave_together``): with ``srun --kill-on-bad-exit`` the
+  first rank to exit non-zero gets the others sent SIGTERM, which would turn their 75 into 143.
 """
 from __future__ import annotations
 
@@ -97,3 +99,14 @@ class StopGuard:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             code = int(flag.item())
         return code
+
+
+def leave_together() -> None:
+    """Before every rank exits with the same deliberate non-zero code: ignore SIGTERM, then meet (collective).
+
+    No rank can exit before all have passed the barrier, and by then all ignore the SIGTERM that srun's
+    ``--kill-on-bad-exit`` sends to the ranks still running when the first one exits.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

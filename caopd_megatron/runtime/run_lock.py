@@ -51,13 +51,19 @@ class LockOwner:
         return f"{job} on host {self.host} (pid {self.pid}, `{self.command}`)"
 
 
-def process_start(pid: int) -> str:
-    """Field 22 of /proc/<pid>/stat (start time since boot), "" when unavailable."""
+def proc_stat(pid: int) -> list[str]:
+    """The fields of /proc/<pid>/stat after the command name (state first), [] when unavailable."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return ""
-    return stat.rsplit(")", 1)[1].split()[19]
+        return []
+    return stat.rsplit(")", 1)[1].split()
+
+
+def process_start(pid: int) -> str:
+    """The pid's start time in clock ticks since boot (field 22 of /proc/<pid>/stat), "" when unavailable."""
+    fields = proc_stat(pid)
+    return fields[19] if len(fields) > 19 else ""
 
 
 def current_owner(command: str) -> LockOwner:
@@ -86,7 +92,10 @@ def pid_alive(owner: LockOwner) -> bool:
         return False
     except PermissionError:
         pass
-    return not owner.pid_start or process_start(owner.pid) in ("", owner.pid_start)
+    fields = proc_stat(owner.pid)
+    if fields and fields[0] == "Z":  # exited, not yet reaped by its parent
+        return False
+    return not owner.pid_start or not fields or fields[19] == owner.pid_start
 
 
 def holder_is_live(owner: LockOwner, me: LockOwner) -> bool:
