@@ -44,7 +44,7 @@ def main() -> None:
             times, logs = {}, {}
             for mode in ("run", "phases"):
                 job = submit(cluster, tmp / f"{mode}.txt", mode, f"run.output_dir={tmp / mode}", *overrides,
-                             env={"CAOPD_MODE": mode})
+                             env={"CAOPD_MODE": mode}, options=("--time=120",))
                 if job.wait(timeout=3600) != "COMPLETED":
                     raise SystemExit((tmp / f"{mode}.txt").read_text()[-3000:])
                 times[mode], logs[mode] = elapsed_s(cluster, job.job_id), read_log(tmp / mode)

@@ -204,7 +204,7 @@ def test_phase_loop_at_tp2_equals_caopd_run(cluster, tmp_path):
     straight = submit(cluster, tmp_path / "run.txt", "straight", f"run.output_dir={ran}", *overrides)
     assert straight.wait() == "COMPLETED", (tmp_path / "run.txt").read_text()[-3000:]
     loop = submit(cluster, tmp_path / "phases.txt", "phases", f"run.output_dir={phased}", *overrides,
-                  env={"CAOPD_MODE": "phases"})
+                  env={"CAOPD_MODE": "phases"}, options=("--time=30",))
     assert loop.wait(timeout=1200) == "COMPLETED", (tmp_path / "phases.txt").read_text()[-3000:]
     assert read_log(phased) == read_log(ran)
     assert_same_weights(final_student(phased, 2), final_student(ran, 2))
