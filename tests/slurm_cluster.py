@@ -140,8 +140,13 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSu
                 time.sleep(0.1)
         self.procs.clear()
 
-    def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-        proc = subprocess.run(list(cmd), env=self.env, capture_output=True, text=True, timeout=60)
+    def run(self, *cmd: str, check: bool = True, attempts: int = 3) -> subprocess.CompletedProcess:
+        """Run a Slurm command; a command killed by a signal (seen under heavy load) is retried."""
+        for _ in range(attempts):
+            proc = subprocess.run(list(cmd), env=self.env, capture_output=True, text=True, timeout=60)
+            if proc.returncode >= 0:
+                break
+            time.sleep(0.5)
         if check and proc.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr}")
         return proc
