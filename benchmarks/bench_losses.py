@@ -40,7 +40,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from caopd_megatron.distill.losses import fused_chunked_divergence, vocab_parallel_divergence  # noqa: E402
+from caopd_megatron.distill.fused_output_loss import fused_chunked_divergence  # noqa: E402
+from caopd_megatron.distill.losses import vocab_parallel_divergence  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VOCABS = {"32k": 32000, "128k": 128256, "152k": 152064}

@@ -62,7 +62,8 @@ def _timed_rollout(rank: int, world: int, port: int, args, queue) -> None:
     distributed.initialize(ParallelConfig(backend="gloo"), seed=0)
     mc = ModelConfig(**MODEL)
     torch.manual_seed(0)
-    model = build_gpt_model(mc, ParallelConfig(), resolve_vocab(mc, args.vocab, 1), backend)
+    model = build_gpt_model(mc, ParallelConfig(), resolve_vocab(mc, args.vocab, 1), backend,
+                            distributed.process_groups())
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(4, args.vocab, (int(torch.randint(8, 40, (1,), generator=g)),), generator=g).tolist()
                for _ in range(args.sequences)]

@@ -52,7 +52,9 @@ def tiny_model(seed: int = 0, real_vocab: int = REAL_VOCAB, **model_overrides):
     mc = ModelConfig(**{**TINY_MODEL, **model_overrides})
     vocab = resolve_vocab(mc, tokenizer_vocab_size=real_vocab, tp_size=1)
     seed_all(seed)
-    model = build_gpt_model(mc, ParallelConfig(), vocab, backend)
+    from caopd_megatron.runtime.distributed import process_groups
+
+    model = build_gpt_model(mc, ParallelConfig(), vocab, backend, process_groups())
     return model, vocab
 
 

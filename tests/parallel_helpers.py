@@ -16,7 +16,7 @@ TEACHER_B = dict(num_layers=4, hidden_size=48, num_attention_heads=4, num_query_
 
 def examples(n: int = 5):
     """``n`` distillation examples with prompts and responses of varying lengths over ids [4, VOCAB)."""
-    from caopd_megatron.calibration.revise import DistillExample
+    from caopd_megatron.data.records import DistillExample
 
     g = torch.Generator().manual_seed(11)
     out = []
@@ -48,8 +48,10 @@ def build(model_kw: dict, tp: int, pp: int, seed: int, sp: bool = False):
     from caopd_megatron.config.schema import ModelConfig, ParallelConfig
     from caopd_megatron.models.builder import build_gpt_model, resolve_vocab
     from caopd_megatron.runtime.backend import detect_backend
+    from caopd_megatron.runtime.distributed import process_groups
 
     mc = ModelConfig(**model_kw)
     torch.manual_seed(seed)
     return build_gpt_model(mc, ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                              sequence_parallel=sp), resolve_vocab(mc, VOCAB, tp), detect_backend())
+                                              sequence_parallel=sp), resolve_vocab(mc, VOCAB, tp), detect_backend(),
+                           process_groups())

@@ -210,7 +210,7 @@ def step_mod():
 
 
 def make_examples():
-    from caopd_megatron.calibration.revise import DistillExample
+    from caopd_megatron.data.records import DistillExample
 
     g = torch.Generator().manual_seed(123)
     rnd = lambda n: torch.randint(3, REAL_VOCAB, (n,), generator=g).tolist()  # noqa: E731
@@ -383,10 +383,10 @@ def test_distill_step_with_adamw_and_scheduler(step_mod, teacher):
 
 def test_micro_batches(step_mod):
     mb = step_mod.micro_batches
-    assert mb(5, 2) == [slice(0, 2), slice(2, 4), slice(4, 5)]
-    assert mb(4, 8) == [slice(0, 4)]
-    assert mb(3, 0) == [slice(0, 1), slice(1, 2), slice(2, 3)]
-    assert mb(0, 4) == []
+    assert mb(0, 5, 2) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    assert mb(0, 4, 8) == [slice(0, 4)]
+    assert mb(0, 3, 0) == [slice(0, 1), slice(1, 2), slice(2, 3)]
+    assert mb(0, 0, 4) == []
 
 
 def test_extra_loss_joins_the_same_step(step_mod, teacher):

@@ -405,6 +405,7 @@ def _two_rank_save_load(rank: int, world_size: int, run_dir: str) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_two_rank_gloo_each_rank_saves_and_reloads_its_own_shard(tmp_path):
     results = run_distributed(_two_rank_save_load, 2, str(tmp_path))
     path = Path(results[0]["path"])

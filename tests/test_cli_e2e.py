@@ -47,6 +47,7 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+@pytest.mark.slow
 def test_demo_end_to_end_reduced(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     proc = caopd("demo", *TINY, "warmup.steps=15", "warmup.batch_size=32", "distill.steps=3",
@@ -70,6 +71,7 @@ def test_demo_end_to_end_reduced(tmp_path: Path) -> None:
         assert [e["step"] for e in read_jsonl(out / name / "train_log.jsonl")] == [0, 1, 2]
 
 
+@pytest.mark.slow
 def test_phases_through_files(tmp_path: Path) -> None:
     run = tmp_path / "run"
     common = [*TINY, f"run.output_dir={run}", "teacher.mode=frozen"]
@@ -99,6 +101,7 @@ def test_phases_through_files(tmp_path: Path) -> None:
     assert metrics["n"] == 40
 
 
+@pytest.mark.slow
 def test_resume_continues_the_same_trajectory(tmp_path: Path) -> None:
     base = [*TINY, "distill.steps=4", "checkpoint.save_interval=1", "teacher.mode=ema"]
     caopd("run", *base, f"run.output_dir={tmp_path / 'straight'}")

@@ -3,15 +3,21 @@
 Reference: the expected values are written out by hand in each test (defaults come from constructing the
 plain dataclasses, which is independent of OmegaConf); errors must be ``ConfigError`` whose message names
 the offending key, and the YAML file for file errors. save_config -> load_config must round-trip.
+Every file in ``examples/configs/`` loads; the demo example equals the packaged demo preset, which equals
+the dataclass defaults plus its two hand-listed choices. Choices are found from the schema's ``Literal``
+annotations: each allowed value loads, any other fails naming the key.
 """
 from __future__ import annotations
 
 import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
 
-from caopd_megatron.config.loader import ConfigError, load_config, save_config, to_yaml
+from caopd_megatron.cli import phases
+from caopd_megatron.cli.main import main as cli_main
+from caopd_megatron.config.loader import ConfigError, load_config, load_section, preset_path, save_config, to_yaml
 from caopd_megatron.config.schema import CaOPDConfig, ModelConfig, ParallelConfig
 
 
@@ -233,3 +239,96 @@ def test_save_load_round_trip(tmp_path):
 def test_save_load_round_trip_of_defaults(tmp_path):
     path = save_config(CaOPDConfig(), tmp_path / "c.yaml")
     assert load_config([path]) == CaOPDConfig()
+
+
+# ---------------------------------------------------------------- shipped configs and presets
+EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples" / "configs").glob("*.yaml"))
+
+
+def test_examples_exist():
+    assert {p.name for p in EXAMPLES} >= {"demo.yaml", "caopd_70b.yaml"}
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_config_loads(path):
+    cfg = load_config([path])
+    assert isinstance(cfg, CaOPDConfig) and cfg != CaOPDConfig()
+
+
+def test_demo_preset_is_the_defaults_plus_its_two_choices():
+    preset = load_config([preset_path("demo")])
+    expected = CaOPDConfig()
+    expected.teacher.mode = "frozen"
+    expected.distill.grad_clip = 0.0
+    assert preset == expected
+
+
+def test_demo_example_resolves_to_the_packaged_preset():
+    (demo,) = [p for p in EXAMPLES if p.name == "demo.yaml"]
+    assert load_config([demo]) == load_config([preset_path("demo")])
+
+
+def test_unknown_preset_lists_the_shipped_ones():
+    with pytest.raises(ConfigError, match="unknown preset 'nope'.*demo"):
+        preset_path("nope")
+
+
+def test_caopd_demo_loads_the_preset_then_user_files_then_overrides(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(phases, "cmd_demo", lambda cfg, args: seen.append(cfg))
+    assert cli_main(["demo"]) == 0
+    assert seen[-1] == load_config([preset_path("demo")])
+    user = write(tmp_path, "u.yaml", "teacher:\n  mode: ema\n")
+    assert cli_main(["demo", "-c", str(user), "distill.grad_clip=0.5"]) == 0
+    assert seen[-1].teacher.mode == "ema" and seen[-1].distill.grad_clip == 0.5
+    # the preset is a `demo` choice only
+    monkeypatch.setattr(phases, "cmd_evaluate", lambda cfg, args: seen.append(cfg))
+    assert cli_main(["evaluate"]) == 0 and seen[-1] == CaOPDConfig()
+
+
+# ---------------------------------------------------------------- choices come from the Literal types
+def literal_fields():
+    """(key, allowed values) of every ``Literal`` field of the schema, found from the annotations."""
+    out = []
+    for section in dataclasses.fields(CaOPDConfig):
+        cls = type(getattr(CaOPDConfig(), section.name))
+        for f, hint in typing.get_type_hints(cls).items():
+            args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+            if typing.get_origin(hint) is typing.Literal or typing.get_origin(args[0]) is typing.Literal:
+                allowed = typing.get_args(hint if typing.get_origin(hint) is typing.Literal else args[0])
+                out.append((f"{section.name}.{f}", allowed))
+    return out
+
+
+def test_the_schema_types_its_choices():
+    keys = dict(literal_fields())
+    assert keys["distill.loss"] == ("reverse_kl", "forward_kl", "jsd")
+    assert keys["model.params_dtype"] == ("float32", "bfloat16", "float16")
+    assert {"teacher.mode", "parallel.backend", "optim.schedule", "logging.level", "model.fp8"} <= set(keys)
+
+
+@pytest.mark.parametrize("key, allowed", literal_fields())
+def test_every_choice_loads_and_others_fail(key, allowed):
+    section, name = key.split(".")
+    for value in allowed:
+        assert getattr(getattr(load_config(overrides=[f"{key}={value}"]), section), name) == value
+    with pytest.raises(ConfigError, match=f"'{key}'.*'not_a_choice' is not one of"):
+        load_config(overrides=[f"{key}=not_a_choice"])
+
+
+def test_bad_choice_in_teacher_model_and_in_a_file_names_key_and_source(tmp_path):
+    with pytest.raises(ConfigError, match=r"'teacher\.model\.params_dtype'"):
+        load_config(overrides=["teacher.model.params_dtype=float64"])
+    path = write(tmp_path, "bad.yaml", "optim:\n  schedule: linear\n")
+    with pytest.raises(ConfigError) as info:
+        load_config([path])
+    assert str(path) in str(info.value) and "'optim.schedule'" in str(info.value)
+
+
+def test_load_section_reads_one_dataclass(tmp_path):
+    path = write(tmp_path, "m.yaml", "num_layers: 5\nparams_dtype: bfloat16\n")
+    assert load_section(ModelConfig, path) == ModelConfig(num_layers=5, params_dtype="bfloat16")
+    assert load_section(ModelConfig, write(tmp_path, "m2.yaml", to_yaml(ModelConfig(fp8="hybrid")))) == \
+        ModelConfig(fp8="hybrid")
+    with pytest.raises(ConfigError, match=r"m3\.yaml.*'params_dtype'"):
+        load_section(ModelConfig, write(tmp_path, "m3.yaml", "params_dtype: float64\n"))

@@ -95,6 +95,7 @@ def _load_single(rank: int, world: int, saved: dict) -> list[str]:
     return checked
 
 
+@pytest.mark.slow
 def test_tp2_and_pp2_checkpoints_load_single_process(tmp_path) -> None:
     (saved, _) = run_distributed(_train_and_save, 2, str(tmp_path))
     assert len(saved) == 2
@@ -132,6 +133,7 @@ def _caopd(out, nproc: int, *args: str) -> None:
     assert proc.returncode == 0, f"caopd run {args} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
 
 
+@pytest.mark.slow
 def test_run_saved_under_pp2_resumes_single_process_on_the_same_trajectory(tmp_path) -> None:
     """`caopd run` under PP=2 with checkpoint.distributed=true stops after 2 of 4 steps; a 1-process job
     resumes from that checkpoint (resharded: student, EMA teacher, Adam moments, LR schedule, data position)

@@ -41,6 +41,7 @@ def trajectory(out: Path, overrides: list[str]) -> dict:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_reduced_demo_reproduces_the_golden_trajectory(tmp_path: Path, variant: str) -> None:
     golden = json.loads(ASSET.read_text())[variant]

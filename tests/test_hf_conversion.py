@@ -107,11 +107,12 @@ def build_from_checkpoint(ckpt: Path, tp: int = 1, pp: int = 1):
     from caopd_megatron.config.schema import ParallelConfig
     from caopd_megatron.models.builder import build_gpt_model, resolve_vocab
     from caopd_megatron.runtime.backend import detect_backend
+    from caopd_megatron.runtime.distributed import process_groups
 
     cfg = load_model_config(ckpt)
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     vocab = resolve_vocab(cfg, cfg.vocab_size, tp)
-    model = build_gpt_model(cfg, parallel, vocab, detect_backend())
+    model = build_gpt_model(cfg, parallel, vocab, detect_backend(), process_groups())
     load_megatron_checkpoint(ckpt, model)
     return model.eval(), cfg, vocab
 
@@ -299,6 +300,7 @@ def _layouts_worker(rank, world_size, jobs):
     return diffs
 
 
+@pytest.mark.slow
 def test_tp2_pp2_layouts_logits_and_roundtrip(converted):
     jobs = {f: dict(ckpt=str(c["ckpt"]), logits=c["logits"], out=str(c["root"] / f"{f}_layouts"))
             for f, c in converted.items()}

@@ -1,4 +1,4 @@
-"""Single-process tests of caopd_megatron.distill.losses against independent fp64 references.
+"""Single-process tests of the distillation losses (caopd_megatron.distill) against independent fp64 references.
 
 The references use torch.nn.functional.log_softmax / kl_div on the full (unsharded) real vocabulary, in
 float64, so they share no code or numerics with the implementation under test.
@@ -10,14 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from caopd_megatron.distill import losses
-from caopd_megatron.distill.losses import (
-    DIVERGENCES,
-    fused_chunked_divergence,
-    masked_sequence_mean,
-    sampled_token_advantage,
-    vocab_parallel_divergence,
-)
+from caopd_megatron.distill import divergence_passes, vocab_realign
+from caopd_megatron.distill.divergence_math import DIVERGENCES
+from caopd_megatron.distill.fused_output_loss import fused_chunked_divergence
+from caopd_megatron.distill.losses import masked_sequence_mean, vocab_parallel_divergence
+from caopd_megatron.distill.sampled_token import sampled_token_advantage
 
 
 # ------------------------------------------------------------------------------------------------ reference
@@ -85,11 +82,11 @@ def test_matches_reference_fp32(kwargs, temperature):
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_many_small_work_chunks_match_reference(monkeypatch, divergence):
     """Force 1-2 token work chunks (the large-input code path) and compare with the reference."""
-    monkeypatch.setattr(losses, "MIN_WORK_BYTES", 0)
-    monkeypatch.setattr(losses, "WORK_BUFFER_FRACTION", 1.0 / 64)
+    monkeypatch.setattr(divergence_passes, "MIN_WORK_BYTES", 0)
+    monkeypatch.setattr(divergence_passes, "WORK_BUFFER_FRACTION", 1.0 / 64)
     student, teacher = make_logits(13, 256, seed=4), make_logits(13, 256, seed=5)
     grad_out = torch.rand(13, generator=torch.Generator().manual_seed(6))
-    assert losses._rows_per_chunk(13, 256, student.numel() * 4, 3) < 3
+    assert divergence_passes.rows_per_chunk(13, 256, student.numel() * 4, 3) < 3
     loss, grad = run(student, teacher, grad_out, divergence=divergence, beta=0.4, temperature=1.3)
     ref_loss, ref_grad = reference_with_grad(student, teacher, grad_out, kind=divergence, beta=0.4,
                                              temperature=1.3)
@@ -187,7 +184,7 @@ def test_layout_matches_megatron_vocab_utility():
     for vocab, world in itertools.product((152064, 151936, 96), (1, 2, 4, 8)):
         for rank in range(world):
             expected = tuple(VocabUtility.vocab_range_from_global_vocab_size(vocab, rank, world))
-            assert losses.VocabParallelDivergence.vocab_range(vocab // world, rank) == expected
+            assert vocab_realign.vocab_range(vocab // world, rank) == expected
 
 
 def test_argument_validation():
@@ -290,7 +287,7 @@ def test_extra_peak_memory_is_about_one_shard(monkeypatch):
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
-    monkeypatch.setattr(losses, "MIN_WORK_BYTES", 0)
+    monkeypatch.setattr(divergence_passes, "MIN_WORK_BYTES", 0)
     student = make_logits(256, 2048, seed=30).requires_grad_()
     teacher = make_logits(256, 2048, seed=31)
     shard = student.numel() * student.element_size()

@@ -1,4 +1,4 @@
-"""Multi-process (gloo) tests of caopd_megatron.distill.losses at TP = 1, 2 and 4.
+"""Multi-process (gloo) tests of the distillation losses (caopd_megatron.distill) at TP = 1, 2 and 4.
 
 Every rank builds the same full logits from a seed, keeps its vocabulary shard, and returns its per-token
 loss, its gradient shard and the number of collectives it issued. The parent concatenates the shards and
@@ -89,8 +89,9 @@ class _Counter:
 
 
 def _run_cases(tp_rank, tp_size, group, counter, only=None):
-    from caopd_megatron.distill.losses import (fused_chunked_divergence, sampled_token_advantage,
-                                               vocab_parallel_divergence)
+    from caopd_megatron.distill.fused_output_loss import fused_chunked_divergence
+    from caopd_megatron.distill.losses import vocab_parallel_divergence
+    from caopd_megatron.distill.sampled_token import sampled_token_advantage
 
     out = {}
     for case in CASES:
@@ -202,6 +203,7 @@ def _check(per_rank, tp_size):
         assert_close(r["advantage"]["loss"], expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_tensor_parallel_matches_single_rank_reference(world):
     results = run_distributed(_worker, world, 2 if world == 4 else 0)

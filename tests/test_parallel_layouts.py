@@ -89,21 +89,20 @@ def _step(name: str, tp: int, pp: int, init: dict | None, distributed_optimizer:
     ``overlap``: overlapped DP gradient reduction; ``launched`` records, per step, how many bucket reductions
     the backward hooks had issued before the finaliser ran, and the number of buckets. ``sp``: sequence
     parallelism (training on TP-padded micro-batches, decoding with it switched off)."""
-    import caopd_megatron.parallel.data_parallel as dpm
-
+    import caopd_megatron.distill.step as step_module
     from caopd_megatron.models.teacher import ema_update
     from caopd_megatron.parallel.state import gather_full_state_dict
     from caopd_megatron.rollout.sampler import SamplingParams, generate
 
     sc = {**SCENARIOS, **OVERLAP_ONLY}[name]
     student, teacher, opt, sched, seeded = _objects(name, tp, pp, init, distributed_optimizer, overlap, sp)
-    launched, finish = [], dpm.finish_gradients
+    launched, finish = [], step_module.finish_gradients
     if overlap:
         def finish_and_count(model):
             groups = model.bucket_groups
             launched.append((sum(g.grad_reduce_handle is not None for g in groups), len(groups)))
             finish(model)
-        dpm.finish_gradients = finish_and_count
+        step_module.finish_gradients = finish_and_count
     out: dict = {}
     if init is None:
         out["init_student"], out["init_teacher"] = seeded["student"], seeded["teacher"]
@@ -113,7 +112,7 @@ def _step(name: str, tp: int, pp: int, init: dict | None, distributed_optimizer:
         # Decoding through the pipeline / TP shards: sampled and greedy, prompts of different lengths.
         # Two batches (3 + 2 prompts): under DP=2 each replica decodes one and the results are all-gathered.
         import caopd_megatron.rollout.sampler as sampler
-        from caopd_megatron.parallel.data_parallel import data_parallel_rank
+        from caopd_megatron.parallel.data_parallel import data_parallel_rank, model_groups
 
         prompts = [e.student_prompt_ids for e in _examples()]
         decode, rows = sampler._generate_batch, []
@@ -129,7 +128,7 @@ def _step(name: str, tp: int, pp: int, init: dict | None, distributed_optimizer:
             out["generate_one_batch"] = [(g.response_ids, g.logprobs) for g in gens]
         finally:
             sampler._generate_batch = decode
-        out["decoded_rows"], out["dp_rank"] = rows, data_parallel_rank()
+        out["decoded_rows"], out["dp_rank"] = rows, data_parallel_rank(model_groups(student))
     stats = _distill(name, student, teacher, opt, sched)
     out.update(loss=stats.loss, grad_norm=stats.grad_norm, tokens=stats.tokens, sequences=stats.sequences,
                weights=gather_full_state_dict(student))
@@ -141,7 +140,7 @@ def _step(name: str, tp: int, pp: int, init: dict | None, distributed_optimizer:
     if steps == 2:
         stats = _distill(name, student, teacher, opt, sched)
         out.update(loss2=stats.loss, grad_norm2=stats.grad_norm, weights2=gather_full_state_dict(student))
-    dpm.finish_gradients = finish
+    step_module.finish_gradients = finish
     out["launched"] = launched
     if distributed_optimizer:
         from megatron.core import parallel_state
@@ -306,6 +305,7 @@ def four_process(references, two_process, resume_root) -> list[dict]:
                            ((2, 2), (2, 1)))
 
 
+@pytest.mark.slow
 def test_reference_is_a_real_step(references) -> None:
     assert references["A"]["grad_norm"] > 0.5  # clipping (grad_clip=0.5) is exercised
     # Keyed sampling noise: one batch of 5 or batches of 3 + 2 give the same samples.
@@ -323,6 +323,7 @@ def _plain(results: dict) -> dict:
     return {k: v for k, v in results.items() if k[0] not in ("distopt", "resume", "resharded", "overlap", "sp", "qk")}
 
 
+@pytest.mark.slow
 def test_two_process_layouts_tp2_pp2_dp2(two_process, references) -> None:
     results = [_plain(r) for r in two_process]
     # Every rank gathered the same replica; compare every rank's (the loss, weights and generations are the
@@ -331,6 +332,7 @@ def test_two_process_layouts_tp2_pp2_dp2(two_process, references) -> None:
         _check(r, references, 2)
 
 
+@pytest.mark.slow
 def test_four_process_layouts_tp2xpp2_tp2xdp2_pp2xdp2(four_process, references) -> None:
     results = [_plain(r) for r in four_process]
     for r in results:
@@ -341,6 +343,7 @@ def _distopt(results: dict) -> dict:
     return {k: v for k, v in results.items() if k[0] == "distopt"}
 
 
+@pytest.mark.slow
 def test_distributed_optimizer_dp2_and_tp2xdp2_take_the_single_process_steps(two_process, four_process,
                                                                             references) -> None:
     """Two steps with megatron's DistributedOptimizer (reduce-scatter, sharded AdamW, all-gather) under DP=2
@@ -354,6 +357,7 @@ def test_distributed_optimizer_dp2_and_tp2xdp2_take_the_single_process_steps(two
                 _close_dicts(r["weights2"], results[0][key]["weights2"], f"rank {rank} {key}", atol=0.0)
 
 
+@pytest.mark.slow
 def test_overlapped_gradient_reduction_takes_the_single_process_steps(two_process, four_process,
                                                                      references) -> None:
     """``parallel.overlap_grad_reduce`` with 2,000-element buckets: two steps under DP=2 (all-reduce and
@@ -374,6 +378,7 @@ def test_overlapped_gradient_reduction_takes_the_single_process_steps(two_proces
                 assert second == (0 if key[-1] == "C" else buckets), key
 
 
+@pytest.mark.slow
 def test_sequence_parallel_tp2_tp2xpp2_tp2xdp2(two_process, four_process, references) -> None:
     """``parallel.sequence_parallel`` under TP=2, TP=2 x PP=2 and TP=2 x DP=2: one step (micro-batch lengths
     padded to a multiple of TP, fused loss on hidden states gathered from the sequence-parallel region, layer
@@ -388,6 +393,7 @@ def test_sequence_parallel_tp2_tp2xpp2_tp2xdp2(two_process, four_process, refere
             assert all("generate_t1.0" in r for k, r in runs.items() if k[-1] in "AQ")
 
 
+@pytest.mark.slow
 def test_distributed_optimizer_shards_adam_state_over_dp(two_process, four_process) -> None:
     """Each DP rank holds about 1/DP of its model shard's optimizer state; the DP ranks' parts add up to it."""
     for world, dp, results in ((2, 2, two_process), (4, 2, four_process)):
@@ -405,6 +411,7 @@ def test_distributed_optimizer_shards_adam_state_over_dp(two_process, four_proce
                     assert abs(n - total / dp) <= 0.05 * total, (world, name, tp_rank, parts)
 
 
+@pytest.mark.slow
 def test_distributed_optimizer_resume_takes_the_uninterrupted_step(two_process) -> None:
     """DP=2 with the distributed optimizer: after a save, a fresh run resumed from the per-rank files and one
     resumed from the distributed copy take exactly the second step of the uninterrupted run."""
@@ -419,6 +426,7 @@ def test_distributed_optimizer_resume_takes_the_uninterrupted_step(two_process) 
                        for k in got["weights"]), "the second step moved the weights"
 
 
+@pytest.mark.slow
 def test_distributed_optimizer_checkpoint_resumes_under_tp2xdp2(two_process, four_process) -> None:
     """The DP=2 checkpoint resumed under TP=2 x DP=2 (per-rank files do not fit: the distributed copy is read,
     Adam state re-cut by megatron's ``fully_reshardable`` format) takes the uninterrupted run's second step."""

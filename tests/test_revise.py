@@ -12,8 +12,9 @@ import json
 
 import pytest
 
-from caopd_megatron.calibration.revise import DistillExample, RolloutRecord, revise, student_prompt_text
+from caopd_megatron.calibration.revise import revise, student_prompt_text
 from caopd_megatron.config.schema import CalibrationConfig, DataConfig
+from caopd_megatron.data.records import DistillExample, RolloutRecord
 from caopd_megatron.data.records_io import RecordFileError, read_records, write_records
 from caopd_megatron.data.tasks.digit_sum import make_digit_sum_records
 from caopd_megatron.data.tokenizer import build_synthetic_tokenizer

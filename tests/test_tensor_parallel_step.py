@@ -17,7 +17,7 @@ VOCAB = 40
 
 
 def _examples():
-    from caopd_megatron.calibration.revise import DistillExample
+    from caopd_megatron.data.records import DistillExample
 
     g = torch.Generator().manual_seed(3)
     out = []
@@ -44,13 +44,14 @@ def _losses_under_tp(rank: int, world: int, tp: int, divergence: str) -> dict:
     backend = detect_backend()
     par = ParallelConfig(tensor_model_parallel_size=tp)
     distributed.initialize(par, seed=0)
+    groups = distributed.process_groups()
     mc = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
                      make_vocab_size_divisible_by=32)  # padded to 64 under TP=1 and TP=2: same init
     vocab = resolve_vocab(mc, VOCAB, tp)
     torch.manual_seed(0)
-    student = build_gpt_model(mc, par, vocab, backend)
+    student = build_gpt_model(mc, par, vocab, backend, groups)
     torch.manual_seed(1)
-    teacher = build_gpt_model(mc, par, vocab, backend)
+    teacher = build_gpt_model(mc, par, vocab, backend, groups)
     ex = _examples()
     s_batch = pack([e.student_prompt_ids for e in ex], [e.response_ids for e in ex], 0)
     t_batch = pack([e.teacher_prompt_ids for e in ex], [e.response_ids for e in ex], 0)
@@ -68,6 +69,7 @@ def _losses_under_tp(rank: int, world: int, tp: int, divergence: str) -> dict:
             "sft": float(sft), "sft_grad": sft_grad[:VOCAB].clone()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("divergence", ["reverse_kl", "jsd"])
 def test_tp2_equals_single_process(divergence: str) -> None:
     (ref,) = run_distributed(_losses_under_tp, 1, 1, divergence)

@@ -15,15 +15,18 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import get_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
+
+from caopd_megatron.config.schema import ParamsDtype  # noqa: E402  (after the path insert)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="checkpoint directory (import_hf output or a saved student)")
     p.add_argument("--out", required=True, help="HF folder to create (must be new or empty)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="bfloat16",
+    p.add_argument("--dtype", choices=get_args(ParamsDtype), default="bfloat16",
                    help="dtype of the written weights (default bfloat16)")
     p.add_argument("--architecture", default=None,
                    help="HF architecture to write (default: the imported one, or inferred from the model config)")

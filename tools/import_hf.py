@@ -16,8 +16,11 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import get_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
+
+from caopd_megatron.config.schema import ParamsDtype  # noqa: E402  (after the path insert)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -26,7 +29,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="checkpoint directory to create (must be new or empty)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size the vocabulary is padded for (default 1)")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to validate against (default 1)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+    p.add_argument("--dtype", choices=get_args(ParamsDtype), default=None,
                    help="cast the weights (default: keep the HF dtype)")
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")

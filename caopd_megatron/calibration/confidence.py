@@ -42,7 +42,7 @@ import re
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Sequence
 
-CONFIDENCE_MARKER = "Confidence:"
+from caopd_megatron.config.schema import CONFIDENCE_MARKER
 
 DEFAULT_NOTE_TEMPLATE = "Note: the student's empirical confidence on this question is {confidence}."
 DEFAULT_NOTE_PLACEHOLDER = "{note}"

@@ -1,8 +1,8 @@
 """Grade rollouts and build the revised distillation examples: CaOPD's one extra step.
 
 Design decisions:
-- This is the only place that knows about confidence rewriting. It turns graded rollouts into
-  ``DistillExample``s (student prompt ids, teacher prompt ids, response ids); the distillation step does
+- This is the only place that knows about confidence rewriting. It turns graded rollouts
+  (``data.grading``) into ``DistillExample``s (``data.records``) (student prompt ids, teacher prompt ids, response ids); the distillation step does
   not know whether they were rewritten. ``calibration.rewrite=false`` gives the OPD/SDFT baseline through
   exactly the same code path.
 - Empirical confidence p = correct / K over the K samples of each prompt (all samples of a prompt in the
@@ -18,7 +18,6 @@ Design decisions:
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 from caopd_megatron.calibration.confidence import (
@@ -29,38 +28,10 @@ from caopd_megatron.calibration.confidence import (
     rewrite_response_confidence,
 )
 from caopd_megatron.config.schema import CalibrationConfig, DataConfig
+from caopd_megatron.data.grading import grade_rollouts
 from caopd_megatron.data.prompts import PromptRecord
-from caopd_megatron.data.tasks.base import get_verifier
+from caopd_megatron.data.records import DistillExample, RolloutRecord
 from caopd_megatron.data.templates import PromptTemplates, render_student, render_teacher
-
-
-@dataclass
-class RolloutRecord:
-    """One sampled response (a row of the rollout file)."""
-
-    prompt_id: str
-    sample_index: int
-    prompt_ids: list[int]
-    response_ids: list[int]  # includes EOS when the model emitted it
-    text: str  # decoded response without special tokens
-    logprobs: list[float] = field(default_factory=list)
-    seed: int = 0
-    finished: bool = True
-
-
-@dataclass
-class DistillExample:
-    """One revised response, ready to be scored by teacher and student (a row of the revised file)."""
-
-    prompt_id: str
-    sample_index: int
-    student_prompt_ids: list[int]
-    teacher_prompt_ids: list[int]
-    response_ids: list[int]
-    correct: bool
-    stated_confidence: float | None  # what the student said
-    empirical_confidence: float  # correct / K for its prompt
-    text: str  # the (revised) response text
 
 
 def templates(data: DataConfig) -> PromptTemplates:
@@ -86,20 +57,10 @@ def student_prompt_text(rec: PromptRecord, data: DataConfig) -> str:
     return render_student(templates(data), rec)
 
 
-def grade(rollouts: Sequence[RolloutRecord], prompts: Mapping[str, PromptRecord]) -> list[bool]:
-    out = []
-    for r in rollouts:
-        if r.prompt_id not in prompts:
-            raise KeyError(f"rollout refers to unknown prompt id {r.prompt_id!r}")
-        rec = prompts[r.prompt_id]
-        out.append(bool(get_verifier(rec.task)(r.text, rec.reference)))
-    return out
-
-
 def revise(rollouts: Sequence[RolloutRecord], prompts: Mapping[str, PromptRecord], tokenizer, data: DataConfig,
            calib: CalibrationConfig) -> list[DistillExample]:
     """Grade every rollout, compute p per prompt, and build the (rewritten or baseline) examples."""
-    correct = grade(rollouts, prompts)
+    correct = grade_rollouts(rollouts, prompts)
     by_prompt: dict[str, list[bool]] = defaultdict(list)
     for r, c in zip(rollouts, correct):
         by_prompt[r.prompt_id].append(c)

@@ -37,7 +37,7 @@ import torch
 
 from caopd_megatron.distill.optim import init_adam_state
 from caopd_megatron.parallel.data_parallel import unwrap
-from caopd_megatron.parallel.state import VOCAB_PARAMS, _fit_rows
+from caopd_megatron.parallel.state import VOCAB_PARAMS, fit_rows
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def _recut(loaded: dict, recut: dict) -> None:
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     for key, (sh, rows, tp_rank) in recut.items():
-        full = _fit_rows(loaded[key], rows)
+        full = fit_rows(loaded[key], rows)
         loaded[key] = full.chunk(tp, dim=0)[tp_rank] if sh.data.size(0) * tp == rows else full
 
 

@@ -10,9 +10,11 @@
 Design decisions:
 - Phases exchange files (rollouts, revised examples) and checkpoints in ``run.output_dir``, so a Slurm
   launcher can run them as separate steps; ``run`` chains the same functions in one process.
+- ``caopd demo`` starts from the preset ``config/presets/demo.yaml`` shipped in the package; the user's
+  ``-c`` files and overrides come after it and win.
 - Every user error (bad config key, bad file, impossible layout, missing dependency, a run directory in use
   by another job) ends as one line on stderr and exit code 2, never a traceback from inside megatron-core.
-  ``--debug`` shows the traceback. The other exit codes are in ``runtime/preemption.py``.
+  ``--debug`` shows the traceback. The other exit codes are in ``runtime/exit_codes.py``.
 """
 from __future__ import annotations
 
@@ -20,19 +22,11 @@ import argparse
 import gc
 import logging
 import sys
-from pathlib import Path
 
 from caopd_megatron.runtime.exit_codes import (EXIT_DONE, EXIT_INTERRUPTED, EXIT_KEYBOARD_INTERRUPT,
                                                EXIT_NOTHING_TO_DO, EXIT_USER_ERROR, NothingLeftToDo, PhaseOrderError)
 
 log = logging.getLogger("caopd")
-
-# `caopd demo` starts from these overrides (the user's come after and win): the demo's tiny model needs a
-# frozen teacher (README, "What we learned"); the paper's default (EMA) stays the default everywhere else.
-# The embedded default's two departures from the library defaults (README, "What we learned"): a frozen teacher
-# (a tiny EMA teacher forgets the privileged note) and no gradient clipping (a clip of 1 against norms of 3-15
-# favoured OPD's answer learning over CaOPD's, which also carries the confidence tokens' divergence).
-DEMO_PRESET = ["teacher.mode=frozen", "distill.grad_clip=0"]
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -88,10 +82,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        from caopd_megatron.config.loader import load_config
+        from caopd_megatron.config.loader import load_config, preset_path
 
-        preset = DEMO_PRESET if args.command == "demo" else []
-        cfg = load_config(args.config, preset + list(args.overrides))
+        presets = [preset_path("demo")] if args.command == "demo" else []
+        cfg = load_config([*presets, *args.config], args.overrides)
         from caopd_megatron.cli import phases
 
         from caopd_megatron.runtime.preemption import leave_together

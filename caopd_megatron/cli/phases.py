@@ -21,17 +21,16 @@ import logging
 from argparse import Namespace
 from pathlib import Path
 
-from caopd_megatron.calibration.revise import DistillExample, RolloutRecord, revise
+from caopd_megatron.calibration.revise import revise
 from caopd_megatron.checkpointing import checkpoint as ckpt
 from caopd_megatron.config.loader import to_yaml
 from caopd_megatron.config.schema import CaOPDConfig
+from caopd_megatron.data.records import DistillExample, RolloutRecord
 from caopd_megatron.data.records_io import read_records, write_records
-from caopd_megatron.distill.step import distill_step
 from caopd_megatron.evaluation.evaluate import evaluate_model, write_eval
 from caopd_megatron.evaluation.reliability import plot_reliability
-from caopd_megatron.models.teacher import ema_update
 from caopd_megatron.pipeline.session import Session, build_student, build_teacher, eval_prompts, open_session, train_prompts
-from caopd_megatron.pipeline.train import PromptCursor, StepLog, Trainer
+from caopd_megatron.pipeline.train import PromptCursor, Trainer
 from caopd_megatron.rollout.engine import rollout
 from caopd_megatron.runtime.distributed import is_main_rank
 from caopd_megatron.runtime.exit_codes import EXIT_DONE, EXIT_INTERRUPTED, NothingLeftToDo, PhaseOrderError
@@ -137,16 +136,11 @@ def cmd_distill(cfg: CaOPDConfig, args: Namespace) -> None:
     step = next_phase_step(s, "distill")
     examples = read_records(phase_file(s, step, "revised", args.examples), DistillExample)
     t = _trainer(s)
-    stats = distill_step(t.student, t.teacher, t.optimizer, t.scheduler, examples, cfg.distill, s.tokenizer.pad_id,
-                         s.vocab.real)
-    if cfg.teacher.mode == "ema":
-        ema_update(t.teacher, t.student, cfg.teacher.ema_rate)
     t.cursor.take(cfg.rollout.prompts_per_step)  # the rollout of this step consumed these prompts
-    t.history.append(StepLog.of(step, stats, examples))
-    t.step += 1
+    e = t.learn(examples)
     t.write_history()
     _save(s, t)
-    log.info("distill step %d: loss %.4f grad norm %.3f lr %.2e", step, stats.loss, stats.grad_norm, stats.lr)
+    log.info("distill step %d: loss %.4f grad norm %.3f lr %.2e", step, e.loss, e.grad_norm, e.lr)
 
 
 def cmd_evaluate(cfg: CaOPDConfig, args: Namespace) -> None:

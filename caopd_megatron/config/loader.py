@@ -1,25 +1,31 @@
 """Load a ``CaOPDConfig`` from YAML files and NeMo/Hydra-style command-line overrides.
 
 Design decisions:
-- OmegaConf structured configs validate keys and types against the dataclasses in ``schema.py``; we wrap
-  its errors into ``ConfigError`` messages that name the key and where it came from (file or command line),
-  because a traceback from deep inside OmegaConf is not an error message.
-- Overrides use Hydra's own grammar parser (``key=value``, ``+key=value``, ``++key=value``, ``~key``,
-  lists, quoted strings, ``null``), without Hydra's app machinery. Since every key exists in the schema,
-  ``+key`` and ``++key`` simply set it, and ``~key`` resets it to its default.
-- ``CHOICES`` are checked after merging, so a typo in ``distill.loss`` fails at start-up, not mid-run.
+- OmegaConf validates keys and types against the schema; its errors become one-line ``ConfigError``s naming
+  the key and its source (file or override), never a traceback from inside OmegaConf.
+- Overrides use Hydra's grammar parser (``key=value``, ``+key``, ``++key``, ``~key`` = reset to default,
+  lists, quoted strings, ``null``) without Hydra's app machinery; every key exists in the schema.
+- Choices are ``typing.Literal`` fields. OmegaConf 2.3 cannot validate a ``Literal``, so it sees a mirror of
+  the schema (``omegaconf_schema``: each ``Literal`` replaced by its values' type); after every file and
+  override the typed dataclasses are rebuilt and each ``Literal`` value checked, naming key and source.
+- Presets are data: YAML files shipped in ``config/presets/`` (``preset_path``), loaded like any file.
 - ``save_config`` writes the fully resolved config next to every run's outputs.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import types
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Literal, Sequence, Union, get_args, get_origin, get_type_hints
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from caopd_megatron.config.schema import ALIASES, CHOICES, CaOPDConfig
+from caopd_megatron.config.schema import ALIASES, CaOPDConfig
+
+
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 
 
 class ConfigError(ValueError):
@@ -32,21 +38,28 @@ def _describe(exc: OmegaConfBaseException) -> str:
     return f"key '{key}': {msg}" if key else msg
 
 
-def _merge_yaml(base: Any, path: Path) -> Any:
+def _read_yaml(path: Path) -> Any:
+    """The YAML tree of ``path`` (None when the file is empty); a missing or malformed file is a ConfigError."""
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        loaded = OmegaConf.load(path)
+        return OmegaConf.load(path)
     except Exception as exc:  # yaml.YAMLError and friends
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+
+
+def _merge_yaml(base: Any, path: Path) -> Any:
+    loaded = _read_yaml(path)
     if loaded is None:
         return base
     loaded = _apply_aliases_to_tree(loaded, str(path))
     loaded = _teacher_model_from_student(base, loaded)
     try:
-        return OmegaConf.merge(base, loaded)
+        merged = OmegaConf.merge(base, loaded)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{path}: {_describe(exc)}") from None
+    _typed_tree(CaOPDConfig, merged, source=str(path))
+    return merged
 
 
 def _apply_aliases_to_tree(node: Any, source: str) -> Any:
@@ -101,12 +114,13 @@ def _apply_overrides(cfg: Any, overrides: Sequence[str]) -> Any:
             cfg.teacher.model = OmegaConf.structured(OmegaConf.to_object(cfg.model))
         try:
             if ov.is_delete():
-                default = OmegaConf.select(OmegaConf.structured(CaOPDConfig), key)
+                default = OmegaConf.select(OmegaConf.structured(omegaconf_schema(CaOPDConfig)), key)
                 OmegaConf.update(cfg, key, default, merge=False)
             else:
                 OmegaConf.update(cfg, key, ov.value(), merge=True)
         except OmegaConfBaseException as exc:
             raise ConfigError(f"command line '{text}': {_describe(exc)}") from None
+        _typed_tree(CaOPDConfig, cfg, source=f"command line '{text}'")
     return cfg
 
 
@@ -124,28 +138,106 @@ def _section_keys(key: str) -> list[str]:
     return [f.name for f in dataclasses.fields(node)]
 
 
-def _check_choices(cfg: CaOPDConfig) -> None:
-    for key, allowed in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value not in allowed:
-            raise ConfigError(f"key '{key}': {value!r} is not one of {', '.join(map(repr, allowed))}")
+# ---------------------------------------------------------------- Literal-typed schema <-> OmegaConf
+def _validated_type(hint: Any) -> Any:
+    """The annotation OmegaConf validates in place of ``hint``: a ``Literal`` becomes its values' type."""
+    origin = get_origin(hint)
+    if origin is Literal:
+        (kind,) = {type(v) for v in get_args(hint)}
+        return kind
+    if origin in (Union, types.UnionType):
+        return Union[tuple(_validated_type(arg) for arg in get_args(hint))]
+    if dataclasses.is_dataclass(hint):
+        return omegaconf_schema(hint)
+    return hint
+
+
+def _mirrored(value: Any) -> Any:
+    """A schema dataclass instance as an instance of its ``omegaconf_schema`` mirror (other values unchanged)."""
+    if not dataclasses.is_dataclass(value) or isinstance(value, type):
+        return value
+    return omegaconf_schema(type(value))(**{f.name: _mirrored(getattr(value, f.name))
+                                            for f in dataclasses.fields(value)})
+
+
+@functools.cache
+def omegaconf_schema(cls: type) -> type:
+    """A dataclass with the keys, defaults and nesting of the schema dataclass ``cls`` that OmegaConf can
+    validate: each ``Literal`` annotation is replaced by its values' type (``_typed`` checks the value)."""
+    hints = get_type_hints(cls)
+    fields = []
+    for f in dataclasses.fields(cls):
+        if f.default_factory is not dataclasses.MISSING:
+            spec = dataclasses.field(default_factory=lambda make=f.default_factory: _mirrored(make()))
+        else:
+            spec = dataclasses.field(default=f.default)
+        fields.append((f.name, _validated_type(hints[f.name]), spec))
+    return dataclasses.make_dataclass(cls.__name__, fields)
+
+
+def _typed_value(hint: Any, value: Any, key: str) -> Any:
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in get_args(hint):
+            return None
+        present = [arg for arg in get_args(hint) if arg is not type(None)]
+        if len(present) != 1:
+            return value
+        hint, origin = present[0], get_origin(present[0])
+    if origin is Literal and value not in get_args(hint):
+        raise ConfigError(f"key '{key}': {value!r} is not one of {', '.join(map(repr, get_args(hint)))}")
+    if dataclasses.is_dataclass(hint):
+        return _typed(hint, value, f"{key}.")
+    return value
+
+
+def _typed(cls: type, tree: dict, prefix: str = "") -> Any:
+    """The schema dataclass ``cls`` built from a plain (already type-validated) tree; checks every ``Literal``."""
+    hints = get_type_hints(cls)
+    return cls(**{f.name: _typed_value(hints[f.name], tree[f.name], f"{prefix}{f.name}")
+                  for f in dataclasses.fields(cls)})
+
+
+def _typed_tree(cls: type, node: Any, source: str) -> Any:
+    """``_typed`` of an OmegaConf node; a bad choice names its ``source`` (a file or an override)."""
+    try:
+        return _typed(cls, OmegaConf.to_container(node, resolve=True))
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def load_config(files: Iterable[str | Path] = (), overrides: Sequence[str] = ()) -> CaOPDConfig:
     """Defaults <- each YAML file in order <- command-line overrides; returns a typed ``CaOPDConfig``."""
-    cfg = OmegaConf.structured(CaOPDConfig)
+    cfg = OmegaConf.structured(omegaconf_schema(CaOPDConfig))
     for path in files:
         cfg = _merge_yaml(cfg, Path(path))
     cfg = _apply_overrides(cfg, list(overrides))
-    obj = OmegaConf.to_object(cfg)
-    assert isinstance(obj, CaOPDConfig)
-    _check_choices(obj)
-    return obj
+    return _typed_tree(CaOPDConfig, cfg, source="config")
 
 
-def to_yaml(cfg: CaOPDConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+def preset_path(name: str) -> Path:
+    """The YAML preset ``name`` shipped in the package (``config/presets/<name>.yaml``)."""
+    path = PRESETS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown preset '{name}'; shipped presets: {', '.join(known)}")
+    return path
+
+
+def load_section(cls: type, path: str | Path) -> Any:
+    """One schema dataclass (e.g. a checkpoint's ``ModelConfig``) from a YAML file holding its keys."""
+    path = Path(path)
+    loaded = _read_yaml(path)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(omegaconf_schema(cls)), loaded or {})
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{path}: {_describe(exc)}") from None
+    return _typed_tree(cls, merged, source=str(path))
+
+
+def to_yaml(cfg: Any) -> str:
+    """Any schema dataclass (``CaOPDConfig`` or one section) as YAML, every key written."""
+    return OmegaConf.to_yaml(OmegaConf.create(dataclasses.asdict(cfg)))
 
 
 def save_config(cfg: CaOPDConfig, path: str | Path) -> Path:

@@ -3,9 +3,10 @@
 Design decisions:
 - Plain dataclasses are the single source of truth for keys, types and defaults; YAML files and
   NeMo/Hydra-style command-line overrides are validated against them (see ``config/loader.py``), so an
-  unknown key or a wrong type fails at start-up and names the key and the file.
-- Defaults are the embedded CPU default (a tiny Llama-style model on a synthetic task); cluster jobs override
-  them from ``examples/configs/*.yaml`` and the command line.
+  unknown key, a wrong type or a value outside a ``Literal`` choice fails at start-up and names the key.
+- Constants with one home: the choice aliases below and ``CONFIDENCE_MARKER``; code imports them from here.
+- Defaults are the embedded CPU default (a tiny Llama-style model on a synthetic task); presets shipped in
+  ``config/presets/`` (``caopd demo``), ``examples/configs/*.yaml`` and the command line override them.
 - Sections follow the pipeline: model/parallel/teacher build the networks; data/task feed prompts;
   rollout -> calibration (grade + rewrite) -> distill -> evaluation are the phases; optim, checkpoint,
   logging and run are the cross-cutting parts. ``warmup`` is the supervised warm-up that the embedded default
@@ -14,7 +15,18 @@ Design decisions:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
+
+# Choices are typed: the loader checks a value against its field's ``Literal`` (``config/loader.py``), and the
+# code that dispatches on a choice takes its names from these aliases (``typing.get_args``), so each list of
+# names has one home.
+Divergence = Literal["reverse_kl", "forward_kl", "jsd"]
+ParamsDtype = Literal["float32", "bfloat16", "float16"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+OnBadRow = Literal["fatal", "skip"]
+
+# The marker that introduces the verbalised confidence (``calibration.marker`` overrides it per job).
+CONFIDENCE_MARKER = "Confidence:"
 
 
 @dataclass
@@ -38,9 +50,18 @@ class ModelConfig:
     add_qkv_bias: bool = False  # Qwen2
     qk_layernorm: bool = False  # Qwen3
     init_method_std: float = 0.02
-    params_dtype: str = "float32"  # float32 | bfloat16 | float16
-    transformer_impl: str = "auto"  # auto | local | transformer_engine
-    fp8: Optional[str] = None  # None | e4m3 | hybrid (Transformer Engine only)
+    params_dtype: ParamsDtype = "float32"
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+    # FP8 through Transformer Engine (models/fp8.py maps these onto megatron's TransformerConfig).
+    fp8: Optional[Literal["e4m3", "hybrid"]] = None  # hybrid = e4m3 forward, e5m2 gradients
+    # tensorwise = current scaling; mxfp8 = Blackwell
+    fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
+    fp8_layers_at_start_in_bf16: int = 0  # first decoder layers kept in bf16 (not with the delayed recipe)
+    fp8_layers_at_end_in_bf16: int = 0  # last decoder layers kept in bf16 (not with the delayed recipe)
+    fp8_param: bool = False  # student weights stored in FP8: FP8 weight all-gathers (DP) and less memory
+    fp8_teacher: bool = False  # the teacher's forward in FP8 too (its weights stay high precision)
+    # without a usable Transformer Engine: stop (error) or warn and run without FP8 (bf16)
+    fp8_fallback: Literal["error", "bf16"] = "error"
     tokenizer: Optional[str] = None  # tokenizer.json or a folder holding it; None = the synthetic one
     checkpoint: Optional[str] = None  # initial weights (a caopd checkpoint directory)
 
@@ -50,7 +71,7 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     sequence_parallel: bool = False
-    backend: str = "auto"  # auto (nccl with CUDA, gloo without) | nccl | gloo
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto = nccl with CUDA, gloo without
     # megatron-core's DistributedOptimizer: Adam state (and fp32 main weights) sharded over DP, gradients
     # reduce-scattered, parameters all-gathered. Only with DP > 1 (PP > 1 or DP > 1 runs the parallel path);
     # with DP = 1 it is ignored (logged) and the plain AdamW runs.
@@ -66,7 +87,8 @@ class ParallelConfig:
 class TeacherConfig:
     """Who scores the revised responses with the privileged context."""
 
-    mode: str = "ema"  # ema (the paper's) | frozen (copy of the initial student) | separate (another checkpoint)
+    # ema (the paper's) | frozen (copy of the initial student) | separate (another checkpoint)
+    mode: Literal["ema", "frozen", "separate"] = "ema"
     ema_rate: float = 0.01  # teacher <- (1 - rate) * teacher + rate * student, per optimizer step
     replay_fraction: float = 0.0  # share of each step's revised examples also trained in the teacher's format (keeps an EMA teacher reading notes)
     checkpoint: Optional[str] = None  # separate mode: the teacher's checkpoint
@@ -78,7 +100,7 @@ class TeacherConfig:
 class DataConfig:
     train_prompts: Optional[str] = None  # JSONL in the prompt schema; None = the synthetic task
     eval_prompts: Optional[str] = None
-    on_bad_row: str = "fatal"  # fatal | skip
+    on_bad_row: OnBadRow = "fatal"
     student_template: str = "Q {question} ="
     teacher_template: str = "Reference: {demonstration} {note} Q {question} ="
 
@@ -105,6 +127,9 @@ class WarmupConfig:
     wrong_demo_fraction: float = 0.3  # teacher rows whose demonstration carries a wrong answer
     note_fraction: float = 0.5  # teacher rows that carry a confidence note
     soft_target_sigma: float = 1.0  # width (in confidence steps) of the Gaussian target over confidence tokens
+    grad_clip: float = 1.0  # global gradient-norm clip of the warm-up's optimizer steps; 0 = none
+    min_lr_ratio: float = 0.1  # the cosine schedule decays lr to lr * min_lr_ratio (optim.schedule applies)
+    warmup_steps: Optional[int] = None  # linear lr warm-up steps; None = min(50, steps // 10)
 
 
 @dataclass
@@ -117,20 +142,20 @@ class RolloutConfig:
     max_new_tokens: int = 8
     seed: int = 1234
     batch_size: int = 256  # sequences per generation batch
-    output_format: str = "jsonl"  # jsonl | parquet
+    output_format: Literal["jsonl", "parquet"] = "jsonl"
 
 
 @dataclass
 class CalibrationConfig:
     rewrite: bool = True  # False = the OPD/SDFT baseline (responses and privileged context left as sampled)
     precision: int = 1  # decimals of the rewritten confidence (the embedded default's tokenizer has 0.0..1.0 tokens; 2 for real models)
-    marker: str = "Confidence:"
+    marker: str = CONFIDENCE_MARKER
     note_template: Optional[str] = "Note: {confidence}"
 
 
 @dataclass
 class DistillConfig:
-    loss: str = "reverse_kl"  # reverse_kl | forward_kl | jsd
+    loss: Divergence = "reverse_kl"
     beta: float = 0.5  # JSD interpolation
     temperature: float = 1.0
     skip_first_tokens: int = 0  # mask the first n response tokens out of the loss
@@ -150,7 +175,7 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     warmup_steps: int = 20
-    schedule: str = "cosine"  # cosine | constant
+    schedule: Literal["cosine", "constant"] = "cosine"
 
 
 @dataclass
@@ -170,7 +195,7 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    level: str = "INFO"
+    level: LogLevel = "INFO"
     log_interval: int = 25
     progress: bool = True
     wandb: bool = False
@@ -207,20 +232,6 @@ class CaOPDConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
-
-# Choices checked after loading (OmegaConf checks types, these check values).
-CHOICES = {
-    "model.params_dtype": ("float32", "bfloat16", "float16"),
-    "model.transformer_impl": ("auto", "local", "transformer_engine"),
-    "model.fp8": (None, "e4m3", "hybrid"),
-    "parallel.backend": ("auto", "nccl", "gloo"),
-    "teacher.mode": ("ema", "frozen", "separate"),
-    "data.on_bad_row": ("fatal", "skip"),
-    "rollout.output_format": ("jsonl", "parquet"),
-    "distill.loss": ("reverse_kl", "forward_kl", "jsd"),
-    "optim.schedule": ("cosine", "constant"),
-    "logging.level": ("DEBUG", "INFO", "WARNING", "ERROR"),
-}
 
 # NeMo puts the parallel sizes under ``model.``; accept those spellings as aliases of ``parallel.``.
 ALIASES = {

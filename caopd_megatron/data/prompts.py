@@ -30,7 +30,9 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable, get_args
+
+from caopd_megatron.config.schema import OnBadRow
 
 __all__ = [
     "CHEMISTRY_MCQ_TASK",
@@ -192,15 +194,15 @@ def _iter_json_lines(path: str | Path):
 
 
 def load_prompts(
-    path: str | Path, on_error: Literal["skip", "fatal"] = "fatal"
+    path: str | Path, on_error: OnBadRow = "fatal"
 ) -> tuple[list[PromptRecord], LoadReport]:
     """Load prompt records from a JSONL file (one object per line, blank lines ignored).
 
     ``on_error="fatal"`` raises PromptDataError at the first bad line; ``"skip"`` drops bad lines and
     reports them in the returned LoadReport.
     """
-    if on_error not in ("skip", "fatal"):
-        raise ValueError(f"on_error must be 'skip' or 'fatal', got {on_error!r}")
+    if on_error not in get_args(OnBadRow):
+        raise ValueError(f"on_error must be one of {get_args(OnBadRow)}, got {on_error!r}")
     report = LoadReport(path=str(path))
     records: list[PromptRecord] = []
     first_line_of: dict[str, int] = {}

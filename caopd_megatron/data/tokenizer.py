@@ -35,6 +35,8 @@ from typing import Any, Iterable, Sequence
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
+from caopd_megatron.config.schema import CONFIDENCE_MARKER
+
 __all__ = [
     "CONFIDENCE_TOKENS",
     "SPECIAL_TOKENS",
@@ -48,7 +50,7 @@ PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, BOS, EOS, UNK)
 DIGITS: tuple[str, ...] = tuple(str(d) for d in range(10))
 CONFIDENCE_TOKENS: tuple[str, ...] = tuple(f"{i / 10:.1f}" for i in range(11))
-TEMPLATE_WORDS: tuple[str, ...] = ("Q", "=", "Confidence:", "Reference:", "Note:", "A")
+TEMPLATE_WORDS: tuple[str, ...] = ("Q", "=", CONFIDENCE_MARKER, "Reference:", "Note:", "A")
 
 # Tried in order when no config names an EOS/BOS token.
 _EOS_CANDIDATES = ("<eos>", "</s>", "<|endoftext|>", "<|end_of_text|>", "<|im_end|>", "<|eot_id|>")

@@ -1,52 +1,89 @@
-"""Optimizer, learning-rate schedule and model-parallel-aware gradient clipping.
+"""Optimizers, learning-rate schedule and model-parallel gradient clipping behind one step protocol.
 
 Design decisions:
-- AdamW with linear warm-up then cosine decay to ``min_lr`` (or constant). The schedule is ``LRSchedule``, a
-  small object that writes ``lr`` into ``optimizer.param_groups``: it needs no ``torch.optim.Optimizer`` (so
-  it drives megatron-core's distributed optimizer too, see ``parallel/distributed_optimizer.py``), and its
-  state is a plain dict with ``LambdaLR``'s keys (``last_epoch``, ``base_lrs``), so checkpoints written with
-  the former ``LambdaLR`` load unchanged.
-- ``build_optimizer`` is the one place that picks the optimizer: torch AdamW over fp32 parameters,
-  ``MasterWeightAdamW`` when any parameter is 16-bit, or, for a student wrapped for megatron's distributed optimizer (``parallel.use_distributed_optimizer``
-  with DP > 1), that optimizer behind the same small interface. ``optimizer_step`` is the one place that
-  clips, steps and advances the schedule; megatron's optimizer clips inside its own step (norm over all
-  ranks, each holding other shards), so ``clip_grad_norm`` below is then not applied a second time.
-- 16-bit parameters get fp32 master weights (``MasterWeightAdamW``): AdamW applied to a bf16 tensor directly
-  rounds every update to bf16, and an update below half a bf16 ulp of the weight (2^-9 relative: a step of
-  lr 1e-6 on any weight above ~5e-4) is lost entirely, so a bf16 run at the 70B config's lr would silently
-  not train. The fp32 copy and fp32 moments live in the optimizer state *of the model parameter*
-  (``main_param``, ``exp_avg``, ``exp_avg_sq``, all parameter-shaped), so per-rank and distributed checkpoints
-  store and re-shard them like any elementwise state. megatron's distributed optimizer keeps its own fp32
-  main weights.
-- Gradient clipping computes the global norm over the whole model: squared norms of this rank's shards are
-  summed over the model-parallel group (TP x PP), counting TP-duplicated parameters (norms, replicated
-  biases) on one TP rank only, and the last pipeline stage's copy of a tied word embedding (megatron marks it
-  ``shared``) not at all. Every rank then scales by the same factor, so TP/PP runs clip exactly like a
-  single process. Data-parallel replicas hold identical (already reduced) gradients and are not summed.
+- ``TrainingOptimizer`` is what the step calls: ``step_with_clipping(max_norm) -> (norm, lr)``. A torch
+  optimizer becomes one through ``LocalOptimizer`` (clipping over the model's groups, then its ``step()``);
+  megatron's ``DistributedAdamW`` is one already (it clips inside its step). ``training_optimizer`` picks.
+- ``build_optimizer`` is the one place that picks the kind: torch AdamW for fp32, ``MasterWeightAdamW`` when
+  any parameter is 16-bit (AdamW on bf16 weights loses every update below half an ulp), megatron's
+  distributed optimizer for a student wrapped for it.
+- ``LRSchedule`` writes ``lr`` into any ``param_groups`` (torch or megatron); its state has ``LambdaLR``'s keys.
+- Clipping sums squared norms over the model-parallel group (TP x PP), counting TP-replicated parameters on
+  TP rank 0 only and a tied embedding's last-stage copy (``shared``) not at all: TP/PP clip exactly like one
+  process. DP replicas hold identical reduced gradients and are not summed.
 """
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.distributed as dist
 
 from caopd_megatron.config.schema import OptimConfig
+from caopd_megatron.parallel.data_parallel import model_groups, uses_distributed_optimizer
+from caopd_megatron.parallel.distributed_optimizer import DistributedAdamW
+
+if TYPE_CHECKING:
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+
+class TrainingOptimizer(Protocol):
+    """What the training step needs from an optimizer, whatever its kind (``training_optimizer`` gives it).
+
+    ``param_groups``: dicts with ``lr`` (what ``LRSchedule`` writes); ``step_with_clipping(max_norm)``: clip
+    the global gradient norm to ``max_norm`` (0 = off), update the parameters, and return the norm before
+    clipping and the learning rate used. Checkpoints talk to the optimizer itself (``state_dict``,
+    ``load_state_dict`` and, for ``DistributedAdamW``, its sharded-state methods).
+    """
+
+    param_groups: list[dict]
+
+    def zero_grad(self, set_to_none: bool = True) -> None: ...
+
+    def step_with_clipping(self, max_norm: float) -> tuple[float, float]: ...
+
+
+class LocalOptimizer:
+    """A torch optimizer (AdamW, ``MasterWeightAdamW``, any other) over full gradients, as a
+    ``TrainingOptimizer``: model-parallel clipping (``clip_grad_norm`` over ``groups``), then its ``step()``."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
+                 groups: ProcessGroupCollection | None) -> None:
+        self.optimizer, self.params, self.groups = optimizer, params, groups
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step_with_clipping(self, max_norm: float) -> tuple[float, float]:
+        norm = clip_grad_norm(self.params, max_norm, self.groups)
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        self.optimizer.step()
+        return norm, lr
+
+
+def training_optimizer(model, optimizer) -> TrainingOptimizer:
+    """``optimizer`` as the step's ``TrainingOptimizer``: megatron's (``DistributedAdamW``) is one already; a
+    torch optimizer is wrapped with ``model``'s trainable parameters and process groups."""
+    if isinstance(optimizer, DistributedAdamW):
+        return optimizer
+    return LocalOptimizer(optimizer, [p for p in model.parameters() if p.requires_grad], model_groups(model))
 
 
 def build_optimizer(model_or_params, cfg: OptimConfig, lr: float | None = None):
     """AdamW (``lr`` overrides ``cfg.lr``) over a model's or an iterable's trainable parameters.
 
     A student wrapped by ``wrap_student(..., distributed_optimizer=True)`` gets megatron-core's distributed
-    optimizer (``DistributedAdamW``); anything else a ``torch.optim.AdamW``.
+    optimizer (``DistributedAdamW``); anything else a ``torch.optim.AdamW`` (``MasterWeightAdamW`` for 16-bit
+    parameters).
     """
     if isinstance(model_or_params, torch.nn.Module):
-        from caopd_megatron.parallel.data_parallel import uses_distributed_optimizer
-
         if uses_distributed_optimizer(model_or_params):
-            from caopd_megatron.parallel.distributed_optimizer import DistributedAdamW
-
-            return DistributedAdamW(model_or_params, cfg, lr)
+            return DistributedAdamW(model_or_params, cfg, lr, init_state=init_adam_state)
         model_or_params = model_or_params.parameters()
     params = [p for p in model_or_params if p.requires_grad]
     if not params:
@@ -174,16 +211,8 @@ def build_scheduler(optimizer, cfg: OptimConfig, total_steps: int) -> LRSchedule
 
 def optimizer_step(model, optimizer, scheduler, max_norm: float) -> tuple[float, float]:
     """Clip the global gradient norm to ``max_norm`` (0 = no clipping), step the optimizer, advance the
-    schedule. Returns (gradient norm before clipping, the learning rate this step used).
-
-    An optimizer with ``clip_and_step`` (megatron's distributed optimizer) clips inside its step.
-    """
-    if hasattr(optimizer, "clip_and_step"):
-        norm = optimizer.clip_and_step(max_norm)
-    else:
-        norm = clip_grad_norm([p for p in model.parameters() if p.requires_grad], max_norm)
-        optimizer.step()
-    lr = float(optimizer.param_groups[0]["lr"])
+    schedule. Returns (gradient norm before clipping, the learning rate this step used)."""
+    norm, lr = training_optimizer(model, optimizer).step_with_clipping(max_norm)
     if scheduler is not None:
         scheduler.step()
     return norm, lr
@@ -201,28 +230,23 @@ def init_adam_state(optimizer: torch.optim.Optimizer) -> None:
                 optimizer.state[p] = _fresh_adam_state(p, p.dtype, bool(group.get("amsgrad")))
 
 
-def _is_tp_duplicate(p: torch.nn.Parameter) -> bool:
-    from megatron.core import parallel_state
+def clip_grad_norm(params, max_norm: float, groups: ProcessGroupCollection | None = None) -> float:
+    """Clip gradients in place to a global L2 norm of ``max_norm``; returns the norm before clipping.
 
-    if parallel_state.get_tensor_model_parallel_world_size() == 1:
-        return False
-    return not getattr(p, "tensor_model_parallel", False) and parallel_state.get_tensor_model_parallel_rank() > 0
-
-
-def clip_grad_norm(params, max_norm: float) -> float:
-    """Clip gradients in place to a global L2 norm of ``max_norm``; returns the norm before clipping."""
-    from megatron.core import parallel_state
-
+    ``groups``: the model's process groups; the squared norm is summed over their model-parallel group (TP x
+    PP), counting TP-replicated parameters on TP rank 0 only. ``None``: these parameters are the whole model.
+    """
+    tp_duplicate = groups is not None and groups.tp.rank() > 0
     grads = [p.grad for p in params if p.grad is not None]
     # ``shared``: the last stage's duplicate of a tied embedding under PP; its twin on stage 0 is counted.
-    counted = [p.grad for p in params if p.grad is not None and not _is_tp_duplicate(p)
-               and not getattr(p, "shared", False)]
+    counted = [p.grad for p in params if p.grad is not None and not getattr(p, "shared", False)
+               and not (tp_duplicate and not getattr(p, "tensor_model_parallel", False))]
     sq = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else "cpu")
     for g in counted:
         sq += g.detach().float().pow(2).sum()
-    if dist.is_initialized() and parallel_state.model_parallel_is_initialized():
+    if groups is not None and groups.mp.size() > 1:
         # Sum of squared norms over every shard of the model (TP x PP), not over data-parallel replicas.
-        dist.all_reduce(sq, group=parallel_state.get_model_parallel_group())
+        dist.all_reduce(sq, group=groups.mp)
     norm = float(sq.sqrt())
     if max_norm > 0 and norm > max_norm:
         scale = max_norm / (norm + 1e-6)

@@ -1,82 +1,51 @@
-"""One distillation optimizer step: teacher and student score the same response tokens; minimise the divergence.
+"""The one training step of every layout: distillation (plus optional replay) and the supervised warm-up.
 
-Design decisions:
-- Teacher (privileged prompt + response) and student (plain prompt + response) run on their own packed
-  batches; logits are gathered at response positions so both are ``[b, R, V/tp]`` and token-aligned.
-  The teacher runs under ``no_grad``; only the student's response positions enter the loss.
-- The loss is ``vocab_parallel_divergence`` on the vocabulary shards of the tensor-parallel group (no
-  gather of the vocabulary), reduced by ``masked_sequence_mean``: mean over a sequence's tokens, then over
-  sequences. Micro-batches weight their mean by their share of sequences, so gradient accumulation gives
-  exactly the full-batch gradient.
-- The fused path (``distill.fused``) feeds final hidden states and the output-layer weight shards to the
-  chunked loss, so the full ``[b, s, V/tp]`` logits of neither model are ever materialised.
-- Under pipeline (PP > 1) or data (DP > 1) parallelism ``distill_step`` hands over to
-  ``parallel.steps.distill_step_parallel`` (megatron's schedules, DDP-wrapped student; see
-  ``parallel/design.md``); the body below is the single-process / tensor-parallel path.
+Design decisions (long form: ``parallel/design.md``):
+- One body for one process, TP, PP, DP, SP and their products: packed micro-batches of this DP rank's slice
+  go through megatron's schedule (``distill/schedule.py``); the teacher runs first, forward-only, keeping
+  its final hidden states at response positions; ``response_divergence`` is the one loss entry point.
+- Weights come from *global* counts every rank knows without communication: a distillation micro-batch
+  weighs ``its valid sequences / the step's`` (mean over a sequence's tokens, then over sequences), a
+  supervised one ``its response tokens / the step's``. Summed over micro-batches and DP ranks this is the
+  full-batch loss whatever the split, so gradient accumulation gives the full-batch gradient.
+- Order: teacher pass -> student forward/backward -> optional replay -> one gradient finalisation
+  (``finish_gradients``) -> clipping, optimizer and LR-schedule step (``optimizer_step``).
+- Reported numbers are identical on every rank (summed over DP, broadcast from the last stage).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
-from caopd_megatron.calibration.revise import DistillExample
 from caopd_megatron.config.schema import DistillConfig
+from caopd_megatron.data.records import DistillExample
 from caopd_megatron.distill.batching import PackedBatch, gather_positions, pack
-from caopd_megatron.distill.losses import fused_chunked_divergence, masked_sequence_mean, vocab_parallel_divergence
+from caopd_megatron.distill.fused_output_loss import fused_chunked_divergence
+from caopd_megatron.distill.losses import masked_sequence_mean, vocab_parallel_divergence
 from caopd_megatron.distill.optim import optimizer_step
-from caopd_megatron.distill.sft import SupervisedRows, tp_group_or_none
-
-
-def model_logits(model, batch: PackedBatch) -> torch.Tensor:
-    """``[b, L, V/tp]`` logits of this rank's vocabulary shard."""
-    return model(batch.tokens, batch.positions, attention_mask=None)
-
-
-class _HiddenCapture:
-    """Context manager that makes a GPTModel's output layer hand back its input (the final hidden states).
-
-    megatron-core's GPTModel has no switch to return hidden states, and the fused loss needs them with the
-    output weight instead of logits; swapping the output layer's forward for one call is the least invasive way.
-    """
-
-    def __init__(self, model) -> None:
-        self.layer = model.output_layer
-        self.model = model
-
-    def __enter__(self):
-        layer = self.layer
-
-        def passthrough(input_, weight=None, runtime_gather_output=None, **_):
-            if getattr(layer, "sequence_parallel", False):
-                # [s/tp, b, h] -> [s, b, h]. Backward is a plain slice, not a reduce-scatter: the fused loss
-                # already all-reduces its hidden gradient over TP (distill/losses.py, note 7).
-                from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
-
-                input_ = gather_from_sequence_parallel_region(input_, tensor_parallel_output_grad=False)
-            return input_, None
-
-        self._orig = layer.forward
-        layer.forward = passthrough
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.layer.forward = self._orig
-
-
-def output_weight(model) -> torch.Tensor:
-    """The vocab-parallel output weight ``[V/tp, h]`` (the embedding when tied)."""
-    if model.share_embeddings_and_output_weights:
-        return model.shared_embedding_or_output_weight()
-    return model.output_layer.weight
-
-
-def model_hidden(model, batch: PackedBatch) -> torch.Tensor:
-    """Final hidden states (after the final norm), ``[b, L, h]``, replicated on the TP group."""
-    with _HiddenCapture(model):
-        out = model(batch.tokens, batch.positions, attention_mask=None)
-    return out
+from caopd_megatron.distill.schedule import (
+    HiddenStateCapture,
+    forward_backward,
+    output_weight,
+    real_rows,
+    schedule_batches,
+    teacher_response_hidden,
+)
+from caopd_megatron.distill.sft import SupervisedRows, one_hot_shard, sft_loss_from_logits, vocab_shard_range
+from caopd_megatron.parallel.data_parallel import (
+    all_reduce_dp,
+    broadcast_from_last_stage,
+    data_parallel_size,
+    dp_slice,
+    finish_gradients,
+    model_groups,
+    pipeline_parallel_size,
+    require_wrapped,
+    start_gradients,
+)
 
 
 @dataclass
@@ -88,70 +57,165 @@ class StepStats:
     lr: float
 
 
-def micro_batches(n: int, size: int) -> list[slice]:
+def micro_batches(start: int, stop: int, size: int) -> list[slice]:
+    """``[start, stop)`` cut into slices of ``size`` (at least 1) items."""
     size = max(1, size)
-    return [slice(s, min(n, s + size)) for s in range(0, n, size)]
+    return [slice(s, min(stop, s + size)) for s in range(start, stop, size)]
+
+
+def response_divergence(student_out: torch.Tensor, teacher_hidden: torch.Tensor, student, teacher,
+                        cfg: DistillConfig, real_vocab_size: int) -> torch.Tensor:
+    """The distillation loss per response token, ``[b, R]`` fp32 (replicated on the TP group).
+
+    ``student_out``: the student at response positions, ``[b, R, V/tp]`` logits, or with ``cfg.fused``
+    ``[b, R, h_s]`` final hidden states; ``teacher_hidden``: the teacher's ``[b, R, h_t]`` final hidden states
+    (no gradient). The teacher is projected through its output-layer shard ``[V_t/tp, h_t]``: all at once
+    (unfused) or chunk by chunk together with the student (fused), so no full-sequence logits exist.
+    """
+    kw = dict(divergence=cfg.loss, beta=cfg.beta, temperature=cfg.temperature, real_vocab_size=real_vocab_size,
+              tp_group=model_groups(student).tp)
+    t_weight = output_weight(teacher).detach()
+    if cfg.fused:
+        return fused_chunked_divergence(student_out.transpose(0, 1), output_weight(student),
+                                        teacher_hidden.transpose(0, 1), t_weight, chunk_size=cfg.chunk_size,
+                                        **kw).transpose(0, 1)
+    return vocab_parallel_divergence(student_out, torch.matmul(teacher_hidden, t_weight.t()), **kw)
 
 
 def distill_loss(student, teacher, s_batch: PackedBatch, t_batch: PackedBatch, cfg: DistillConfig,
                  real_vocab_size: int) -> torch.Tensor:
-    """Scalar loss of one micro-batch (mean over tokens, then sequences); gradients flow to the student only."""
-    group = tp_group_or_none()
-    kw = dict(divergence=cfg.loss, beta=cfg.beta, temperature=cfg.temperature, real_vocab_size=real_vocab_size,
-              tp_group=group)
-    if cfg.fused:
-        with torch.no_grad():
-            t_hidden = gather_positions(model_hidden(teacher, t_batch), t_batch.index)
-        s_hidden = gather_positions(model_hidden(student, s_batch), s_batch.index)
-        per_token = fused_chunked_divergence(
-            s_hidden.transpose(0, 1), output_weight(student), t_hidden.transpose(0, 1).detach(),
-            output_weight(teacher).detach(), chunk_size=cfg.chunk_size, **kw).transpose(0, 1)
-    else:
-        with torch.no_grad():
-            t_logits = gather_positions(model_logits(teacher, t_batch), t_batch.index)
-        s_logits = gather_positions(model_logits(student, s_batch), s_batch.index)
-        per_token = vocab_parallel_divergence(s_logits, t_logits, **kw)
-    return masked_sequence_mean(per_token, s_batch.mask)
+    """One batch's loss through whole (PP = 1) models outside the schedule: mean over tokens, then sequences
+    (a check of ``response_divergence`` for tests and tools; training runs ``distill_step``)."""
+    with torch.no_grad(), HiddenStateCapture(teacher):
+        t_hidden = gather_positions(teacher(t_batch.tokens, t_batch.positions, attention_mask=None), t_batch.index)
+    with HiddenStateCapture(student) if cfg.fused else contextlib.nullcontext():
+        s_out = gather_positions(student(s_batch.tokens, s_batch.positions, attention_mask=None), s_batch.index)
+    return masked_sequence_mean(response_divergence(s_out, t_hidden, student, teacher, cfg, real_vocab_size),
+                                s_batch.mask)
+
+
+def step_total(values: Sequence[torch.Tensor], model) -> float:
+    """Sum of this rank's last-stage loss contributions, summed over DP, seen by every rank."""
+    total = sum(float(v) for v in values)
+    groups = model_groups(model)
+    if data_parallel_size(groups) == 1 and pipeline_parallel_size(groups) == 1:
+        return total
+    tensor = torch.tensor(total, dtype=torch.float64, device=next(model.parameters()).device)
+    all_reduce_dp(tensor, groups)
+    broadcast_from_last_stage(tensor, groups)
+    return float(tensor)
+
+
+def distill_backward(student, teacher, examples: Sequence[DistillExample], cfg: DistillConfig, pad_id: int,
+                     real_vocab_size: int, n_valid: int, last_call: bool = True) -> float:
+    """Forward/backward of the distillation loss over this DP rank's slice; returns the global step loss.
+
+    Gradients are left unfinalised (in DDP's buffers when wrapped); ``last_call``: no backward follows in
+    this step.
+    """
+    groups = model_groups(student)
+    local = dp_slice(len(examples), groups)
+    s_batches, t_batches, shares = [], [], []
+    for sl in micro_batches(local.start, local.stop, cfg.micro_batch_size):
+        part = examples[sl]
+        s = pack([e.student_prompt_ids for e in part], [e.response_ids for e in part], pad_id, cfg.skip_first_tokens)
+        share = int((s.mask.sum(1) > 0).sum())
+        if share == 0:  # a micro-batch without loss tokens is skipped
+            continue
+        s_batches.append(s)
+        t_batches.append(pack([e.teacher_prompt_ids for e in part], [e.response_ids for e in part], pad_id,
+                              cfg.skip_first_tokens))
+        shares.append(share)
+    s_batches = schedule_batches(student, s_batches, pad_id)
+    t_hidden = teacher_response_hidden(teacher, schedule_batches(teacher, t_batches, pad_id))
+
+    def loss_fn(output: torch.Tensor, i: int) -> torch.Tensor:
+        s_batch = s_batches[i]
+        s_out = gather_positions(real_rows(output, s_batch), s_batch.index)  # [b, R, h_s] or [b, R, V/tp]
+        t_h, t_hidden[i] = t_hidden[i], None  # the loss keeps what backward needs; drop the step's reference
+        per_token = response_divergence(s_out, t_h, student, teacher, cfg, real_vocab_size)
+        return masked_sequence_mean(per_token, s_batch.mask) * (shares[i] / max(1, n_valid))
+
+    student.train()
+    losses = forward_backward(student, s_batches, loss_fn, hidden=cfg.fused, last_call=last_call)
+    return step_total(losses, student)
+
+
+def sft_backward(model, rows: SupervisedRows, real_vocab_size: int, micro_batch_size: int,
+                 last_call: bool = True) -> float:
+    """Forward/backward of ``rows``: the mean cross entropy over all response tokens of all rows, this DP
+    rank's slice in micro-batches. Returns the global loss; gradients are left unfinalised."""
+    groups = model_groups(model)
+    total_tokens = sum(len(r) for r in rows.responses)
+    local = dp_slice(len(rows), groups)
+    shard = vocab_shard_range(model)
+    batches, rows_of = [], []
+    for sl in micro_batches(local.start, local.stop, micro_batch_size):
+        b = pack(rows.prompts[sl], rows.responses[sl], rows.pad_id)
+        if int(b.mask.sum()) == 0:
+            continue
+        batches.append(b)
+        rows_of.append(range(sl.start, sl.stop))
+    batches = schedule_batches(model, batches, rows.pad_id)
+
+    def loss_fn(output: torch.Tensor, i: int) -> torch.Tensor:
+        b = batches[i]
+        if rows.targets_fn is not None:
+            targets = rows.targets_fn(rows_of[i], b, shard)
+        else:
+            targets = one_hot_shard(b.targets, shard)
+        logits = gather_positions(real_rows(output, b), b.index)  # [b, R, V/tp]
+        loss = sft_loss_from_logits(logits, b, real_vocab_size, shard, groups.tp, targets.to(logits.device),
+                                    mean=False)
+        return loss / max(1, total_tokens)
+
+    model.train()
+    losses = forward_backward(model, batches, loss_fn, last_call=last_call)
+    return step_total(losses, model)
+
+
+def supervised_step(model, optimizer, scheduler, rows: SupervisedRows, real_vocab_size: int,
+                    micro_batch_size: int, grad_clip: float) -> float:
+    """One optimizer step of cross entropy on ``rows`` (the warm-up's step), any layout; returns the loss."""
+    require_wrapped(model, "the supervised step")
+    optimizer.zero_grad(set_to_none=True)
+    start_gradients(model)
+    loss = sft_backward(model, rows, real_vocab_size, micro_batch_size)
+    finish_gradients(model)
+    optimizer_step(model, optimizer, scheduler, grad_clip)
+    return loss
 
 
 def distill_step(student, teacher, optimizer, scheduler, examples: Sequence[DistillExample], cfg: DistillConfig,
                  pad_id: int, real_vocab_size: int,
                  extra_loss: Callable[[], torch.Tensor] | SupervisedRows | None = None) -> StepStats:
-    """Forward/backward over micro-batches of ``examples``, clip, and take one optimizer step.
+    """Forward/backward over micro-batches of ``examples``, clip, and take one optimizer step (any layout).
 
-    ``extra_loss``: called once after the distillation micro-batches; its scalar is added to the step's loss
-    (its gradient joins the same optimizer step). The trainer uses it for teacher-format replay, as
-    ``SupervisedRows`` (rows as data, which the pipeline-parallel path can schedule) or a closure.
+    ``extra_loss``: its loss joins the same optimizer step (the trainer's teacher-format replay), as
+    ``SupervisedRows`` (scheduled and DP-split like the distillation micro-batches) or, with PP = 1 only, a
+    closure returning a scalar that every DP rank computes in full.
     """
-    from caopd_megatron.parallel.data_parallel import needs_parallel_path
-
-    if needs_parallel_path(student):
-        from caopd_megatron.parallel.steps import distill_step_parallel
-
-        return distill_step_parallel(student, teacher, optimizer, scheduler, examples, cfg, pad_id, real_vocab_size,
-                                     extra_loss)
-    device = next(student.parameters()).device
+    groups = model_groups(student)
+    closure = extra_loss is not None and not isinstance(extra_loss, SupervisedRows)
+    if closure and pipeline_parallel_size(groups) > 1:
+        raise TypeError("under pipeline parallelism an extra loss must be SupervisedRows (data the schedule can "
+                        "micro-batch), not a closure that runs the whole model")
+    require_wrapped(student, "the distillation step")
     s_all = pack([e.student_prompt_ids for e in examples], [e.response_ids for e in examples], pad_id,
                  cfg.skip_first_tokens)
     n_valid = int((s_all.mask.sum(1) > 0).sum())
+    replay = isinstance(extra_loss, SupervisedRows) and len(extra_loss) > 0
     optimizer.zero_grad(set_to_none=True)
-    student.train()
+    start_gradients(student)
     total = 0.0
-    for sl in micro_batches(len(examples), cfg.micro_batch_size):
-        part = examples[sl]
-        s_batch = pack([e.student_prompt_ids for e in part], [e.response_ids for e in part], pad_id,
-                       cfg.skip_first_tokens).to(device)
-        t_batch = pack([e.teacher_prompt_ids for e in part], [e.response_ids for e in part], pad_id,
-                       cfg.skip_first_tokens).to(device)
-        share = int((s_batch.mask.sum(1) > 0).sum())
-        if share == 0:
-            continue
-        loss = distill_loss(student, teacher, s_batch, t_batch, cfg, real_vocab_size) * (share / max(1, n_valid))
-        loss.backward()
-        total += float(loss.detach())
-    if isinstance(extra_loss, SupervisedRows):
-        extra_loss.loss(student, real_vocab_size).backward()
-    elif extra_loss is not None:
-        extra_loss().backward()
+    if n_valid:
+        total = distill_backward(student, teacher, examples, cfg, pad_id, real_vocab_size, n_valid,
+                                 last_call=not (replay or closure))
+    if replay:
+        sft_backward(student, extra_loss, real_vocab_size, cfg.micro_batch_size)
+    elif closure:
+        # Every replica computes the whole closure; DP replicas' gradients are summed, hence the 1/DP.
+        (extra_loss() / data_parallel_size(groups)).backward()
+    finish_gradients(student)
     norm, lr = optimizer_step(student, optimizer, scheduler, cfg.grad_clip)
     return StepStats(loss=total, grad_norm=norm, tokens=int(s_all.mask.sum()), sequences=n_valid, lr=lr)

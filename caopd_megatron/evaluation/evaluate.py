@@ -18,8 +18,8 @@ from typing import Sequence
 from caopd_megatron.calibration.confidence import parse_confidence
 from caopd_megatron.calibration.revise import student_prompt_text
 from caopd_megatron.config.schema import CaOPDConfig
+from caopd_megatron.data.grading import grade_response
 from caopd_megatron.data.prompts import PromptRecord
-from caopd_megatron.data.tasks.base import get_verifier
 from caopd_megatron.evaluation.metrics import CalibrationReport, calibration_report
 from caopd_megatron.rollout.sampler import SamplingParams, generate
 
@@ -42,7 +42,7 @@ def evaluate_model(model, prompts: Sequence[PromptRecord], tokenizer, cfg: CaOPD
     rows = []
     for rec, g in zip(prompts, gens):
         text = tokenizer.decode([t for t in g.response_ids if t != tokenizer.eos_id])
-        correct = bool(get_verifier(rec.task)(text, rec.reference))
+        correct = grade_response(rec, text)
         rows.append(EvalRow(rec.id, text, correct, parse_confidence(text, cfg.calibration.marker), dict(rec.meta)))
     report = calibration_report([r.correct for r in rows], [r.confidence for r in rows],
                                 n_bins=cfg.evaluation.n_bins)

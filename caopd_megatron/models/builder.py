@@ -6,12 +6,14 @@ Design decisions:
   embeddings. The converters in ``checkpointing/hf`` map HF configs onto the same ``ModelConfig``.
 - Layer spec: Transformer Engine's when TE is usable (and asked for or ``auto``), megatron-core's local
   spec otherwise; ``transformer_impl=transformer_engine`` without a usable TE is an error, not a silent
-  fallback. FP8 requires TE. Sequence parallelism on the local spec swaps its norms for
-  ``models.norms.SequenceParallelRMSNorm`` (megatron's local norm refuses it).
+  fallback. FP8 requires TE (``models/fp8.py`` maps the ``model.fp8*`` keys). Sequence parallelism on the
+  local spec swaps its norms for ``models.local_layers.SequenceParallelRMSNorm`` (megatron's local norm
+  refuses it); its row-parallel linears are ``GroupedRowParallelLinear`` (the TP group passed explicitly).
 - The padded vocabulary is a multiple of ``make_vocab_size_divisible_by * TP`` (megatron-LM's rule), so
   each TP rank holds an equal shard; the real size is kept so losses and sampling ignore padded rows.
 - Fusions that need CUDA kernels (bias-dropout, masked softmax, RoPE, gradient-accumulation) are off on
-  CPU; dropout is 0 (distillation fine-tuning of a pretrained model does not use it).
+  CPU; the masked-softmax fusion also needs megatron's compiled extension (NVIDIA's containers have it, pip's
+  megatron-core does not). Dropout is 0 (distillation fine-tuning of a pretrained model does not use it).
 - Layout-invariant seeded initialisation. megatron's CPU initialisation draws each tensor's full master
   weight and keeps this TP rank's slice, so TP splits the single-process weights, except that (a) the
   vocabulary is padded per TP size (128 rows at TP=1, 256 at TP=2 for the demo), so the embedding draws more
@@ -28,16 +30,23 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, get_args
 
 import torch
 import torch.nn.functional as F
 
-from caopd_megatron.config.schema import ModelConfig, ParallelConfig
-from caopd_megatron.runtime.backend import Backend, BackendError
+from caopd_megatron.config.schema import ModelConfig, ParallelConfig, ParamsDtype
+from caopd_megatron.models.fp8 import cuda_capability, fp8_transformer_kwargs
+from caopd_megatron.parallel.state import copy_from_full_depth
+from caopd_megatron.runtime.backend import Backend, BackendError, fused_softmax_kernels_present
+
+if TYPE_CHECKING:
+    from megatron.core.process_groups_config import ProcessGroupCollection
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# ``model.params_dtype`` names -> torch dtypes (the names are the schema's ``ParamsDtype``).
+DTYPES = {name: getattr(torch, name) for name in get_args(ParamsDtype)}
 
 # Largest full-depth TP shard (in parameters) built to give a PP stage the single-process initial weights.
 FULL_DEPTH_INIT_LIMIT = 2_000_000_000
@@ -70,8 +79,6 @@ def use_transformer_engine(model: ModelConfig, backend: Backend) -> bool:
     if model.transformer_impl == "transformer_engine" and not backend.transformer_engine:
         raise BackendError("model.transformer_impl=transformer_engine but Transformer Engine is not usable here "
                            "(no CUDA or TE not installed); use model.transformer_impl=auto or local")
-    if model.fp8 and not backend.transformer_engine:
-        raise BackendError(f"model.fp8={model.fp8} needs Transformer Engine on a GPU; set model.fp8=null on this machine")
     return model.transformer_impl != "local" and backend.transformer_engine
 
 
@@ -118,32 +125,38 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, backend: Ba
         perform_initialization=True,
         bias_activation_fusion=on_gpu,
         bias_dropout_fusion=on_gpu,
-        masked_softmax_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu and fused_softmax_kernels_present(),
         persist_layer_norm=on_gpu,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
-        fp8=model.fp8,
+        **fp8_transformer_kwargs(model, parallel.pipeline_model_parallel_size, backend.transformer_engine,
+                                 cuda_capability()),
+        # Our losses arrive weighted by their share of the global batch: megatron's schedules must not divide
+        # them by the micro-batch count, nor DDP pre-scale gradients by 1/DP (distill/schedule.py).
+        calculate_per_token_loss=True,
     )
 
 
 def layer_spec(model: ModelConfig, backend: Backend, config):
-    """The decoder spec: TE's layer spec, megatron's local layer spec, or (local and sequence-parallel) a block
-    spec whose norms are ``SequenceParallelRMSNorm`` (megatron's local norm refuses sequence parallelism)."""
+    """The decoder spec: TE's layer spec, or megatron's local layer spec with ``GroupedRowParallelLinear``
+    projections and (sequence-parallel) a block spec whose norms are ``SequenceParallelRMSNorm`` (megatron's
+    local norm refuses sequence parallelism)."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
     )
 
+    from caopd_megatron.models.local_layers import GroupedRowParallelLinear, SequenceParallelRMSNorm
+
     if use_transformer_engine(model, backend):
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
     spec = get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization="RMSNorm")
+    layer = spec.submodules
+    layer.self_attention.submodules.linear_proj = layer.mlp.submodules.linear_fc2 = GroupedRowParallelLinear
     if not config.sequence_parallel:
         return spec
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-    from caopd_megatron.models.norms import SequenceParallelRMSNorm
-
-    layer = spec.submodules
     layer.input_layernorm = layer.pre_mlp_layernorm = SequenceParallelRMSNorm
     if model.qk_layernorm:
         attention = layer.self_attention.submodules
@@ -153,19 +166,20 @@ def layer_spec(model: ModelConfig, backend: Backend, config):
 
 
 def build_gpt_model(model: ModelConfig, parallel: ParallelConfig, vocab: VocabInfo, backend: Backend,
-                    pre_process: bool | None = None, post_process: bool | None = None):
-    """The GPTModel stage owned by this rank (all of it without pipeline parallelism).
+                    groups: ProcessGroupCollection, pre_process: bool | None = None,
+                    post_process: bool | None = None):
+    """The GPTModel stage owned by this rank (all of it without pipeline parallelism), built over ``groups``
+    (the job's process groups, ``runtime.distributed.process_groups``; kept as the model's ``pg_collection``).
 
     Parameters live on this rank's TP shard; the output layer holds ``[padded/tp, h]`` of the vocabulary.
     """
-    from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
     whole_stage_default = pre_process is None and post_process is None
     if pre_process is None:
-        pre_process = parallel_state.is_pipeline_first_stage()
+        pre_process = groups.pp.rank() == 0
     if post_process is None:
-        post_process = parallel_state.is_pipeline_last_stage()
+        post_process = groups.pp.rank() == groups.pp.size() - 1
     cfg = transformer_config(model, parallel, backend)
     rng_before = torch.get_rng_state()
     gpt = GPTModel(
@@ -180,6 +194,7 @@ def build_gpt_model(model: ModelConfig, parallel: ParallelConfig, vocab: VocabIn
         rotary_base=int(model.rotary_base),
         rope_scaling=model.rope_scaling,
         rope_scaling_factor=model.rope_scaling_factor,
+        pg_collection=groups,
     )
     tp = parallel.tensor_model_parallel_size
     single_vocab = VocabInfo(vocab.real, padded_vocab_size(vocab.real, model.make_vocab_size_divisible_by, 1))
@@ -189,19 +204,18 @@ def build_gpt_model(model: ModelConfig, parallel: ParallelConfig, vocab: VocabIn
             log.warning("TP=%d does not divide the single-process padded vocabulary (%d): the random start differs "
                         "from a single process's", tp, single_vocab.padded)
         else:
-            _single_process_init(gpt, model, parallel, single_vocab, backend, rng_before)
+            _single_process_init(gpt, model, parallel, single_vocab, backend, groups, rng_before)
     if backend.device == "cuda":
         gpt = gpt.cuda()
     return gpt
 
 
 def _single_process_init(stage, model: ModelConfig, parallel: ParallelConfig, vocab: VocabInfo, backend: Backend,
-                         rng_before: torch.Tensor) -> None:
+                         groups: ProcessGroupCollection, rng_before: torch.Tensor) -> None:
     """Give this stage the weights a single process seeded like this one would have drawn (``vocab``: the
     single-process padding)."""
     from dataclasses import replace
 
-    from caopd_megatron.parallel.state import copy_from_full_depth
 
     full_size = count_parameters(stage) * parallel.pipeline_model_parallel_size
     if full_size > FULL_DEPTH_INIT_LIMIT:
@@ -210,7 +224,7 @@ def _single_process_init(stage, model: ModelConfig, parallel: ParallelConfig, vo
                     parallel.pipeline_model_parallel_size, full_size)
         return
     torch.set_rng_state(rng_before)
-    full = build_gpt_model(model, replace(parallel, pipeline_model_parallel_size=1), vocab, backend,
+    full = build_gpt_model(model, replace(parallel, pipeline_model_parallel_size=1), vocab, backend, groups,
                            pre_process=True, post_process=True)
     copy_from_full_depth(stage, full)
 

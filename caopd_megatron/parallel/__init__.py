@@ -1,16 +1,13 @@
-"""Pipeline- and data-parallel machinery of the distillation step (tensor parallelism lives in the losses).
+"""Process-group plumbing under the training step: DDP, the distributed optimizer, decoding, shard utilities.
 
 Design decisions (the full note is ``design.md`` beside this file):
-- ``data_parallel``: megatron-core's ``DistributedDataParallel`` wraps the student whenever PP > 1 or DP > 1;
-  ``needs_parallel_path`` is the single switch every phase consults, so TP-only and single-process runs keep
-  the plain path (and its tests) unchanged.
-- ``schedule``: the micro-batch forward/backward runs on megatron-core's own pipeline schedules
-  (``get_forward_backward_func``); the teacher runs first, forward-only, keeping its final hidden states at
-  response positions per micro-batch, which the student's last stage projects in the loss.
-- ``steps``: the distillation and supervised steps built on the schedule (DP slicing, sequence-count
-  weighting, one gradient finalisation per optimizer step).
-- ``distributed_optimizer``: megatron-core's ``DistributedOptimizer`` (``parallel.use_distributed_optimizer``):
-  AdamW state sharded over DP, reduce-scattered gradients, all-gathered parameters, and its checkpoints.
+- Every function takes the job's process groups (megatron's ``ProcessGroupCollection``, built once by
+  ``runtime.distributed.process_groups``), mostly through the model that was built with them
+  (``data_parallel.model_groups``); nothing here reads megatron's global parallel state.
+- ``data_parallel``: megatron-core DDP when PP > 1, DP > 1 or gradients are TP-partial (``needs_ddp``);
+  gradient finalisation once per optimizer step; DP slicing and gathers.
+- ``distributed_optimizer``: megatron-core's ``DistributedOptimizer`` (``parallel.use_distributed_optimizer``).
 - ``generation``: stage-by-stage decoding for the sampler under PP (hidden states p2p, tokens broadcast).
 - ``state``: describe, gather and load parameter shards by their global names (tests, tools).
+- The step itself (one for every layout) lives above, in ``distill/step.py``.
 """

@@ -1,60 +1,27 @@
-"""megatron-core's ``DistributedOptimizer`` (Adam state and fp32 main weights sharded over DP) behind the small
-optimizer interface the steps, the LR schedule and the checkpoints use.
+"""megatron-core's ``DistributedOptimizer`` (Adam state and fp32 main weights sharded over DP) behind the
+step's ``TrainingOptimizer`` protocol (``distill/optim.py``), the LR schedule and the checkpoints.
 
-Design decisions:
-- Built by megatron's own ``get_megatron_optimizer`` for a student that ``wrap_student`` wrapped with
-  ``use_distributed_optimizer=True`` (``parallel.use_distributed_optimizer`` and DP > 1). ``OptimConfig``
-  maps one to one: AdamW (decoupled weight decay), ``lr`` (or the warm-up's override), ``weight_decay``,
-  ``beta1``/``beta2``, ``eps``; bf16/fp16 follow the model's ``params_dtype`` (fp32 main weights then;
-  fp16 gets a constant loss scale of 1 since our losses are not scaled). ``config_overrides={}`` keeps every
-  parameter in one group with weight decay, as the plain torch AdamW does (megatron's default would exempt
-  biases and 1-D parameters).
-- What is sharded: DDP's contiguous grad buffer (and, with this option, a param buffer) is cut into DP equal
-  ranges; DP rank r owns range r and keeps Adam's ``exp_avg``/``exp_avg_sq`` (and fp32 main weights for
-  16-bit models) for the parameter elements in it only: about 1/DP of the optimizer state per rank. Each
-  1-D state tensor is the flattened slice of its parameter's shard (this TP/PP rank's shard) that falls
-  into range r; fp32 parameters are updated in place through views of the param buffer.
-- Collectives per step: ``finalize_model_grads`` reduce-scatters the buffer over the DP group (SUM of
-  gradients pre-scaled by 1/DP; ``loss_scale_for_dp`` cancels the 1/DP exactly as for the all-reduce), the
-  step's norm is summed over every rank (each holds different ranges; TP-duplicated and tied ``shared``
-  copies are skipped like in ``distill.optim.clip_grad_norm``), and after the update the param buffer is
-  all-gathered over DP, so every replica ends the step with the full updated parameters.
-- Clipping happens inside megatron's step with ``clip_grad`` set per call (``clip_and_step``); the norm it
-  returns (before clipping) is the one the step reports, and ``distill.optim.optimizer_step`` does not clip
-  again.
-- Without Transformer Engine or apex megatron-core falls back to ``torch.optim.AdamW`` for the inner
-  optimizer (logged); on CPU, ``runtime/cpu_compat.py`` makes megatron's CUDA-only type checks accept CPU
-  tensors.
-- Checkpoints (megatron's ``state_dict()`` omits the sharded part, so it cannot be stored as is):
-  - per-rank files (``checkpointing/checkpoint.py``, same layout): ``state_dict()`` = megatron's
-    ``state_dict()`` (parameter groups, Adam step) + its ``get_parameter_state_dp_reshardable()``, this
-    rank's ranges as they sit in the buffers (``param``/``exp_avg``/``exp_avg_sq`` 1-D tensors per
-    parameter range), cloned into plain tensors. No communication and no rank holds more than its 1/DP,
-    which is the per-rank format's point; ``check_state_dict`` compares the buffer layout
-    (``per_bucket_numel[_unpadded]``) before anything is loaded.
-  - the distributed copy (``checkpointing/distributed_checkpoint.py``, any layout): megatron's
-    ``sharded_state_dict`` in its ``fully_reshardable`` format: the ranges are gathered over DP into
-    parameter-shaped tensors keyed ``optimizer.state.{param,exp_avg,exp_avg_sq}.<parameter key>`` (sharded
-    like the parameter over TP/PP), so another TP/PP/DP layout re-cuts them on load. The gather is
-    collective and briefly holds the full TP/PP shard's state on every DP rank (what the plain AdamW holds
-    all the time). (``fully_sharded_model_space``, megatron's default, needs flattened ShardedTensors,
-    which megatron-core 0.16 refuses.) It loads only into a run that also uses this optimizer.
-  - Two fixes around megatron's loading with the torch AdamW fallback: its ``load_state_dict`` hands one
-    shared ``step`` tensor to every parameter (AdamW would then count one step per parameter, corrupting
-    the bias correction after a resume: ``_unshare_steps``), and its ``fully_reshardable`` reader expects
-    no per-parameter ``step`` (set aside meanwhile, ``load_sharded_state_dict``).
-  - A fresh optimizer first gets AdamW's step-0 state (zero moments; the next step is unchanged), so
-    there are tensors to save and to read into.
+Design decisions (long form: ``design.md``, "Distributed optimizer"):
+- Built by megatron's ``get_megatron_optimizer`` over the model's process groups for a student wrapped with
+  ``use_distributed_optimizer=True``; ``OptimConfig`` maps one to one (AdamW, decoupled weight decay on every
+  parameter: ``config_overrides={}``); 16-bit models get fp32 main weights, fp16 a constant loss scale of 1.
+- Clipping happens inside megatron's step (``step_with_clipping`` sets ``clip_grad`` per call): its norm is
+  summed over all ranks, each holding other ranges; the step reports it and nothing clips a second time.
+- Checkpoints: per-rank files hold this rank's ranges as they sit in the buffers (``state_dict``, no
+  communication); the distributed copy is megatron's ``fully_reshardable`` sharded state (any layout).
+  megatron's loader shares one ``step`` tensor between parameters of torch's AdamW: un-shared on load.
+- AdamW's step-0 state comes from the caller (``init_state``), so this module needs nothing from ``distill``.
 """
 from __future__ import annotations
 
 import logging
 
+from typing import Callable
+
 import torch
 
 from caopd_megatron.config.schema import OptimConfig
-from caopd_megatron.distill.optim import init_adam_state
-from caopd_megatron.parallel.data_parallel import unwrap
+from caopd_megatron.parallel.data_parallel import model_groups, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +35,14 @@ class DistributedAdamW:
 
     ``param_groups``: the inner optimizer's groups (what ``LRSchedule`` sets ``lr`` on); their parameters
     are this rank's main-parameter ranges, 1-D ``[n]`` tensors (fp32) of this TP/PP shard, disjoint across
-    the DP group. ``clip_and_step`` and ``sharded_state_dict`` are collective (every rank of the job);
+    the DP group. ``step_with_clipping`` and ``sharded_state_dict`` are collective (every rank of the job);
     ``state_dict``/``load_state_dict`` are local to the rank.
     """
 
-    def __init__(self, model, cfg: OptimConfig, lr: float | None = None) -> None:
+    def __init__(self, model, cfg: OptimConfig, lr: float | None = None,
+                 init_state: Callable[[torch.optim.Optimizer], None] | None = None) -> None:
+        """``init_state``: gives a torch optimizer's parameters AdamW's step-0 state (``distill.optim``'s
+        ``init_adam_state``), applied to megatron's inner optimizer before its state is saved or loaded."""
         import megatron.core.optimizer as mopt
 
         dtype = unwrap(model).config.params_dtype
@@ -81,8 +51,9 @@ class DistributedAdamW:
             adam_beta1=cfg.beta1, adam_beta2=cfg.beta2, adam_eps=cfg.eps, decoupled_weight_decay=True,
             clip_grad=0.0, use_distributed_optimizer=True, params_dtype=dtype, bf16=dtype == torch.bfloat16,
             fp16=dtype == torch.float16, loss_scale=1.0 if dtype == torch.float16 else None)
-        self.model = model
-        self.megatron = mopt.get_megatron_optimizer(self.config, [model], config_overrides={})
+        self.model, self.init_state = model, init_state
+        self.megatron = mopt.get_megatron_optimizer(self.config, [model], config_overrides={},
+                                                    use_gloo_process_groups=False, pg_collection=model_groups(model))
         if len(self.megatron.chained_optimizers) != 1:  # a second one would hold expert (MoE) parameters
             raise NotImplementedError("the distributed optimizer is wired for dense models (one optimizer)")
         self._dist = self.megatron.chained_optimizers[0]
@@ -103,20 +74,21 @@ class DistributedAdamW:
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.megatron.zero_grad(set_to_none)
 
-    def clip_and_step(self, max_norm: float) -> float:
+    def step_with_clipping(self, max_norm: float) -> tuple[float, float]:
         """Clip to ``max_norm`` (0 = off), update this rank's ranges, all-gather the parameters over DP;
-        returns the global gradient norm before clipping (the same float on every rank)."""
+        returns the global gradient norm before clipping (the same float on every rank) and the lr used."""
         self._dist.config.clip_grad = max(0.0, float(max_norm))
+        lr = float(self.param_groups[0]["lr"])
         ok, norm, _ = self.megatron.step()
         if not ok:
             raise FloatingPointError("the distributed optimizer found inf/nan gradients and skipped the step")
-        return float(norm)
+        return float(norm), lr
 
     # ---- checkpoints
 
     def _ensure_state(self) -> None:
-        if not self._dist.is_stub_optimizer:
-            init_adam_state(self._dist.optimizer)
+        if not self._dist.is_stub_optimizer and self.init_state is not None:
+            self.init_state(self._dist.optimizer)
 
     def state_dict(self) -> dict:
         """This rank's complete state, plain tensors, no communication: ``{"format", "common", "param_state"}``.

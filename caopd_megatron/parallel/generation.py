@@ -29,25 +29,24 @@ import contextlib
 import torch
 import torch.distributed as dist
 
-from caopd_megatron.parallel.data_parallel import unwrap, uses_sequence_parallel
+from caopd_megatron.parallel.data_parallel import broadcast_from_last_stage, is_last_stage, model_groups, unwrap, uses_sequence_parallel
 
 
 def stage_forward(model, tokens: torch.Tensor, positions: torch.Tensor, inference_context) -> torch.Tensor | None:
     """One decoding forward of this stage for ``tokens`` ``[b, s]``; returns ``[b, s, V]`` logits (gathered over
-    TP) on the last stage, ``None`` on the others."""
-    from megatron.core import parallel_state
-
+    TP) on the last stage, ``None`` on the others. Activations travel over the model's pipeline group."""
     inner = unwrap(model)
-    if not parallel_state.is_pipeline_first_stage():
+    pp = model_groups(model).pp
+    if pp.rank() > 0:
         b, s = tokens.shape
         hidden = torch.empty((s, b, inner.config.hidden_size), dtype=inner.config.params_dtype,
                              device=tokens.device)
-        dist.recv(hidden, src=parallel_state.get_pipeline_model_parallel_prev_rank())
+        dist.recv(hidden, src=dist.get_global_rank(pp, pp.rank() - 1))
         inner.set_input_tensor(hidden)
     out = model(tokens, positions, attention_mask=None, inference_context=inference_context,
                 runtime_gather_output=True)
-    if not parallel_state.is_pipeline_last_stage():
-        dist.send(out.contiguous(), dst=parallel_state.get_pipeline_model_parallel_next_rank())
+    if not is_last_stage(model_groups(model)):
+        dist.send(out.contiguous(), dst=dist.get_global_rank(pp, pp.rank() + 1))
         return None
     return out
 
@@ -75,9 +74,8 @@ def sequence_parallel_off(model):
             setattr(m, a, value)
 
 
-def broadcast_step(tokens: torch.Tensor, logprobs: torch.Tensor) -> None:
-    """Every stage gets the last stage's chosen ``tokens`` ``[b]`` and their ``logprobs`` ``[b]`` (in place)."""
-    from caopd_megatron.parallel.data_parallel import broadcast_from_last_stage
-
-    broadcast_from_last_stage(tokens)
-    broadcast_from_last_stage(logprobs)
+def broadcast_step(tokens: torch.Tensor, logprobs: torch.Tensor, groups) -> None:
+    """Every stage gets the last stage's chosen ``tokens`` ``[b]`` and their ``logprobs`` ``[b]`` (in place),
+    over the pipeline group of ``groups`` (a ``ProcessGroupCollection``)."""
+    broadcast_from_last_stage(tokens, groups)
+    broadcast_from_last_stage(logprobs, groups)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from caopd_megatron.parallel.data_parallel import unwrap
+from caopd_megatron.parallel.data_parallel import model_groups, unwrap
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
@@ -50,11 +50,8 @@ def global_name(model, local_name: str) -> str:
 def local_shards(model, grads: bool = False, value_fn=None) -> dict[str, Shard]:
     """This rank's parameters (their ``.grad`` with ``grads=True``, or ``value_fn(param)``, e.g. an optimizer
     moment, which has the parameter's sharding) keyed by global name."""
-    from megatron.core import parallel_state
-
     inner = unwrap(model)
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    tp_rank, tp_size = model_groups(model).tp.rank(), model_groups(model).tp.size()
     out = {}
     for name, p in inner.named_parameters():
         if getattr(p, "shared", False):
@@ -91,17 +88,17 @@ def assemble(per_rank: list[dict[str, Shard]]) -> dict[str, torch.Tensor]:
 
 def gather_full_state_dict(model, grads: bool = False, value_fn=None) -> dict[str, torch.Tensor]:
     """Collective over the model-parallel group (TP x PP): every rank gets the full replica's tensors."""
-    from megatron.core import parallel_state
-
     mine = local_shards(model, grads, value_fn)
-    if not dist.is_initialized() or parallel_state.get_model_parallel_group().size() == 1:
+    group = model_groups(model).mp
+    if group.size() == 1:
         return assemble([mine])
-    gathered: list = [None] * parallel_state.get_model_parallel_group().size()
-    dist.all_gather_object(gathered, mine, group=parallel_state.get_model_parallel_group())
+    gathered: list = [None] * group.size()
+    dist.all_gather_object(gathered, mine, group=group)
     return assemble(gathered)
 
 
-def _fit_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+def fit_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """``tensor``'s first ``rows`` rows, zero-padded when it has fewer (vocabulary padding of another TP size)."""
     if tensor.size(0) >= rows:
         return tensor[:rows]
     pad = torch.zeros((rows - tensor.size(0),) + tuple(tensor.shape[1:]), dtype=tensor.dtype)
@@ -111,11 +108,8 @@ def _fit_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
 @torch.no_grad()
 def load_full_state_dict(model, full: dict[str, torch.Tensor]) -> None:
     """Copy this rank's shard of every parameter from ``full`` (global names, single-process shapes)."""
-    from megatron.core import parallel_state
-
     inner = unwrap(model)
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    tp_rank, tp_size = model_groups(model).tp.rank(), model_groups(model).tp.size()
     for name, p in inner.named_parameters():
         gname = global_name(inner, name)
         if getattr(p, "shared", False) and gname not in full:
@@ -125,7 +119,7 @@ def load_full_state_dict(model, full: dict[str, torch.Tensor]) -> None:
         source = full[gname]
         parallel = bool(getattr(p, "tensor_model_parallel", False)) and tp_size > 1
         if gname in VOCAB_PARAMS or name in VOCAB_PARAMS:
-            source = _fit_rows(source, p.size(0) * (tp_size if parallel and p.partition_dim == 0 else 1))
+            source = fit_rows(source, p.size(0) * (tp_size if parallel and p.partition_dim == 0 else 1))
         if parallel:
             dim, stride = int(p.partition_dim), int(getattr(p, "partition_stride", 1))
             chunks = torch.chunk(source, tp_size * stride, dim=dim)
@@ -143,11 +137,9 @@ def copy_from_full_depth(stage, full) -> None:
     single-process padding): they are gathered over the TP group, trimmed / zero-padded to the stage's padded
     rows and re-split. All other tensors are the same TP shard on both sides.
     """
-    from megatron.core import parallel_state
-
     inner, source = unwrap(stage), dict(unwrap(full).named_parameters())
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    tp_group = model_groups(stage).tp
+    tp_rank, tp_size = tp_group.rank(), tp_group.size()
     for name, p in inner.named_parameters():
         gname = global_name(inner, name)
         if getattr(p, "shared", False) and gname not in source:
@@ -156,8 +148,8 @@ def copy_from_full_depth(stage, full) -> None:
         if value.shape != p.shape and gname in VOCAB_PARAMS:
             parts = [torch.empty_like(value) for _ in range(tp_size)]
             if tp_size > 1:
-                dist.all_gather(parts, value.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+                dist.all_gather(parts, value.contiguous(), group=tp_group)
             else:
                 parts = [value]
-            value = _fit_rows(torch.cat(parts, dim=0), p.size(0) * tp_size).chunk(tp_size, dim=0)[tp_rank]
+            value = fit_rows(torch.cat(parts, dim=0), p.size(0) * tp_size).chunk(tp_size, dim=0)[tp_rank]
         p.copy_(value)

@@ -13,6 +13,7 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -22,7 +23,9 @@ from caopd_megatron.data.prompts import PromptRecord, load_prompts
 from caopd_megatron.data.tasks.digit_sum import make_digit_sum_records
 from caopd_megatron.data.tokenizer import TextTokenizer, build_synthetic_tokenizer
 from caopd_megatron.models.builder import VocabInfo, build_gpt_model, count_parameters, resolve_vocab
+from caopd_megatron.models.fp8 import teacher_model_config
 from caopd_megatron.models.teacher import check_vocab_compatible, copy_weights, freeze
+from caopd_megatron.parallel.data_parallel import unwrap, wrap_student
 from caopd_megatron.runtime import distributed
 from caopd_megatron.runtime.backend import Backend, detect_backend
 from caopd_megatron.runtime.progress import record_job, set_progress, setup_logging
@@ -38,6 +41,7 @@ class Session:
     tokenizer: TextTokenizer
     vocab: VocabInfo
     run_dir: Path
+    groups: Any  # megatron-core ProcessGroupCollection: built once here, passed to the models
 
 
 def open_session(cfg: CaOPDConfig, run_dir: str | Path | None = None, parallel: bool = True) -> Session:
@@ -61,6 +65,7 @@ def open_session(cfg: CaOPDConfig, run_dir: str | Path | None = None, parallel: 
         distributed.check_layout(env.world_size, cfg.parallel, cfg.model.num_layers,
                                  cfg.model.num_attention_heads, cfg.model.num_query_groups)
         env = distributed.initialize(cfg.parallel, cfg.run.seed)
+    groups = distributed.process_groups() if parallel else None
     log_file = setup_logging(cfg.logging.level, run_dir, distributed.current_rank())
     if cfg.run.lock:
         acquire_run_lock(run_dir, " ".join([Path(sys.argv[0]).name, *sys.argv[1:2]]))
@@ -75,15 +80,13 @@ def open_session(cfg: CaOPDConfig, run_dir: str | Path | None = None, parallel: 
         tokenizer.save(run_dir / "tokenizer")
         log.info("job log %s; resolved config and launch environment recorded beside it", log_file)
     log.info("tokenizer: %d tokens (padded vocab %d)", vocab.real, vocab.padded)
-    return Session(cfg, backend, tokenizer, vocab, run_dir)
+    return Session(cfg, backend, tokenizer, vocab, run_dir, groups)
 
 
 def build_student(s: Session):
     """This rank's student stage; wrapped in megatron-core DDP under PP > 1 or DP > 1 (``parallel.data_parallel``),
     for megatron's distributed optimizer when ``parallel.use_distributed_optimizer`` (and DP > 1)."""
-    from caopd_megatron.parallel.data_parallel import wrap_student
-
-    model = build_gpt_model(s.cfg.model, s.cfg.parallel, s.vocab, s.backend)
+    model = build_gpt_model(s.cfg.model, s.cfg.parallel, s.vocab, s.backend, s.groups)
     log.info("student: %s parameters on this rank", f"{count_parameters(model):,}")
     par = s.cfg.parallel
     return wrap_student(model, par.use_distributed_optimizer, par.overlap_grad_reduce, par.ddp_bucket_size)
@@ -96,7 +99,7 @@ def build_teacher(s: Session, student) -> torch.nn.Module:
         model_cfg: ModelConfig = t.model or s.cfg.model
         vocab = resolve_vocab(model_cfg, s.tokenizer.vocab_size, s.cfg.parallel.tensor_model_parallel_size)
         check_vocab_compatible(s.vocab, vocab, t)
-        teacher = build_gpt_model(model_cfg, s.cfg.parallel, vocab, s.backend)
+        teacher = build_gpt_model(teacher_model_config(model_cfg), s.cfg.parallel, vocab, s.backend, s.groups)
         if t.checkpoint:
             from caopd_megatron.checkpointing.hf import load_megatron_checkpoint
 
@@ -104,9 +107,7 @@ def build_teacher(s: Session, student) -> torch.nn.Module:
         else:
             log.warning("teacher.mode=separate without teacher.checkpoint: the teacher is randomly initialised")
         return freeze(teacher)
-    from caopd_megatron.parallel.data_parallel import unwrap
-
-    teacher = build_gpt_model(s.cfg.model, s.cfg.parallel, s.vocab, s.backend)
+    teacher = build_gpt_model(teacher_model_config(s.cfg.model), s.cfg.parallel, s.vocab, s.backend, s.groups)
     copy_weights(teacher, unwrap(student))
     return freeze(teacher)
 

@@ -20,9 +20,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from caopd_megatron.calibration.revise import DistillExample, revise
+from caopd_megatron.calibration.revise import revise
 from caopd_megatron.config.schema import CaOPDConfig
 from caopd_megatron.data.prompts import PromptRecord
+from caopd_megatron.data.records import DistillExample
 from caopd_megatron.distill.optim import build_optimizer, build_scheduler
 from caopd_megatron.distill.sft import SupervisedRows
 from caopd_megatron.distill.step import distill_step
@@ -119,10 +120,18 @@ class Trainer:
         self._written = 0  # history entries already appended to train_log.jsonl
 
     def train_step(self) -> StepLog:
+        """One on-policy step: rollout of the next prompts, grading + rewrite, then ``learn``."""
         cfg = self.cfg
         batch = [self.prompts[i] for i in self.cursor.take(cfg.rollout.prompts_per_step)]
         rolls = rollout(self.student, batch, self.tok, cfg, self.real_vocab, step=self.step)
-        examples = revise(rolls, self.by_id, self.tok, cfg.data, cfg.calibration)
+        return self.learn(revise(rolls, self.by_id, self.tok, cfg.data, cfg.calibration))
+
+    def learn(self, examples: list[DistillExample]) -> StepLog:
+        """Distil on ``examples`` (with this step's replay rows), update an EMA teacher, log, count the step.
+
+        The ``distill`` CLI phase calls this with examples read from disk; ``train_step`` with fresh ones.
+        """
+        cfg = self.cfg
         n_replay = round(cfg.teacher.replay_fraction * len(examples))
         extra = self.replay(self.student, examples, n_replay) if n_replay else None
         stats = distill_step(self.student, self.teacher, self.optimizer, self.scheduler, examples, cfg.distill,

@@ -13,11 +13,12 @@ Design decisions (each one mattered in the prototype; see README "What we learne
   confidence follows the note/demonstration, not whether it can verify the answer.
 - The confidence target of teacher rows is soft (a Gaussian over the confidence tokens, ``soft_target_sigma``
   steps wide): with one-hot copying, reverse KL later pushed greedy outputs off the confidence tokens.
-- The soft cross entropy (``distill/sft.py``) is computed on vocabulary shards, like the distillation loss,
-  so the warm-up runs under tensor parallelism too.
+- Each warm-up step is ``distill.step.supervised_step``, the training step of every layout (soft cross
+  entropy on vocabulary shards, micro-batches through megatron's schedule).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -31,10 +32,9 @@ from caopd_megatron.config.schema import CaOPDConfig
 from caopd_megatron.data.prompts import PromptRecord
 from caopd_megatron.data.templates import render_teacher
 from caopd_megatron.data.tokenizer import CONFIDENCE_TOKENS
-from caopd_megatron.distill.optim import build_optimizer, build_scheduler, optimizer_step
+from caopd_megatron.distill.optim import build_optimizer, build_scheduler
 from caopd_megatron.distill.sft import SupervisedRows, one_hot_shard
-from caopd_megatron.parallel.data_parallel import needs_parallel_path
-from caopd_megatron.parallel.steps import supervised_step
+from caopd_megatron.distill.step import supervised_step
 from caopd_megatron.runtime.progress import progress
 
 log = logging.getLogger(__name__)
@@ -119,11 +119,6 @@ def supervised_rows(rows: list[WarmupRow], data: WarmupData, pad_id: int) -> Sup
     return SupervisedRows([r.prompt for r in rows], [r.response for r in rows], pad_id, targets)
 
 
-def rows_loss(model, rows: list[WarmupRow], data: WarmupData, real_vocab_size: int, pad_id: int) -> torch.Tensor:
-    """Soft-target cross entropy of warm-up rows (mean over response tokens)."""
-    return supervised_rows(rows, data, pad_id).loss(model, real_vocab_size)
-
-
 def warmup_replay(data: WarmupData, real_vocab_size: int, pad_id: int):
     """A ``ReplaySource`` of fresh teacher-format warm-up rows (neutral between OPD and CaOPD)."""
     def rows(student, examples, n: int) -> SupervisedRows:
@@ -135,24 +130,17 @@ def run_warmup(model, data: WarmupData, cfg: CaOPDConfig, real_vocab_size: int, 
     """Train ``model`` in place for ``cfg.warmup.steps`` steps; returns the loss per step."""
     w = cfg.warmup
     opt = build_optimizer(model, cfg.optim, lr=w.lr)
-    sched_cfg = type(cfg.optim)(**{**cfg.optim.__dict__, "min_lr": w.lr * 0.1, "warmup_steps": min(50, w.steps // 10)})
+    warmup_steps = min(50, w.steps // 10) if w.warmup_steps is None else w.warmup_steps
+    sched_cfg = dataclasses.replace(cfg.optim, min_lr=w.lr * w.min_lr_ratio, warmup_steps=warmup_steps)
     sched = build_scheduler(opt, sched_cfg, w.steps)
     losses: list[float] = []
     model.train()
     bar = progress(range(w.steps), desc="warm-up (SFT)", unit="step")
-    parallel = needs_parallel_path(model)
     for step in bar:
-        rows = data.batch(w.batch_size)
-        if parallel:
-            # PP/DP/SP: the rows go through megatron's schedule in micro-batches, split over DP ranks.
-            losses.append(supervised_step(model, opt, sched, supervised_rows(rows, data, pad_id), real_vocab_size,
-                                          cfg.distill.micro_batch_size, 1.0))
-        else:
-            loss = rows_loss(model, rows, data, real_vocab_size, pad_id)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer_step(model, opt, sched, 1.0)
-            losses.append(float(loss.detach()))
+        rows = supervised_rows(data.batch(w.batch_size), data, pad_id)
+        # The training step of every layout: micro-batches through megatron's schedule, split over DP ranks.
+        losses.append(supervised_step(model, opt, sched, rows, real_vocab_size, cfg.distill.micro_batch_size,
+                                      w.grad_clip))
         if hasattr(bar, "set_postfix") and step % 10 == 0:
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if math.isnan(losses[-1]):

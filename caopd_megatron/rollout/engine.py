@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from caopd_megatron.calibration.revise import RolloutRecord, student_prompt_text
+from caopd_megatron.calibration.revise import student_prompt_text
+from caopd_megatron.data.records import RolloutRecord
 from caopd_megatron.config.schema import CaOPDConfig
 from caopd_megatron.data.prompts import PromptRecord
 from caopd_megatron.rollout.sampler import SamplingParams, generate

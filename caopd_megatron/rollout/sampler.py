@@ -30,8 +30,8 @@ from typing import Sequence
 
 import torch
 
-from caopd_megatron.parallel.data_parallel import (all_gather_dp, data_parallel_size, pipeline_parallel_size,
-                                                   round_robin_dp)
+from caopd_megatron.parallel.data_parallel import (all_gather_dp, data_parallel_size, model_groups,
+                                                   pipeline_parallel_size, round_robin_dp)
 from caopd_megatron.parallel.generation import broadcast_step, sequence_parallel_off, stage_forward
 from caopd_megatron.rollout.keyed_noise import gumbel_argmax, row_keys
 from caopd_megatron.runtime.progress import progress
@@ -113,7 +113,8 @@ def _generate_batch(model, prompts: Sequence[Sequence[int]], params: SamplingPar
     ctx = StaticInferenceContext(b, total)
     start = int(lens.min())
     cur = 0
-    pipelined = pipeline_parallel_size() > 1
+    groups = model_groups(model)
+    pipelined = pipeline_parallel_size(groups) > 1
     for t in range(start, total):
         # Feed what the cache has not seen yet: the shared prompt prefix first, then one token per step.
         if pipelined:
@@ -137,7 +138,7 @@ def _generate_batch(model, prompts: Sequence[Sequence[int]], params: SamplingPar
             lp = torch.empty(b, dtype=torch.float32, device=device)
         if pipelined:
             # Only the last stage samples; every stage needs the tokens (the first feeds them next step).
-            broadcast_step(nxt, lp)
+            broadcast_step(nxt, lp, groups)
         active = ~in_prompt & ~done & (t < end)
         logprobs[:, t] = torch.where(active, lp, torch.zeros_like(lp))
         tokens[:, t] = torch.where(in_prompt | active, nxt, torch.full_like(nxt, eos_id))
@@ -159,25 +160,26 @@ def _generate_batch(model, prompts: Sequence[Sequence[int]], params: SamplingPar
     return out
 
 
-def _gather_over_dp(local: dict[int, Generation], prompts: Sequence[Sequence[int]],
-                    device: torch.device) -> dict[int, Generation]:
+def _gather_over_dp(local: dict[int, Generation], prompts: Sequence[Sequence[int]], device: torch.device,
+                    groups) -> dict[int, Generation]:
     """Every data-parallel replica's generations (``{prompt index: Generation}``), on every rank.
 
     Packed as three flat tensors per replica (``[n, 3]`` index / length / finished, the response tokens, their
     float32 log-probabilities, exact as the sampler stored them) rather than pickled objects: a rollout of
     thousands of long responses is megabytes of tensors instead of a Python-object pickle per rank.
     """
-    if data_parallel_size() == 1:
+    if data_parallel_size(groups) == 1:
         return local
     idx = sorted(local)
     meta = torch.tensor([[i, len(local[i].response_ids), int(local[i].finished)] for i in idx],
                         dtype=torch.long, device=device).reshape(-1, 3)
     tokens = torch.tensor([t for i in idx for t in local[i].response_ids], dtype=torch.long, device=device)
     logprobs = torch.tensor([x for i in idx for x in local[i].logprobs], dtype=torch.float32, device=device)
-    metas = all_gather_dp(meta)
+    metas = all_gather_dp(meta, groups)
     lengths = [int(m[:, 1].sum()) for m in metas]  # every replica's token count, known from its meta
     out: dict[int, Generation] = {}
-    for m, tok, lp in zip(metas, all_gather_dp(tokens, lengths), all_gather_dp(logprobs, lengths)):
+    for m, tok, lp in zip(metas, all_gather_dp(tokens, groups, lengths),
+                            all_gather_dp(logprobs, groups, lengths)):
         ends = m[:, 1].cumsum(0).tolist()
         for (i, n, fin), end in zip(m.tolist(), ends):
             out[i] = Generation(list(prompts[i]), tok[end - n: end].tolist(), lp[end - n: end].tolist(), bool(fin))
@@ -208,20 +210,22 @@ def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
     ids = torch.as_tensor(list(seq_ids), dtype=torch.long, device=device)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     batches = [order[s: s + batch_size] for s in range(0, len(order), batch_size)]
-    if len(batches) < data_parallel_size():
+    groups = model_groups(model)
+    replicas = data_parallel_size(groups)
+    if len(batches) < replicas:
         log.info("%d generation batches of <= %d sequences for %d data-parallel replicas: %d replicas idle "
-                 "(a smaller batch size spreads the work)", len(batches), batch_size, data_parallel_size(),
-                 data_parallel_size() - len(batches))
+                 "(a smaller batch size spreads the work)", len(batches), batch_size, replicas,
+                 replicas - len(batches))
     results: dict[int, Generation] = {}
     was_training = model.training
     model.eval()
     try:
         with sequence_parallel_off(model):
-            for idx in progress(round_robin_dp(batches), desc=desc, unit="batch"):
+            for idx in progress(round_robin_dp(batches, groups), desc=desc, unit="batch"):
                 batch = _generate_batch(model, [prompts[i] for i in idx], params, eos_id, real_vocab_size,
                                         ids[idx], device)
                 results.update(zip(idx, batch))
     finally:
         model.train(was_training)
-    results = _gather_over_dp(results, prompts, device)
+    results = _gather_over_dp(results, prompts, device, groups)
     return [results[i] for i in range(len(prompts))]

@@ -81,12 +81,28 @@ def _nvidia_apex_present() -> bool:
 
 
 @lru_cache(maxsize=1)
+def fused_softmax_kernels_present() -> bool:
+    """megatron's fused masked-softmax CUDA extensions (built in NVIDIA's containers, absent from pip's
+    megatron-core). ``FusedScaleMaskSoftmax`` imports them unguarded when ``masked_softmax_fusion`` is on and a
+    half-precision batch has kernel-friendly shapes, so the fusion may only be asked for when they import."""
+    try:
+        importlib.import_module("scaled_masked_softmax_cuda")
+        importlib.import_module("scaled_upper_triang_masked_softmax_cuda")
+        return True
+    except Exception:
+        return False
+
+
+@lru_cache(maxsize=1)
 def detect_backend() -> Backend:
     """Import megatron-core, install the CPU shims if CUDA is absent, and describe the active path."""
     mcore = import_megatron_core()
     from caopd_megatron.runtime import cpu_compat
 
-    shims = cpu_compat.activate()
+    try:
+        shims = cpu_compat.activate()
+    except cpu_compat.CpuShimError as exc:
+        raise BackendError(str(exc)) from exc
     version = getattr(getattr(mcore, "package_info", None), "__version__", "unknown")
     return Backend(
         device="cuda" if torch.cuda.is_available() else "cpu",

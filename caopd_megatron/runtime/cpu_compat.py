@@ -27,20 +27,33 @@ Design decisions:
      the coalescing manager that the DDP buffers use for the reduce-scatter / all-gather.
 - Everything is reversible in principle but in practice applied once per process before models are built;
   ``activate()`` is idempotent and returns which shims are active so the log can say so.
+- Version-aware: the shims were written for megatron-core ``WRITTEN_FOR`` and are checked against 0.19 in CI.
+  A shim whose target is gone (module, function, or a module that no longer mentions ``"cuda"``) has nothing
+  to patch: it says so at DEBUG and stays inactive. A shim that raises stops start-up with ``CpuShimError``
+  naming the shim, the megatron-core version it was written for and the installed one.
 """
 from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import logging
 import types
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
 log = logging.getLogger(__name__)
 
 _ACTIVE: list[str] | None = None
+
+# The megatron-core release the shims were written against (each place above was read in its source).
+WRITTEN_FOR = "0.16.1"
+
+
+class CpuShimError(RuntimeError):
+    """A CPU shim failed on the installed megatron-core (the message names the shim and both versions)."""
 
 # Factory functions that take a ``device=`` keyword and that megatron-core calls with ``device="cuda"``.
 _FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange", "rand", "randn", "randint", "zeros_like",
@@ -87,6 +100,9 @@ class _CpuTorch(types.ModuleType):
         if name == "autocast":
             return lambda device_type="cpu", *a, **k: torch.autocast("cpu", *a, **k)
         return attr
+
+
+_CPU_TORCH = _CpuTorch()
 
 
 class _CpuEvent:
@@ -149,30 +165,39 @@ def _patch_torch_cuda() -> None:
     torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[assignment,method-assign]
 
 
-def _patch_megatron_rng() -> None:
-    rnd = importlib.import_module("megatron.core.tensor_parallel.random")
+def import_if_present(name: str) -> types.ModuleType | None:
+    """The module ``name``, or None if this megatron-core has no such module (a module that exists but fails
+    to import is an error for the caller, not an absence)."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name and name.startswith(exc.name):
+            return None
+        raise
+
+
+def _patch_megatron_rng() -> bool:
+    rnd = import_if_present("megatron.core.tensor_parallel.random")
+    if rnd is None or not hasattr(rnd, "_get_cuda_rng_state"):
+        return False
     rnd._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     rnd._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    return True
 
 
-def _patch_literal_cuda_modules() -> list[str]:
-    shim = _CpuTorch()
-    patched = []
-    for name in _LITERAL_CUDA_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except Exception as exc:  # a module missing in this megatron-core version is not an error
-            log.debug("cpu_compat: skip %s (%s)", name, exc)
-            continue
-        mod.torch = shim  # type: ignore[attr-defined]
-        patched.append(name[len("megatron.core."):])
-    # get_default_causal_mask is lru-cached and imported by name: clear the cache of masks built before.
-    utils = importlib.import_module("megatron.core.transformer.utils")
-    for fn_name in ("get_default_causal_mask", "get_sliding_window_causal_mask"):
-        fn = getattr(utils, fn_name, None)
-        if fn is not None and hasattr(fn, "cache_clear"):
-            fn.cache_clear()
-    return patched
+def _patch_literal_cuda_module(name: str) -> bool:
+    """Give module ``name`` a ``torch`` whose factories put "cuda" allocations on the CPU."""
+    mod = import_if_present(name)
+    if mod is None or "cuda" not in inspect.getsource(mod):
+        return False
+    mod.torch = _CPU_TORCH  # type: ignore[attr-defined]
+    if name == "megatron.core.transformer.utils":
+        # get_default_causal_mask is lru-cached and imported by name: clear the cache of masks built before.
+        for fn_name in ("get_default_causal_mask", "get_sliding_window_causal_mask"):
+            fn = getattr(mod, fn_name, None)
+            if fn is not None and hasattr(fn, "cache_clear"):
+                fn.cache_clear()
+    return True
 
 
 def _cuda_type_names(fn):
@@ -195,14 +220,67 @@ def _cuda_type_names(fn):
     return wrapper
 
 
-def _patch_type_name_checks() -> None:
-    clip_grads = importlib.import_module("megatron.core.optimizer.clip_grads")
-    optimizer = importlib.import_module("megatron.core.optimizer.optimizer")
-    distrib = importlib.import_module("megatron.core.optimizer.distrib_optimizer")
-    clip = _cuda_type_names(clip_grads.clip_grad_by_total_norm_fp32)
-    clip_grads.clip_grad_by_total_norm_fp32 = clip
-    optimizer.clip_grad_by_total_norm_fp32 = clip  # imported by name there
-    distrib.DistributedOptimizer.__init__ = _cuda_type_names(distrib.DistributedOptimizer.__init__)
+def _patch_type_name_checks() -> bool:
+    clip_grads = import_if_present("megatron.core.optimizer.clip_grads")
+    optimizer = import_if_present("megatron.core.optimizer.optimizer")
+    distrib = import_if_present("megatron.core.optimizer.distrib_optimizer")
+    patched = False
+    if clip_grads is not None and hasattr(clip_grads, "clip_grad_by_total_norm_fp32"):
+        clip = _cuda_type_names(clip_grads.clip_grad_by_total_norm_fp32)
+        clip_grads.clip_grad_by_total_norm_fp32 = clip
+        if optimizer is not None and hasattr(optimizer, "clip_grad_by_total_norm_fp32"):
+            optimizer.clip_grad_by_total_norm_fp32 = clip  # imported by name there
+        patched = True
+    if distrib is not None and hasattr(distrib, "DistributedOptimizer"):
+        distrib.DistributedOptimizer.__init__ = _cuda_type_names(distrib.DistributedOptimizer.__init__)
+        patched = True
+    return patched
+
+
+@dataclass(frozen=True)
+class Shim:
+    """One patch: ``apply()`` returns whether it found something to patch in this megatron-core."""
+
+    name: str
+    apply: Callable[[], bool]
+
+
+def _torch_cuda_shim() -> bool:
+    _patch_torch_cuda()
+    return True
+
+
+SHIMS: tuple[Shim, ...] = (
+    Shim("torch.cuda->cpu, Tensor.cuda->self", _torch_cuda_shim),
+    Shim("rng-tracker->cpu-generator", _patch_megatron_rng),
+    Shim("distrib-optimizer:type-names", _patch_type_name_checks),
+    *(Shim(f"{name[len('megatron.core.'):]}:cuda->cpu", functools.partial(_patch_literal_cuda_module, name))
+      for name in _LITERAL_CUDA_MODULES),
+)
+
+
+def megatron_version() -> str:
+    try:
+        return importlib.import_module("megatron.core").__version__
+    except (ImportError, AttributeError):
+        return "unknown"
+
+
+def apply_shims(shims: tuple[Shim, ...]) -> list[str]:
+    """Apply ``shims`` in order; returns the names of those that patched something."""
+    version, active = megatron_version(), []
+    for shim in shims:
+        try:
+            applied = shim.apply()
+        except Exception as exc:
+            raise CpuShimError(f"CPU shim '{shim.name}' (written for megatron-core {WRITTEN_FOR}) failed on "
+                               f"megatron-core {version}: {type(exc).__name__}: {exc}") from exc
+        if applied:
+            active.append(shim.name)
+        else:
+            log.debug("CPU shim '%s' (written for megatron-core %s): nothing to patch in megatron-core %s",
+                      shim.name, WRITTEN_FOR, version)
+    return active
 
 
 def activate() -> list[str]:
@@ -213,13 +291,8 @@ def activate() -> list[str]:
     if torch.cuda.is_available():
         _ACTIVE = []
         return _ACTIVE
-    _patch_torch_cuda()
-    _patch_megatron_rng()
-    modules = _patch_literal_cuda_modules()
-    _patch_type_name_checks()
-    _ACTIVE = (["torch.cuda->cpu", "Tensor.cuda->self", "rng-tracker->cpu-generator", "distrib-optimizer:type-names"]
-               + [f"{m}:cuda->cpu" for m in modules])
-    log.info("CUDA absent: megatron-core CPU shims active (%s)", ", ".join(_ACTIVE))
+    _ACTIVE = apply_shims(SHIMS)
+    log.info("CUDA absent: megatron-core %s CPU shims active (%s)", megatron_version(), ", ".join(_ACTIVE))
     return _ACTIVE
 
 

@@ -9,6 +9,8 @@ Design decisions:
   the job and step ids so two jobs sharing a node do not collide; both are logged.
 - nccl with CUDA, gloo without, unless the config names one.
 - Layout errors (world size not a multiple of TP x PP) are raised here, before megatron-core asserts.
+- ``process_groups`` hands the groups out once as a ``ProcessGroupCollection``: this is the one module that
+  reads megatron's global parallel state (checkpointing aside).
 - ``teardown`` destroys model-parallel state and the process group so tests can run several jobs in one process.
 """
 from __future__ import annotations
@@ -173,6 +175,16 @@ def initialize(parallel: ParallelConfig, seed: int) -> DistEnv:
              parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
              parallel_state.get_data_parallel_world_size(), dist.get_backend())
     return env
+
+
+def process_groups():
+    """The job's process groups as megatron-core's ``ProcessGroupCollection`` (TP, PP, DP, model-parallel,
+    embedding, ...), read once from the state ``initialize`` set up. This module is the only one that
+    consults megatron's global parallel state; everything else gets the groups passed down (models keep
+    them as ``pg_collection``)."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    return ProcessGroupCollection.use_mpu_process_groups()
 
 
 def teardown() -> None:

@@ -17,7 +17,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Iterable, TypeVar
+from typing import Any, Iterable, TypeVar
 
 T = TypeVar("T")
 
@@ -37,6 +37,15 @@ def progress(items: Iterable[T], desc: str | None = None, total: int | None = No
     from tqdm.auto import tqdm
 
     return tqdm(items, desc=desc, total=total, unit=unit, dynamic_ncols=True, leave=False, file=sys.stderr)
+
+
+def progress_bar(total: int, desc: str, unit: str = "it", enabled: bool = True) -> Any:
+    """A tqdm bar of ``total`` items on stderr that the caller ``update``s by hand; None when not ``enabled``."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr)
 
 
 def job_tag() -> str:

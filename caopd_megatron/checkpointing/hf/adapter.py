@@ -36,12 +36,13 @@ Design decisions:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Sequence, get_args
 
 import torch
 
+from caopd_megatron.checkpointing.hf.checkpoint_dir import installed_megatron_core_version
 from caopd_megatron.checkpointing.hf.safetensors_io import ConversionError
-from caopd_megatron.config.schema import ModelConfig
+from caopd_megatron.config.schema import ModelConfig, ParamsDtype
 
 # megatron-core 0.16 ``RotaryEmbedding._apply_scaling`` constants (only ``factor`` is configurable there).
 MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -135,18 +136,9 @@ def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     for key, expected in MEGATRON_LLAMA3_ROPE.items():
         if float(llama3[key]) != float(expected):
             raise UnsupportedArchitectureError(
-                f"llama3 RoPE scaling with {key}={llama3[key]}: megatron-core {_megatron_version()} hard-codes "
+                f"llama3 RoPE scaling with {key}={llama3[key]}: megatron-core {installed_megatron_core_version()} hard-codes "
                 f"{key}={expected} (only 'factor' is configurable), so this model cannot be reproduced")
     return float(theta), llama3
-
-
-def _megatron_version() -> str:
-    try:
-        from megatron.core import package_info
-
-        return package_info.__version__
-    except Exception:  # megatron-core absent or broken: the message still makes sense without the version
-        return "0.16"
 
 
 def _require(hf: dict[str, Any], key: str) -> Any:
@@ -210,7 +202,7 @@ def hf_config_to_model_config(hf: dict[str, Any], make_vocab_size_divisible_by: 
         add_qkv_bias=family.qkv_bias,
         qk_layernorm=family.qk_norm,
         init_method_std=float(hf.get("initializer_range", 0.02)),
-        params_dtype=dtype if dtype in ("float32", "bfloat16", "float16") else "float32",
+        params_dtype=dtype if dtype in get_args(ParamsDtype) else "float32",
     )
     return cfg, family
 

@@ -2,7 +2,7 @@
 
 Design decisions:
 - The exporter reads the distributed checkpoint itself, without a model, a process group or
-  megatron-core's loader: DCP's ``.metadata`` (unpickled with the allow-list of ``importer``) says which
+  megatron-core's loader: DCP's ``.metadata`` (unpickled with the allow-list of ``checkpointing.safe_pickle``) says which
   chunks of which file hold each global tensor, and each needed chunk is read with
   ``torch.load(weights_only=True)`` from its byte range. So a checkpoint written under any TP/PP layout
   (one chunk per TP rank, per layer, or per SwiGLU half) exports the same way, from one process.
@@ -48,15 +48,14 @@ from caopd_megatron.checkpointing.hf.adapter import (
     tensor_rules,
     to_hf,
 )
-from caopd_megatron.checkpointing.hf.importer import (
+from caopd_megatron.checkpointing.hf.checkpoint_dir import (
     DTYPES,
     HF_SOURCE_DIR,
     TOKENIZER_DIR,
-    _prepare_out_dir,
-    _progress_bar,
     check_checkpoint_safe,
     copy_tokenizer_files,
     load_model_config,
+    prepare_out_dir,
     read_checkpoint_info,
 )
 from caopd_megatron.checkpointing.hf.safetensors_io import (
@@ -66,6 +65,7 @@ from caopd_megatron.checkpointing.hf.safetensors_io import (
     StreamingSafetensorsWriter,
     read_json,
 )
+from caopd_megatron.runtime.progress import progress_bar
 
 
 @dataclass
@@ -228,9 +228,9 @@ def export_hf_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: st
             for rule in rules for layer in layer_indices(rule, d)
             for name, shape in zip(rule.hf_for_layer(layer), hf_shapes(rule, d))]
     out = Path(out_dir)
-    _prepare_out_dir(out, overwrite, markers=("config.json", "model.safetensors", "model.safetensors.index.json"))
+    prepare_out_dir(out, overwrite, markers=("config.json", "model.safetensors", "model.safetensors.index.json"))
     writer = StreamingSafetensorsWriter(out, plan, max_shard_size)
-    bar = _progress_bar(len(plan), f"export {family.architecture}", show_progress)
+    bar = progress_bar(len(plan), f"export {family.architecture}", unit="tensor", enabled=show_progress)
     try:
         for rule in rules:
             global_shape = reader.shape(rule.megatron_key)

@@ -25,8 +25,9 @@ import importlib
 import re
 from typing import Callable, Protocol, TypeVar, runtime_checkable
 
+from caopd_megatron.config.schema import CONFIDENCE_MARKER
+
 __all__ = [
-    "DEFAULT_CONFIDENCE_MARKER",
     "UnknownTaskError",
     "Verifier",
     "extract_answer",
@@ -34,8 +35,6 @@ __all__ = [
     "known_tasks",
     "register_task",
 ]
-
-DEFAULT_CONFIDENCE_MARKER = "Confidence:"
 
 # Modules that call register_task at import time; imported on the first registry look-up.
 _BUILTIN_TASK_MODULES: tuple[str, ...] = (
@@ -126,7 +125,7 @@ def get_verifier(task: str) -> Verifier:
         ) from None
 
 
-def extract_answer(response: str, marker: str = DEFAULT_CONFIDENCE_MARKER, *, ignore_case: bool = False) -> str:
+def extract_answer(response: str, marker: str = CONFIDENCE_MARKER, *, ignore_case: bool = False) -> str:
     """The answer part of ``response``: the text before the first ``marker``, stripped.
 
     Without a marker the whole response, stripped, is the answer.

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import random
 
+from caopd_megatron.config.schema import CONFIDENCE_MARKER
 from caopd_megatron.data.prompts import PromptRecord
-from caopd_megatron.data.tasks.base import DEFAULT_CONFIDENCE_MARKER, extract_answer, register_task
+from caopd_megatron.data.tasks.base import extract_answer, register_task
 
 __all__ = ["TASK_NAME", "digit_sum_answer", "make_digit_sum_records", "verify_digit_sum"]
 
@@ -68,7 +69,7 @@ def make_digit_sum_records(
                 question=" ".join(map(str, digits)),
                 reference=answer,
                 task=TASK_NAME,
-                demonstration=f"{answer} {DEFAULT_CONFIDENCE_MARKER} 1.0",
+                demonstration=f"{answer} {CONFIDENCE_MARKER} 1.0",
                 meta={"n_digits": n_digits},
             )
         )

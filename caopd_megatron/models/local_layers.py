@@ -1,7 +1,10 @@
-"""RMSNorm for megatron-core's local (no Transformer Engine, no apex) layer spec, with sequence parallelism.
+"""Replacements in megatron-core's local (no Transformer Engine, no apex) layer spec.
 
 Design decisions:
-- megatron-core's local norm (``WrappedTorchNorm``) refuses ``sequence_parallel``: under it a layer norm sees
+- ``GroupedRowParallelLinear``: megatron-core 0.16's ``RowParallelLinear.forward`` hands ``tp_group=None`` to
+  its matmul, which falls back to the global group with a deprecation warning; this subclass passes its own
+  (explicit) group. Nothing else changes: that matmul does not communicate (the reduction follows it).
+- ``SequenceParallelRMSNorm``: megatron-core's local norm (``WrappedTorchNorm``) refuses ``sequence_parallel``: under it a layer norm sees
   only this TP rank's slice of the sequence, so its weight gradient is partial and must be summed over TP,
   and the torch module does not carry the marker megatron looks for. TE's and apex's norms set it; this one
   is ``torch.nn.RMSNorm`` with the marker (``weight.sequence_parallel = True``), which is all
@@ -13,6 +16,16 @@ Design decisions:
 from __future__ import annotations
 
 import torch
+from megatron.core.tensor_parallel.layers import RowParallelLinear
+
+
+class GroupedRowParallelLinear(RowParallelLinear):
+    """megatron's ``RowParallelLinear`` whose matmul gets the layer's own TP group instead of ``None``."""
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        if kwargs.get("tp_group") is None:
+            kwargs["tp_group"] = self.tp_group
+        return super()._forward_impl(input, weight, *args, **kwargs)
 
 
 class SequenceParallelRMSNorm(torch.nn.RMSNorm):
