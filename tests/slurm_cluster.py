@@ -126,6 +126,14 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSu
         raise RuntimeError(f"the test Slurm did not come up; see {r}/log")
 
     def stop(self) -> None:
+        """Cancel every job first (a test that failed mid-way must not leave its job running, holding its
+        port and CPU after the daemons are gone), then stop the daemons."""
+        if self.procs:
+            self.run("scancel", "--full", f"--user={os.environ.get('USER', 'root')}", check=False)
+            for _ in range(100):
+                if not self.run("squeue", "-h", check=False).stdout.strip():
+                    break
+                time.sleep(0.2)
         for pid_file in reversed(self.procs):
             try:
                 pid = int(pid_file.read_text().split()[0])
