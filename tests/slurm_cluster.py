@@ -8,6 +8,7 @@ container. Installation: ``.ci/install_slurm.sh``. Without the binaries the test
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -129,7 +130,7 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSu
         """Cancel every job first (a test that failed mid-way must not leave its job running, holding its
         port and CPU after the daemons are gone), then stop the daemons."""
         if self.procs:
-            self.run("scancel", "--full", f"--user={os.environ.get('USER', 'root')}", check=False)
+            self.run("scancel", "--full", f"--user={pwd.getpwuid(os.getuid()).pw_name}", check=False)
             for _ in range(100):
                 if not self.run("squeue", "-h", check=False).stdout.strip():
                     break
