@@ -142,3 +142,25 @@ def test_broken_transformer_engine_is_explained(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "Transformer Engine cannot load its CUDA libraries" in proc.stderr
     assert "pip uninstall" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_phases_follow_the_checkpoint_and_stop_when_complete(tmp_path: Path) -> None:
+    """The phase loop is driven by the checkpoint: a --step behind it is refused (it would reuse the step's
+    rollout seeds), phases default to the checkpoint's step and files, the distill phase logs its step, a
+    complete run gives exit 3 to phases and exit 0 to `run` without saving its last step again."""
+    run = tmp_path / "run"
+    common = [*TINY, "distill.steps=2", "checkpoint.save_interval=1", f"run.output_dir={run}"]
+    caopd("run", *common, "run.max_steps_per_job=1")
+    behind = caopd("rollout", "--step", "0", *common, check=False)
+    assert behind.returncode == 2 and "--step 0, but the checkpoint" in behind.stderr and "at step 1" in behind.stderr
+    caopd("rollout", *common)
+    assert (run / "phases" / "step_000001.rollouts.jsonl").is_file()
+    caopd("rewrite", *common, "parallel.tensor_model_parallel_size=3")  # one task, whatever the layout
+    caopd("distill", *common)
+    assert [e["step"] for e in read_jsonl(run / "train_log.jsonl")] == [0, 1]
+    saves_before = sorted((run / "logs").glob("*.log"))
+    done = caopd("rollout", *common, check=False)
+    assert done.returncode == 3 and "training is complete" in done.stderr
+    caopd("run", *common, "logging.level=INFO")
+    newest = "".join(p.read_text() for p in set((run / "logs").glob("*.log")) - set(saves_before))
+    assert "nothing to do" in newest and "saved checkpoint" not in newest

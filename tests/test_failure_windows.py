@@ -95,10 +95,10 @@ def test_megatron_writer_helper_does_not_outlive_a_killed_job(tmp_path):
 
 
 def test_fp16_with_a_huge_lr_stops_at_the_first_non_finite_step(tmp_path):
-    """Reproduces NaN in fp16: the job exits 3 naming the step, writes no non-finite checkpoint or log value,
+    """Reproduces NaN in fp16: the job exits 4 (runtime/exit_codes.py) naming the step, writes no non-finite checkpoint or log value,
     and keeps the checkpoint it had."""
     proc = run_job(tmp_path, "model.params_dtype=float16", "optim.lr=1e4", "optim.warmup_steps=0")
-    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert proc.returncode == 4, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("caopd run: error: training diverged at step 1: non-finite"), last
     assert "Traceback" not in proc.stderr

@@ -1,9 +1,9 @@
 """``caopd``: one command line for every phase, with NeMo/Hydra-style overrides.
 
     caopd demo                                    the embedded default (tiny CaOPD job on CPU)
-    caopd rollout  -c job.yaml --step 3 --out r.jsonl [key=value ...]
-    caopd rewrite  -c job.yaml --rollouts r.jsonl --out revised.jsonl
-    caopd distill  -c job.yaml --examples revised.jsonl      (one optimizer step, checkpointed)
+    caopd rollout  -c job.yaml [--step 3] [--out r.jsonl] [key=value ...]   (step = the checkpoint's)
+    caopd rewrite  -c job.yaml [--rollouts r.jsonl] [--out revised.jsonl]     (one task, any layout)
+    caopd distill  -c job.yaml [--examples revised.jsonl]    (one optimizer step, checkpointed)
     caopd evaluate -c job.yaml [--name final]
     caopd run      -c job.yaml                                (rollout -> rewrite -> distill, N steps, resumable)
     caopd compare  --model OPD=runs/a --model CaOPD=runs/b [--prompts p.jsonl] --out report/   (one report)
@@ -13,21 +13,23 @@ Design decisions:
   launcher can run them as separate steps; ``run`` chains the same functions in one process.
 - ``caopd demo`` starts from the preset ``config/presets/demo.yaml`` shipped in the package; the user's
   ``-c`` files and overrides come after it and win.
-- Every user error (bad config key, bad file, impossible layout, missing dependency) ends as one line on
-  stderr and exit code 2, never a traceback from inside megatron-core. ``--debug`` shows the traceback.
-  A diverged step (non-finite loss or gradient norm, nothing applied or saved) exits with code 3.
+- Every user error (bad config key, bad file, impossible layout, missing dependency, a run directory in use
+  by another job) ends as one line on stderr and exit code 2, never a traceback from inside megatron-core.
+  ``--debug`` shows the traceback. A diverged step (non-finite loss or gradient norm, nothing applied or
+  saved) exits with code 4. The other exit codes are in ``runtime/exit_codes.py``.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
 
+from caopd_megatron.runtime.exit_codes import (EXIT_DIVERGED, EXIT_DONE, EXIT_INTERRUPTED, EXIT_KEYBOARD_INTERRUPT,
+                                               EXIT_NOTHING_TO_DO, EXIT_USER_ERROR, NothingLeftToDo, PhaseOrderError)
 from caopd_megatron.runtime.guard import TrainingDivergedError
 
 log = logging.getLogger("caopd")
-
-DIVERGED_STATUS = 3  # a non-finite loss or gradient norm stopped training (2: a user error, 0: success)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -42,10 +44,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from caopd_megatron.models.teacher import VocabMismatchError
     from caopd_megatron.runtime.backend import BackendError
     from caopd_megatron.runtime.distributed import LayoutError
+    from caopd_megatron.runtime.run_lock import RunLockedError
 
     errors: list[type[BaseException]] = [ConfigError, PromptDataError, RecordFileError, TokenizerError,
                                          ModelConfigError, VocabMismatchError, BackendError, LayoutError,
-                                         FileNotFoundError, CompareError, ConversionError, RunDirectoryError]
+                                         FileNotFoundError, CompareError, ConversionError, RunDirectoryError,
+                                         RunLockedError, PhaseOrderError]
     try:
         from caopd_megatron.checkpointing.checkpoint import CheckpointError
 
@@ -68,13 +72,13 @@ def _parser() -> argparse.ArgumentParser:
 
     add("demo", "run the embedded default: warm-up, OPD vs CaOPD, evaluation table and diagrams")
     sp = add("rollout", "sample K responses per prompt from the current student")
-    sp.add_argument("--step", type=int, default=0)
-    sp.add_argument("--out", required=True)
+    sp.add_argument("--step", type=int, default=None, help="must equal the checkpoint's step (the default)")
+    sp.add_argument("--out", default=None, help="default: <run_dir>/phases/step_<k>.rollouts.jsonl")
     sp = add("rewrite", "grade rollouts and rewrite confidences (CaOPD) or keep them (OPD)")
-    sp.add_argument("--rollouts", required=True)
-    sp.add_argument("--out", required=True)
+    sp.add_argument("--rollouts", default=None, help="default: <run_dir>/phases/step_<k>.rollouts.jsonl")
+    sp.add_argument("--out", default=None, help="default: <run_dir>/phases/step_<k>.revised.jsonl")
     sp = add("distill", "one distillation optimizer step on revised examples; checkpoints the result")
-    sp.add_argument("--examples", required=True)
+    sp.add_argument("--examples", default=None, help="default: <run_dir>/phases/step_<k>.revised.jsonl")
     sp = add("evaluate", "greedy evaluation with calibration metrics and a reliability diagram")
     sp.add_argument("--name", default="eval")
     add("run", "the whole loop for distill.steps steps, resumable from the latest checkpoint")
@@ -104,20 +108,36 @@ def main(argv: list[str] | None = None) -> int:
 
             handler = getattr(phases, f"cmd_{args.command}")
         cfg = load_config(configs, list(args.overrides))
-        handler(cfg, args)
-        return 0
+        from caopd_megatron.runtime.preemption import leave_together
+
+        code = handler(cfg, args) or EXIT_DONE
+        if code == EXIT_INTERRUPTED:
+            leave_together()
+        return code
     except TrainingDivergedError as exc:
         print(f"caopd {args.command}: error: {exc}", file=sys.stderr)
-        return DIVERGED_STATUS
+        return EXIT_DIVERGED
+    except NothingLeftToDo as exc:
+        print(f"caopd {args.command}: nothing to do: {exc}", file=sys.stderr)
+        leave_together()
+        return EXIT_NOTHING_TO_DO
     except _user_errors() as exc:
         if args.debug:
             raise
         print(f"caopd {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"caopd {args.command}: interrupted (second Ctrl-C); nothing saved since the last checkpoint",
+              file=sys.stderr)
+        return EXIT_KEYBOARD_INTERRUPT
     finally:
-        from caopd_megatron.runtime import distributed
+        from caopd_megatron.runtime import distributed, run_lock
 
         distributed.teardown()
+        run_lock.release_held_locks()
+        # The process ends next: keep the interpreter's final garbage-collection passes off megatron's object
+        # graph (measured: 18 s at exit on a busy 2-core machine, 1 s with the freeze).
+        gc.freeze()
 
 
 if __name__ == "__main__":

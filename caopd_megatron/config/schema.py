@@ -240,6 +240,12 @@ class RunConfig:
     # `caopd run` / `caopd distill` on a directory that already holds a run (checkpoints/ or train_log.jsonl):
     # resume it from its latest checkpoint | refuse (error) | new (write to a fresh sibling <dir>-2, -3, ...)
     existing: Literal["resume", "refuse", "new"] = "resume"
+    # `caopd run` saves and exits (code 75) at the first step boundary where the minutes since start plus the
+    # longest step so far would pass this budget; 0 = no budget. Set it below the job's --time by a save or two.
+    max_minutes_per_job: float = 0.0
+    # Signals that make `caopd run` finish its step, save, and exit with code 75 (README, "Running on Slurm").
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGINT"])
+    lock: bool = True  # refuse a second live job on the same run.output_dir (lock file caopd.lock)
 
 
 @dataclass

@@ -4,10 +4,13 @@ Design decisions:
 - Each CLI phase and the embedded default build their world through ``open_session`` so start-up checks
   (backend, layout, vocab compatibility, config validity) happen once, in one place, with clear errors.
 - The session logs which backend and fallbacks are active, and saves the resolved config in the run dir.
+- Logging is set up after the process group exists (each rank knows its rank); then rank 0 takes the run
+  directory's lock, so a second live job on the same directory stops before it touches anything.
 """
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -16,7 +19,7 @@ import torch
 
 from caopd_megatron.calibration.revise import student_prompt_text, teacher_prompt_text
 from caopd_megatron.checkpointing.run_dir import choose_run_dir
-from caopd_megatron.config.loader import save_config
+from caopd_megatron.config.loader import save_config, to_yaml
 from caopd_megatron.config.schema import CaOPDConfig, ModelConfig
 from caopd_megatron.data.prompts import PromptRecord, load_prompts
 from caopd_megatron.data.row_checks import Render, check_prompt_rows
@@ -28,7 +31,8 @@ from caopd_megatron.models.teacher import check_vocab_compatible, copy_weights, 
 from caopd_megatron.parallel.data_parallel import unwrap, wrap_student
 from caopd_megatron.runtime import distributed
 from caopd_megatron.runtime.backend import Backend, detect_backend
-from caopd_megatron.runtime.progress import set_progress, setup_logging
+from caopd_megatron.runtime.progress import record_job, set_progress, setup_logging
+from caopd_megatron.runtime.run_lock import acquire_run_lock
 
 log = logging.getLogger(__name__)
 
@@ -43,36 +47,48 @@ class Session:
     groups: Any  # megatron-core ProcessGroupCollection: built once here, passed to the models
 
 
-def open_session(cfg: CaOPDConfig, run_dir: str | Path | None = None, existing: str | None = None) -> Session:
-    """``existing``: what a training job does with a directory that already holds a run (``run.existing``);
+def open_session(cfg: CaOPDConfig, run_dir: str | Path | None = None, parallel: bool = True,
+                 existing: str | None = None) -> Session:
+    """Start-up checks, process groups (unless ``parallel`` is False: a single-task phase such as ``rewrite``,
+    which needs no model and runs under any layout), logging, the run-directory lock, tokenizer.
+
+    ``existing``: what a training job does with a directory that already holds a run (``run.existing``);
     None for phases that only read it (rollout, rewrite, evaluate)."""
     run_dir = Path(run_dir or cfg.run.output_dir)
-    setup_logging(cfg.logging.level, None)  # the console only, until the run directory is settled
+    env = distributed.read_env()
+    setup_logging(cfg.logging.level, None, env.rank)  # console only until the process group exists
     set_progress(cfg.logging.progress)
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
     backend = detect_backend()
-    log.info("backend: %s", backend.describe())
-    # Both models' own numbers first (the teacher shares the student's layout), then the world size.
-    distributed.check_layout(None, cfg.parallel, cfg.model.num_layers, cfg.model.num_attention_heads,
-                             cfg.model.num_query_groups)
-    if cfg.teacher.mode == "separate" and cfg.teacher.model is not None:
-        t = cfg.teacher.model
-        distributed.check_layout(None, cfg.parallel, t.num_layers, t.num_attention_heads, t.num_query_groups,
-                                 what="teacher.model")
-    distributed.check_layout(distributed.read_env().world_size, cfg.parallel, cfg.model.num_layers,
-                             cfg.model.num_attention_heads, cfg.model.num_query_groups)
-    distributed.initialize(cfg.parallel, cfg.run.seed)
-    groups = distributed.process_groups()
-    if existing is not None:
+    if parallel:
+        # Both models' own numbers first (the teacher shares the student's layout), then the world size.
+        distributed.check_layout(None, cfg.parallel, cfg.model.num_layers, cfg.model.num_attention_heads,
+                                 cfg.model.num_query_groups)
+        if cfg.teacher.mode == "separate" and cfg.teacher.model is not None:
+            t = cfg.teacher.model
+            distributed.check_layout(None, cfg.parallel, t.num_layers, t.num_attention_heads, t.num_query_groups,
+                                     what="teacher.model")
+        distributed.check_layout(env.world_size, cfg.parallel, cfg.model.num_layers,
+                                 cfg.model.num_attention_heads, cfg.model.num_query_groups)
+        env = distributed.initialize(cfg.parallel, cfg.run.seed)
+    groups = distributed.process_groups() if parallel else None
+    if existing is not None:  # resume | refuse | a fresh sibling directory (checkpointing/run_dir.py)
         run_dir = choose_run_dir(run_dir, existing)
         cfg = replace(cfg, run=replace(cfg.run, output_dir=str(run_dir)))
-    setup_logging(cfg.logging.level, run_dir if distributed.is_main_rank() else None)
+    log_file = setup_logging(cfg.logging.level, run_dir, distributed.current_rank())
+    if cfg.run.lock:
+        acquire_run_lock(run_dir, " ".join([Path(sys.argv[0]).name, *sys.argv[1:2]]))
+    log.info("backend: %s", backend.describe())
+    if env.rendezvous:
+        log.info("rendezvous: %s", env.rendezvous)
     tokenizer = TextTokenizer.from_file(cfg.model.tokenizer) if cfg.model.tokenizer else build_synthetic_tokenizer()
     vocab = resolve_vocab(cfg.model, tokenizer.vocab_size, cfg.parallel.tensor_model_parallel_size)
     if distributed.is_main_rank():
         save_config(cfg, run_dir / "config.yaml")
+        record_job(run_dir, to_yaml(cfg))
         tokenizer.save(run_dir / "tokenizer")
+        log.info("job log %s; resolved config and launch environment recorded beside it", log_file)
     log.info("tokenizer: %d tokens (padded vocab %d)", vocab.real, vocab.padded)
     return Session(cfg, backend, tokenizer, vocab, run_dir, groups)
 

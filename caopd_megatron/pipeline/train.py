@@ -95,6 +95,15 @@ class StepLog:
     confidence_teacher_tail: Optional[float] = None
     confidence_advantage_sd: Optional[float] = None
 
+    @classmethod
+    def of(cls, step: int, stats, examples: list[DistillExample]) -> "StepLog":
+        """The log entry of a step from its distillation statistics and its revised examples."""
+        n = max(1, len(examples))
+        return cls(step=step, loss=stats.loss, grad_norm=stats.grad_norm, lr=stats.lr,
+                   accuracy=sum(e.correct for e in examples) / n,
+                   stated_confidence=sum((e.stated_confidence or 0.0) for e in examples) / n,
+                   empirical_confidence=sum(e.empirical_confidence for e in examples) / n, **stats.diagnostics)
+
 
 # (student, the step's revised examples, number of rows) -> the replay rows, as data (``SupervisedRows``) so
 # that the pipeline-parallel step can schedule them; the distillation step computes their loss.
@@ -156,12 +165,7 @@ class Trainer:
                                  self.tok.pad_id, self.real_vocab, extra_loss=extra, diagnostics=self.diagnostics)
         if cfg.teacher.mode == "ema":
             ema_update(self.teacher, self.student, cfg.teacher.ema_rate)
-        n = max(1, len(examples))
-        entry = StepLog(
-            step=self.step, loss=stats.loss, grad_norm=stats.grad_norm, lr=stats.lr,
-            accuracy=sum(e.correct for e in examples) / n,
-            stated_confidence=sum((e.stated_confidence or 0.0) for e in examples) / n,
-            empirical_confidence=sum(e.empirical_confidence for e in examples) / n, **stats.diagnostics)
+        entry = StepLog.of(self.step, stats, examples)
         self.step += 1
         self.history.append(entry)
         warning = self.collapse.observe(entry.step, entry.loss, entry.grad_norm)

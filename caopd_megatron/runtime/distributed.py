@@ -4,6 +4,9 @@ Design decisions:
 - One entry point, ``initialize``, reads the launcher's environment: torchrun (RANK/WORLD_SIZE/LOCAL_RANK),
   Slurm (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID), or neither (a single process, e.g. the laptop demo).
   MASTER_ADDR/MASTER_PORT come from the environment; a single process without them uses a free local port.
+- Under Slurm without MASTER_ADDR/MASTER_PORT: the head node is the first host of the step's nodelist (the
+  compact form is expanded here, no ``scontrol`` needed) resolved to an address, and the port is derived from
+  the job and step ids so two jobs sharing a node do not collide; both are logged.
 - nccl with CUDA, gloo without, unless the config names one.
 - Layout errors (world size not a multiple of TP x PP) are raised here, before megatron-core asserts.
 - ``process_groups`` hands the groups out once as a ``ProcessGroupCollection``: this is the one module that
@@ -14,9 +17,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -36,6 +40,7 @@ class DistEnv:
     world_size: int
     local_rank: int
     launcher: str  # torchrun | slurm | single
+    rendezvous: str = ""  # where the process group met (address, port and where they came from), for the log
 
 
 def read_env() -> DistEnv:
@@ -45,6 +50,67 @@ def read_env() -> DistEnv:
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)), "slurm")
     return DistEnv(0, 1, 0, "single")
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    addr: str
+    port: int
+    origin: str  # where the two came from, for the log
+
+
+# Derived ports: PORT_BASE + (job id % PORT_JOBS) * PORT_STEPS + (step id % PORT_STEPS), below Linux's
+# ephemeral range (32768+) so an outgoing connection cannot already hold one.
+PORT_BASE, PORT_JOBS, PORT_STEPS = 20000, 750, 16
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Slurm's compact host list -> host names: ``gpu[001-003,7],login1`` -> gpu001 gpu002 gpu003 gpu7 login1.
+
+    Zero padding follows the range's first bound, as ``scontrol show hostnames`` does. Nested brackets in one
+    name (``rack[1-2]-n[1-2]``) are expanded as a product.
+    """
+    hosts: list[str] = []
+    for item in re.findall(r"(?:[^,\[]+|\[[^\]]*\])+", nodelist):
+        names = [""]
+        for literal, ranges in re.findall(r"([^\[]*)(?:\[([^\]]*)\])?", item):
+            parts = [literal]
+            if ranges:
+                parts = []
+                for r in ranges.split(","):
+                    lo, _, hi = r.partition("-")
+                    parts += [f"{literal}{i:0{len(lo)}d}" for i in range(int(lo), int(hi or lo) + 1)]
+            names = [n + p for n in names for p in parts]
+        hosts += [n for n in names if n]
+    return hosts
+
+
+def derived_port(job_id: int, step_id: int) -> int:
+    return PORT_BASE + (job_id % PORT_JOBS) * PORT_STEPS + step_id % PORT_STEPS
+
+
+def slurm_rendezvous(env: dict[str, str]) -> Rendezvous:
+    """Head node address and port for a Slurm step; MASTER_ADDR / MASTER_PORT, when set, win."""
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", "")
+    if "MASTER_ADDR" in env:
+        addr, addr_origin = env["MASTER_ADDR"], "MASTER_ADDR"
+    else:
+        hosts = expand_nodelist(nodelist)
+        if not hosts:
+            raise LayoutError("Slurm launch without MASTER_ADDR and without SLURM_STEP_NODELIST/SLURM_JOB_NODELIST")
+        try:
+            addr = socket.gethostbyname(hosts[0])
+        except OSError:
+            addr = hosts[0]
+        addr_origin = f"head node {hosts[0]} of {nodelist}"
+    if "MASTER_PORT" in env:
+        port, port_origin = int(env["MASTER_PORT"]), "MASTER_PORT"
+    else:
+        job_text, step_text = env.get("SLURM_JOB_ID", ""), env.get("SLURM_STEP_ID", "")
+        job = int(job_text) if job_text.isdigit() else 0
+        step = int(step_text) if step_text.isdigit() else 0  # the batch step has none
+        port, port_origin = derived_port(job, step), f"derived from job {job} step {step}"
+    return Rendezvous(addr, port, f"{addr_origin}; port {port_origin}")
 
 
 def _free_port() -> int:
@@ -88,6 +154,10 @@ def initialize(parallel: ParallelConfig, seed: int) -> DistEnv:
             # A private rendezvous on a free local port, not written into os.environ: child processes (a test
             # launching `caopd` in a subprocess, say) must not inherit a port this process already listens on.
             init_method = f"tcp://127.0.0.1:{_free_port()}"
+        elif env.launcher == "slurm":
+            rdv = slurm_rendezvous(dict(os.environ))
+            env = replace(env, rendezvous=f"MASTER_ADDR={rdv.addr} MASTER_PORT={rdv.port} ({rdv.origin})")
+            init_method = f"tcp://{rdv.addr}:{rdv.port}"
         elif "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
             raise LayoutError(f"{env.launcher} launch with {env.world_size} ranks needs MASTER_ADDR and MASTER_PORT")
         if torch.cuda.is_available():
@@ -126,5 +196,10 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+def current_rank() -> int:
+    """The rank in the process group, or, before it exists (or in a single-task phase), the launcher's."""
+    return dist.get_rank() if dist.is_initialized() else read_env().rank
+
+
 def is_main_rank() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+    return current_rank() == 0
