@@ -1,6 +1,6 @@
 """Micro-batch forward/backward on megatron-core's schedules, for every layout, and the teacher's forward pass.
 
-Design decisions (long form: ``parallel/design.md``):
+Design decisions (long form: ``docs/design.md``):
 - One path: ``get_forward_backward_func`` over the model's process groups: the no-pipelining loop at PP = 1
   (one process, TP, DP, SP), 1F1B at PP > 1. We supply only the forward-step function.
 - ``post_fn`` returns a micro-batch's contribution to the *step* loss, already weighted by global counts.

@@ -1,6 +1,6 @@
 """The one training step of every layout: distillation (plus optional replay) and the supervised warm-up.
 
-Design decisions (long form: ``parallel/design.md``):
+Design decisions (long form: ``docs/design.md``):
 - One body for one process, TP, PP, DP, SP and their products: packed micro-batches of this DP rank's slice
   go through megatron's schedule (``distill/schedule.py``); the teacher runs first, forward-only, keeping
   its final hidden states at response positions; ``response_divergence`` is the one loss entry point and

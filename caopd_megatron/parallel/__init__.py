@@ -1,6 +1,6 @@
 """Process-group plumbing under the training step: DDP, the distributed optimizer, decoding, shard utilities.
 
-Design decisions (the full note is ``design.md`` beside this file):
+Design decisions (the full note is ``docs/design.md``):
 - Every function takes the job's process groups (megatron's ``ProcessGroupCollection``, built once by
   ``runtime.distributed.process_groups``), mostly through the model that was built with them
   (``data_parallel.model_groups``); nothing here reads megatron's global parallel state.

@@ -1,6 +1,6 @@
 """Data-parallel gradient reduction (megatron-core DDP) and the DP / PP helpers, all over explicit groups.
 
-Design decisions (long form: ``design.md``, "Data parallelism", "Overlapped gradient reduction"):
+Design decisions (long form: ``docs/design.md``, "Data parallelism", "Overlapped gradient reduction"):
 - Every helper takes the job's ``ProcessGroupCollection`` (``model_groups(model)``: the groups the model was
   built with); nothing reads megatron's global parallel state.
 - ``needs_ddp``: PP > 1, DP > 1, or TP-partial gradients (norms under SP, QK norms) need megatron's DDP and

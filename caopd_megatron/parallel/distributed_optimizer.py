@@ -1,7 +1,7 @@
 """megatron-core's ``DistributedOptimizer`` (Adam state and fp32 main weights sharded over DP) behind the
 step's ``TrainingOptimizer`` protocol (``distill/optim.py``), the LR schedule and the checkpoints.
 
-Design decisions (long form: ``design.md``, "Distributed optimizer"):
+Design decisions (long form: ``docs/design.md``, "Distributed optimizer"):
 - Built by megatron's ``get_megatron_optimizer`` over the model's process groups for a student wrapped with
   ``use_distributed_optimizer=True``; ``OptimConfig`` maps one to one (AdamW, decoupled weight decay on every
   parameter: ``config_overrides={}``); 16-bit models get fp32 main weights, fp16 a constant loss scale of 1.
