@@ -51,8 +51,9 @@ FINAL_DIR = "final"
 
 
 def completed_steps(s: Session) -> int:
-    """Optimizer steps the run directory's latest checkpoint holds (0 without one or with resume off)."""
-    latest = ckpt.latest_checkpoint(s.run_dir) if s.cfg.checkpoint.resume else None
+    """Optimizer steps the run directory's latest checkpoint holds (0 without one). ``run.existing`` has
+    already chosen the directory (``open_session``): a ``new`` run starts in an empty one."""
+    latest = ckpt.latest_checkpoint(s.run_dir)
     return 0 if latest is None else int(latest.name.removeprefix("step_"))
 
 

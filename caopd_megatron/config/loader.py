@@ -200,10 +200,11 @@ def _typed(cls: type, tree: dict, prefix: str = "") -> Any:
 
 
 def _typed_tree(cls: type, node: Any, source: str) -> Any:
-    """``_typed`` of an OmegaConf node; a bad choice names its ``source`` (a file or an override)."""
+    """``_typed`` of an OmegaConf node; a bad choice, or a section's own value check (``__post_init__``, e.g.
+    DistillConfig's), names its ``source`` (a file or an override)."""
     try:
         return _typed(cls, OmegaConf.to_container(node, resolve=True))
-    except ConfigError as exc:
+    except ValueError as exc:  # ConfigError included
         raise ConfigError(f"{source}: {exc}") from None
 
 
@@ -213,12 +214,7 @@ def load_config(files: Iterable[str | Path] = (), overrides: Sequence[str] = ())
     for path in files:
         cfg = _merge_yaml(cfg, Path(path))
     cfg = _apply_overrides(cfg, list(overrides))
-    try:
-        obj = _typed_tree(CaOPDConfig, cfg, source="config")
-    except ConfigError:
-        raise
-    except ValueError as exc:  # a section's own value check (``__post_init__``), e.g. DistillConfig's
-        raise ConfigError(str(exc)) from None
+    obj = _typed_tree(CaOPDConfig, cfg, source="config")
     for problem in out_of_range(obj):  # value ranges: config/validate.py
         raise ConfigError(problem)
     return obj
