@@ -62,7 +62,9 @@ def build_pair(vocab: int, folder: Path):
     summary = import_hf_checkpoint(folder / "hf", folder / "ckpt", show_progress=False, overwrite=True)
     cfg = load_model_config(summary.out_dir)
     vocab_info = resolve_vocab(cfg, cfg.vocab_size, 1)
-    ours = build_gpt_model(cfg, ParallelConfig(), vocab_info, detect_backend())
+    from caopd_megatron.runtime.distributed import process_groups
+
+    ours = build_gpt_model(cfg, ParallelConfig(), vocab_info, detect_backend(), process_groups())
     load_megatron_checkpoint(summary.out_dir, ours)
     return hf, ours.eval(), vocab_info.real
 

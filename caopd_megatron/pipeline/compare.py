@@ -118,9 +118,9 @@ def _load(src: ModelSource, s: Session, work_dir: Path) -> tuple[torch.nn.Module
             raise CompareError(f"model {src.name}: {path} has no tokenizer/ folder")
         tokenizer = TextTokenizer.from_file(model_cfg.tokenizer)
     vocab = resolve_vocab(model_cfg, tokenizer.vocab_size, s.cfg.parallel.tensor_model_parallel_size)
-    model = build_gpt_model(model_cfg, s.cfg.parallel, vocab, s.backend)
+    model = build_gpt_model(model_cfg, s.cfg.parallel, vocab, s.backend, s.groups)
     if src.kind == RUN:
-        ckpt.load_checkpoint(src.path, student=model, restore_rng=False)
+        ckpt.load_checkpoint(src.path, student=model, restore_rng=False, pg_collection=s.groups)
     else:
         load_megatron_checkpoint(path, model)
     model.eval()
