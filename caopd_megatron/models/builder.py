@@ -162,7 +162,9 @@ def layer_spec(model: ModelConfig, backend: Backend, config):
         return spec
     layer = spec.submodules
     layer.self_attention.submodules.core_attention = GroupedSlotAttention
-    layer.self_attention.submodules.linear_proj = layer.mlp.submodules.linear_fc2 = GroupedRowParallelLinear
+    # megatron-core 0.16 holds the MLP as a ModuleSpec, newer releases as a partial with its submodules keyword.
+    mlp = layer.mlp.submodules if hasattr(layer.mlp, "submodules") else layer.mlp.keywords["submodules"]
+    layer.self_attention.submodules.linear_proj = mlp.linear_fc2 = GroupedRowParallelLinear
     if not config.sequence_parallel:
         return spec
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
