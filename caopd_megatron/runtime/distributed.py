@@ -109,7 +109,12 @@ def slurm_rendezvous(env: dict[str, str]) -> Rendezvous:
         job_text, step_text = env.get("SLURM_JOB_ID", ""), env.get("SLURM_STEP_ID", "")
         job = int(job_text) if job_text.isdigit() else 0
         step = int(step_text) if step_text.isdigit() else 0  # the batch step has none
-        port, port_origin = derived_port(job, step), f"derived from job {job} step {step}"
+        restart_text = env.get("SLURM_RESTART_COUNT", "")
+        restart = int(restart_text) if restart_text.isdigit() else 0
+        # A requeued attempt keeps its job id: the restart count moves it off the port its predecessor may
+        # still hold while that attempt's processes exit.
+        port = derived_port(job, step + restart)
+        port_origin = f"derived from job {job} step {step}" + (f" restart {restart}" if restart else "")
     return Rendezvous(addr, port, f"{addr_origin}; port {port_origin}")
 
 
