@@ -258,7 +258,7 @@ def test_every_example_config_loads(path):
 def test_demo_preset_is_the_defaults_plus_its_two_choices():
     preset = load_config([preset_path("demo")])
     expected = CaOPDConfig()
-    expected.teacher.mode = "frozen"
+    expected.teacher.replay_fraction = 0.25
     expected.distill.grad_clip = 0.0
     assert preset == expected
 

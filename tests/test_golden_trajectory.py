@@ -1,7 +1,7 @@
 """Golden trajectory: a reduced embedded default must reproduce, bit for bit on CPU, the stored run.
 
-Two variants cover the step's branches: the `caopd demo` preset (frozen teacher, unfused reverse KL, no
-clipping) and the paper's teacher (EMA with teacher-format replay, fused chunked JSD, clipping at 1). For
+Two variants cover the step's branches: the `caopd demo` preset (the paper's EMA teacher with teacher-format
+replay, unfused reverse KL, no clipping) and a frozen teacher without replay (fused chunked JSD, clipping at 1). For
 each, the warm-up losses, every OPD and CaOPD training-log row (loss, grad norm, lr, rollout accuracy and
 confidences) and the final evaluation summary are compared with `tests/assets/golden_demo.json`.
 
@@ -30,7 +30,7 @@ ASSET = Path(__file__).resolve().parent / "assets" / "golden_demo.json"
 COMMON = [*TINY, "warmup.steps=30", "warmup.batch_size=32", "distill.steps=4"]
 VARIANTS = {
     "demo_preset": [],
-    "ema_replay_fused_jsd": ["teacher.mode=ema", "teacher.replay_fraction=0.25", "distill.fused=true",
+    "frozen_fused_jsd": ["teacher.mode=frozen", "teacher.replay_fraction=0", "distill.fused=true",
                              "distill.chunk_size=3", "distill.loss=jsd", "distill.beta=0.5", "distill.grad_clip=1.0"],
 }
 
