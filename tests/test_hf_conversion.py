@@ -49,6 +49,11 @@ FAMILIES = {
                   kwargs=dict(max_position_embeddings=512, tie_word_embeddings=True, rope_theta=1000000.0)),
     "qwen3": dict(cls="Qwen3ForCausalLM", cfg="Qwen3Config", shard="150KB",
                   kwargs=dict(max_position_embeddings=512, tie_word_embeddings=False, rope_theta=1000000.0, head_dim=24)),
+    # Post-sublayer norms, QK norm over the whole projection, sliding-window layers (window 4 < the 12 tokens)
+    "olmo3": dict(cls="Olmo3ForCausalLM", cfg="Olmo3Config", shard="150KB",
+                  kwargs=dict(max_position_embeddings=512, tie_word_embeddings=False, rope_theta=500000.0,
+                              sliding_window=4, layer_types=["sliding_attention", "full_attention",
+                                                             "sliding_attention", "sliding_attention"])),
 }
 TOKENS = torch.tensor([[5, 17, 42, 299, 7, 128, 64, 3, 250, 11, 90, 1],
                        [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 100, 200]])
