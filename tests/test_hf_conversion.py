@@ -1,4 +1,4 @@
-"""Checks ``checkpointing/hf``: HF Llama/Qwen2/Qwen3 <-> megatron-core checkpoints, in both directions.
+"""Checks ``checkpointing/hf``: HF Llama/Mistral/Qwen2/Qwen3/OLMo-3 <-> megatron-core checkpoints, in both directions.
 
 References (no downloads: tiny random-init HF models built from configs, every weight - norms included -
 redrawn so a swapped or mis-laid tensor cannot hide behind an init value):
@@ -10,8 +10,10 @@ redrawn so a swapped or mis-laid tensor cannot hide behind an init value):
 - greedy generation: the exported folder under ``transformers.generate`` against the project's own
   rollout sampler (``rollout.sampler.generate``, temperature 0) on the imported checkpoint;
 - the families cover: GQA (4 heads / 2 groups), Llama-3 rope scaling (Llama), QKV bias + tied embeddings +
-  single-file safetensors (Qwen2), QK norm + head_dim != hidden/heads (Qwen3), sharded safetensors with
-  an index (Llama, Qwen3), and a real vocabulary (300) padded differently under TP 1 (384) and 2 (512);
+  single-file safetensors (Qwen2), QK norm + head_dim != hidden/heads (Qwen3), post-sublayer norms + QK
+  norm over the whole projection + sliding-window layers shorter than the test sequences (OLMo-3),
+  sharded safetensors with an index (Llama, Qwen3, OLMo-3), and a real vocabulary (300) padded differently
+  under TP 1 (384) and 2 (512);
 - errors: unsupported architecture, missing/corrupt files, shape mismatches (tensor and both shapes
   named), unsupported rope parameters, and a checkpoint whose pickled metadata references code.
 """

@@ -6,16 +6,22 @@ how every HF tensor name and layout maps onto a megatron-core distributed-checkp
 
 Design decisions:
 - Supported: ``LlamaForCausalLM``, ``MistralForCausalLM`` (the Llama layout under its own config keys:
-  ``sliding_window``, no bias switches), ``Qwen2ForCausalLM`` (QKV bias) and ``Qwen3ForCausalLM`` (per-head
-  QK RMSNorm). They differ only in two switches (``qkv_bias``, ``qk_norm``); the rest is shared. A Mistral
-  ``sliding_window`` shorter than ``max_position_embeddings`` is refused (the megatron model attends over
-  the whole context); a window at least that long is full attention. Nothing in a ``ModelConfig`` tells
+  ``sliding_window``, no bias switches), ``Qwen2ForCausalLM`` (QKV bias), ``Qwen3ForCausalLM`` (per-head
+  QK RMSNorm) and ``Olmo3ForCausalLM`` (post-sublayer norms, QK RMSNorm over the whole projection,
+  sliding-window layers). A ``Family`` is the ``ModelConfig`` switches it fixes; the rest is shared. A
+  Mistral ``sliding_window`` shorter than ``max_position_embeddings`` is refused (its layers attend over the
+  whole context here); a window at least that long is full attention. Nothing in a ``ModelConfig`` tells
   Mistral from Llama, so a checkpoint trained from scratch exports as Llama; an imported Mistral keeps its
-  recorded architecture. Anything
-  else is refused by name with the supported list, and so is any config switch the megatron model built
-  by ``models/builder.py`` cannot reproduce (o_proj/MLP biases, sliding-window layers, non-SiLU
-  activations, partial rotary, RoPE types other than default and llama3) - a silently different model
-  is worse than an error.
+  recorded architecture. Anything else is refused by name with the supported list, and so is any config
+  switch the megatron model built by ``models/builder.py`` cannot reproduce (o_proj/MLP biases, sliding
+  windows outside OLMo-3, non-SiLU activations, partial rotary, RoPE types other than default and llama3,
+  OLMo-3 RoPE parameters that differ between layer types) - a silently different model is worse than an
+  error.
+- OLMo-3 names: HF's ``post_attention_layernorm`` is a real post-attention norm there (in Llama it is the
+  pre-MLP norm), so it maps to ``post_self_attn_layernorm``; its q/k norm weights are ``[heads * head_dim]``
+  / ``[kv_heads * head_dim]`` in HF's head order, which is megatron's, so they copy unchanged (TP shards are
+  contiguous runs of heads). RoPE is one parameter set per layer type there; export writes the same set
+  for both.
 - Keys are megatron-core's *distributed-checkpoint* keys (``decoder.layers.self_attention.linear_qkv.weight``
   with a leading layer axis of size ``num_layers``), not module names. These keys are layout-free: a
   tensor's global shape does not depend on TP or PP, which is why one checkpoint loads under any layout.
