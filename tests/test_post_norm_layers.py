@@ -52,7 +52,6 @@ def test_outside_window_of_a_slot_cache_prefix_mask():
 
 # ---------------------------------------------------------------------------------------------- config keys
 @pytest.mark.parametrize("changes, message", [
-    (dict(qk_layernorm=False, qk_norm_scope="projection"), "qk_norm_scope=projection needs model.qk_layernorm"),
     (dict(sliding_window=0), "sliding_window must be >= 1"),
     (dict(num_layers=3, layer_types=["full_attention"] * 2), "layer_types has 2 entries; model.num_layers=3"),
     (dict(num_layers=1, layer_types=["local"], sliding_window=4), "'local' is not one of"),

@@ -56,7 +56,7 @@ class ModelConfig:
     add_qkv_bias: bool = False  # Qwen2
     qk_layernorm: bool = False  # RMSNorm on q and k before RoPE (Qwen3, OLMo-3)
     # head: one RMSNorm over each head's head_dim features (Qwen3); projection: one over all heads' features
-    # of the q (k) projection (OLMo-2/3), its mean square summed over the TP group
+    # of the q (k) projection (OLMo-2/3), its mean square summed over the TP group; moot without qk_layernorm
     qk_norm_scope: Literal["head", "projection"] = "head"
     # pre: h + f(norm(h)) (Llama, Qwen); post: h + norm(f(h)) after attention and MLP, no input norms (OLMo-2/3)
     norm_placement: Literal["pre", "post"] = "pre"
@@ -82,8 +82,6 @@ class ModelConfig:
     checkpoint: Optional[str] = None  # initial weights (a caopd checkpoint directory)
 
     def __post_init__(self) -> None:
-        if self.qk_norm_scope == "projection" and not self.qk_layernorm:
-            raise ValueError("model.qk_norm_scope=projection needs model.qk_layernorm=true")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"model.sliding_window must be >= 1, got {self.sliding_window}")
         if self.layer_types is None:
@@ -96,6 +94,10 @@ class ModelConfig:
                              f"{', '.join(map(repr, get_args(LayerType)))}")
         if "sliding_attention" in self.layer_types and self.sliding_window is None:
             raise ValueError("model.layer_types has sliding_attention layers but model.sliding_window is not set")
+
+    def qk_norm_over_projection(self) -> bool:
+        """Is there a QK norm, over all heads of each projection (OLMo-2/3)?"""
+        return self.qk_layernorm and self.qk_norm_scope == "projection"
 
     def sliding_layers(self) -> list[bool]:
         """Per layer (first to last): does it attend over a sliding window?"""

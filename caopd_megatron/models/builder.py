@@ -88,7 +88,7 @@ def local_only_features(model: ModelConfig) -> list[str]:
     features = []
     if model.norm_placement == "post":
         features.append("model.norm_placement=post")
-    if model.qk_layernorm and model.qk_norm_scope == "projection":
+    if model.qk_norm_over_projection():
         features.append("model.qk_norm_scope=projection")
     if any(model.sliding_layers()):
         features.append(f"model.sliding_window={model.sliding_window}")
@@ -122,8 +122,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, backend: Ba
     if model.num_attention_heads % groups:
         raise ModelConfigError(f"model.num_attention_heads={model.num_attention_heads} is not divisible by "
                                f"model.num_query_groups={groups}")
-    if (model.qk_layernorm and model.qk_norm_scope == "projection"
-            and groups % parallel.tensor_model_parallel_size):
+    if model.qk_norm_over_projection() and groups % parallel.tensor_model_parallel_size:
         raise ModelConfigError(f"model.qk_norm_scope=projection needs parallel.tensor_model_parallel_size="
                                f"{parallel.tensor_model_parallel_size} to divide the key/value heads ({groups})")
     on_gpu = backend.device == "cuda"
@@ -190,7 +189,7 @@ def layer_spec(model: ModelConfig, backend: Backend, config):
     )
 
     te = use_transformer_engine(model, backend)
-    projection_qk_norm = model.qk_layernorm and model.qk_norm_scope == "projection"
+    projection_qk_norm = model.qk_norm_over_projection()
     per_head_qk_norm = model.qk_layernorm and not projection_qk_norm
     if te:
         spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=per_head_qk_norm)

@@ -102,11 +102,17 @@ def family_by_name(architecture: str) -> Family:
             f"unsupported architecture {architecture!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}") from None
 
 
+def config_switches(model_cfg: ModelConfig) -> dict[str, Any]:
+    """The family-deciding switches of a ``ModelConfig`` (the scope of an absent QK norm reads as ``head``)."""
+    switches = {key: getattr(model_cfg, key) for key in FAMILIES["LlamaForCausalLM"].switches()}
+    if not model_cfg.qk_layernorm:
+        switches["qk_norm_scope"] = "head"
+    return switches
+
+
 def infer_family(model_cfg: ModelConfig) -> Family:
     """The family whose switches match a ``ModelConfig`` (for checkpoints trained without an HF source)."""
-    wanted = {key: getattr(model_cfg, key) for key in FAMILIES["LlamaForCausalLM"].switches()}
-    if not model_cfg.qk_layernorm:
-        wanted["qk_norm_scope"] = "head"  # the scope of an absent QK norm does not matter
+    wanted = config_switches(model_cfg)
     for name in ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Olmo3ForCausalLM"):
         if FAMILIES[name].switches() == wanted:
             return FAMILIES[name]
@@ -116,9 +122,7 @@ def infer_family(model_cfg: ModelConfig) -> Family:
 
 
 def check_family_matches(family: Family, model_cfg: ModelConfig) -> None:
-    have = {key: getattr(model_cfg, key) for key in family.switches()}
-    if not model_cfg.qk_layernorm:
-        have["qk_norm_scope"] = "head"
+    have = config_switches(model_cfg)
     if have != family.switches():
         expected = ", ".join(f"{key}={value}" for key, value in family.switches().items())
         found = ", ".join(f"{key}={value}" for key, value in have.items())
@@ -364,7 +368,7 @@ class Dims:
                    groups=cfg.num_query_groups or cfg.num_attention_heads,
                    head_dim=cfg.kv_channels or cfg.hidden_size // cfg.num_attention_heads,
                    ffn=cfg.ffn_hidden_size or 4 * cfg.hidden_size, layers=cfg.num_layers, vocab=cfg.vocab_size,
-                   qk_norm_over_projection=cfg.qk_layernorm and cfg.qk_norm_scope == "projection")
+                   qk_norm_over_projection=cfg.qk_norm_over_projection())
 
     @property
     def q_per_group(self) -> int:
