@@ -112,7 +112,7 @@ def converted(tmp_path_factory, runtime):  # noqa: F811
     return out
 
 
-def build_from_checkpoint(ckpt: Path, tp: int = 1, pp: int = 1):
+def build_from_checkpoint(ckpt: Path, tp: int = 1, pp: int = 1, sequence_parallel: bool = False):
     from caopd_megatron.checkpointing.hf import load_megatron_checkpoint, load_model_config
     from caopd_megatron.config.schema import ParallelConfig
     from caopd_megatron.models.builder import build_gpt_model, resolve_vocab
@@ -120,7 +120,8 @@ def build_from_checkpoint(ckpt: Path, tp: int = 1, pp: int = 1):
     from caopd_megatron.runtime.distributed import process_groups
 
     cfg = load_model_config(ckpt)
-    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                              sequence_parallel=sequence_parallel)
     vocab = resolve_vocab(cfg, cfg.vocab_size, tp)
     model = build_gpt_model(cfg, parallel, vocab, detect_backend(), process_groups())
     load_megatron_checkpoint(ckpt, model)

@@ -173,8 +173,15 @@ def _tp2_worker(rank, world_size, ckpt):
     from caopd_megatron.runtime.backend import detect_backend
     detect_backend()
     distributed.initialize(ParallelConfig(tensor_model_parallel_size=2), seed=0)
-    model, _, _ = build_from_checkpoint(Path(ckpt), tp=2)
-    return _forward_backward(model)
+    results = {}
+    for sp in (False, True):
+        model = build_from_checkpoint(Path(ckpt), tp=2, sequence_parallel=sp)[0]
+        # finalize_model_grads sums a weight's gradient over TP under SP exactly when it carries this marker.
+        marked = {n for n, p in model.named_parameters() if getattr(p, "sequence_parallel", False)}
+        replicated_norms = {n for n, _ in model.named_parameters() if "layernorm" in n and "self_attention" not in n}
+        assert marked == (replicated_norms if sp else set()), marked ^ replicated_norms
+        results[sp] = _forward_backward(model)
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -188,16 +195,19 @@ def olmo3_checkpoint(tmp_path_factory, runtime):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_tp2_logits_and_gradients_equal_the_single_process(olmo3_checkpoint):
-    model, _, _ = build_from_checkpoint(olmo3_checkpoint)
-    logits, grads = _forward_backward(model)
-    ranks = run_distributed(_tp2_worker, 2, str(olmo3_checkpoint), timeout=300)
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_tp2_logits_and_gradients_equal_the_single_process(olmo3_checkpoint, tp2_results, sequence_parallel):
+    """TP = 2 (and TP = 2 with sequence parallelism) on two gloo ranks vs one process, same checkpoint."""
+    logits, grads = _forward_backward(build_from_checkpoint(olmo3_checkpoint)[0])
+    ranks = [result[sequence_parallel] for result in tp2_results]
     for tp_logits, _ in ranks:
         assert (tp_logits - logits).abs().max().item() <= 1e-5
     checked = 0
     for name, grad in grads.items():
         if name.endswith(("q_layernorm.weight", "k_layernorm.weight")):  # TP-sharded on dim 0: halves in order
             tp_grad = torch.cat([r[1][name] for r in ranks])
+        elif "layernorm" in name and sequence_parallel:  # replicated, each rank saw half the tokens: summed
+            tp_grad = ranks[0][1][name] + ranks[1][1][name]  # (megatron's finalize_model_grads does this sum)
         elif "layernorm" in name:  # post norms and the final norm: replicated over TP
             tp_grad = ranks[0][1][name]
             torch.testing.assert_close(ranks[1][1][name], tp_grad, rtol=0, atol=0)
@@ -206,3 +216,9 @@ def test_tp2_logits_and_gradients_equal_the_single_process(olmo3_checkpoint):
         torch.testing.assert_close(tp_grad, grad, rtol=1e-4, atol=1e-5, msg=name)
         checked += 1
     assert checked == 4 * 4 + 1
+
+
+@pytest.fixture(scope="module")
+def tp2_results(olmo3_checkpoint):
+    """Per rank of a TP = 2 run: {sequence_parallel: (logits, gradients)}."""
+    return run_distributed(_tp2_worker, 2, str(olmo3_checkpoint), timeout=300)
