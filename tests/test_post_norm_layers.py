@@ -123,6 +123,11 @@ def test_olmo3_rope_must_agree_across_layer_types():
     other = {"rope_type": "default", "rope_theta": 10000.0}
     with pytest.raises(UnsupportedArchitectureError, match="different RoPE per layer type.*one RoPE to every layer"):
         hf_config_to_model_config({**hf, "rope_parameters": {"full_attention": default, "sliding_attention": other}})
+    # No RoPE keys at all: transformers' OLMo-3 default theta, not Llama's 10000.
+    import transformers
+
+    expected = transformers.Olmo3Config(**{k: v for k, v in hf.items() if k not in ("architectures", "model_type")})
+    assert hf_config_to_model_config(hf)[0].rotary_base == expected.rope_parameters["full_attention"]["rope_theta"]
     # Every layer full: only the full-attention parameters matter.
     cfg, _ = hf_config_to_model_config({**hf, "layer_types": ["full_attention"] * 2,
                                         "rope_parameters": {"full_attention": default, "sliding_attention": other}})

@@ -76,6 +76,7 @@ class Family:
     qk_norm_scope: str = "head"  # ModelConfig.qk_norm_scope
     norm_placement: str = "pre"  # ModelConfig.norm_placement (post: OLMo-3)
     sliding_layers: bool = False  # per-layer sliding-window attention (``layer_types``, OLMo-3)
+    default_rope_theta: float = 10000.0  # what transformers assumes when the config names no rope_theta
 
     def switches(self) -> dict[str, Any]:
         """The ``ModelConfig`` switches this family fixes."""
@@ -89,7 +90,8 @@ FAMILIES: dict[str, Family] = {
     "Qwen2ForCausalLM": Family("Qwen2ForCausalLM", "qwen2", qkv_bias=True, qk_norm=False),
     "Qwen3ForCausalLM": Family("Qwen3ForCausalLM", "qwen3", qkv_bias=False, qk_norm=True),
     "Olmo3ForCausalLM": Family("Olmo3ForCausalLM", "olmo3", qkv_bias=False, qk_norm=True,
-                               qk_norm_scope="projection", norm_placement="post", sliding_layers=True),
+                               qk_norm_scope="projection", norm_placement="post", sliding_layers=True,
+                               default_rope_theta=500000.0),
 }
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(FAMILIES)
 
@@ -240,6 +242,7 @@ def hf_config_to_model_config(hf: dict[str, Any], make_vocab_size_divisible_by: 
     head_dim = int(hf.get("head_dim") or hidden // heads)
     if heads % kv_heads:
         raise ConversionError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
+    hf = {"rope_theta": family.default_rope_theta, **hf}
     if family.sliding_layers:
         layer_types = list(layer_types or ["full_attention"] * int(_require(hf, "num_hidden_layers")))
         theta, llama3 = _rope_per_layer_type(hf, set(layer_types))
@@ -264,7 +267,7 @@ def hf_config_to_model_config(hf: dict[str, Any], make_vocab_size_divisible_by: 
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
         **family.switches(),
-        sliding_window=int(hf["sliding_window"]) if family.sliding_layers and "sliding_attention" in layer_types else None,
+        sliding_window=int(_require(hf, "sliding_window")) if family.sliding_layers and "sliding_attention" in layer_types else None,
         layer_types=layer_types if family.sliding_layers else None,
         init_method_std=float(hf.get("initializer_range", 0.02)),
         params_dtype=dtype if dtype in get_args(ParamsDtype) else "float32",
