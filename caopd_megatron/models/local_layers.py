@@ -1,22 +1,15 @@
 """Replacements and additions to megatron-core's local (no Transformer Engine, no apex) layer spec.
 
 Design decisions:
-- ``GroupedRowParallelLinear``: megatron-core 0.16's ``RowParallelLinear.forward`` hands ``tp_group=None`` to
-  its matmul, which falls back to the global group with a deprecation warning; this subclass passes its own
-  (explicit) group. Nothing else changes: that matmul does not communicate (the reduction follows it).
-- ``SequenceParallelRMSNorm``: megatron-core's local norm (``WrappedTorchNorm``) refuses ``sequence_parallel``: under it a layer norm sees
-  only this TP rank's slice of the sequence, so its weight gradient is partial and must be summed over TP,
-  and the torch module does not carry the marker megatron looks for. TE's and apex's norms set it; this one
-  is ``torch.nn.RMSNorm`` with the marker (``weight.sequence_parallel = True``), which is all
-  ``finalize_model_grads`` needs to all-reduce the gradient over the TP group. Forward is torch's.
-- OLMo-2/3 layers (``post_norm_layer_spec``): megatron-core's ``TransformerLayer`` has no slot for a norm
-  between a sublayer and its residual add, so ``PostNormTransformerLayer`` owns two more norms and wraps its
-  bias-dropout-add steps as ``residual + norm(sublayer(h))``; its input and pre-MLP norms are identities.
-  The forward stays megatron's own on every release (only the two bda callables change).
-- ``ProjectionRMSNorm``: OLMo's QK norm is one RMSNorm over all heads of the q (k) projection, not one per
-  head. A TP rank holds a contiguous run of heads, so it sums its squares, the sum is all-reduced over the
-  layer's TP group (passed explicitly), and its weight is that rank's slice (TP-sharded on dim 0, in
-  checkpoints too). ``ProjectionQKNormSelfAttention`` builds the two norms with its own ``pg_collection.tp``.
+- ``GroupedRowParallelLinear`` hands its matmul its own TP group (0.16 passes None, i.e. the global group).
+- ``SequenceParallelRMSNorm`` is ``torch.nn.RMSNorm`` with the ``sequence_parallel`` marker that
+  ``finalize_model_grads`` needs to sum its weight gradient over TP (megatron's local norm refuses SP).
+- OLMo-2/3: ``PostNormTransformerLayer`` is megatron's layer plus two norms folded into its bias-dropout-add
+  steps (``residual + norm(sublayer(h))``; input / pre-MLP norms are identities), so the forward stays
+  megatron's own on 0.16 and 0.19. ``ProjectionRMSNorm`` normalises all heads of a q (k) projection at once:
+  a TP rank holds a run of heads and its slice of the weight (TP-sharded on dim 0, checkpoints included),
+  and the sum of squares is all-reduced over the attention's own TP group (``pg_collection.tp``), forward
+  and backward (``AllReduceSum``).
 """
 from __future__ import annotations
 

@@ -189,7 +189,8 @@ def _rope_per_layer_type(hf: dict[str, Any], layer_kinds: set[str]) -> tuple[flo
             own = hf if kind == "full_attention" else {**hf, "rope_scaling": None}
         per_kind[kind] = _rope_from_hf(own)
     if len(set(map(repr, per_kind.values()))) > 1:
-        described = "; ".join(f"{kind}: theta={theta:g}, scaling={scaling}" for kind, (theta, scaling) in per_kind.items())
+        described = "; ".join(f"{kind}: theta={theta:g}, scaling={scaling}"
+                              for kind, (theta, scaling) in per_kind.items())
         raise UnsupportedArchitectureError(
             f"different RoPE per layer type ({described}) is not supported: the megatron model applies one RoPE "
             "to every layer")
@@ -251,6 +252,7 @@ def hf_config_to_model_config(hf: dict[str, Any], make_vocab_size_divisible_by: 
     if theta != int(theta):
         raise UnsupportedArchitectureError(f"rope_theta={theta} is not an integer; megatron-core takes an integer rotary_base")
     dtype = str(hf.get("dtype") or hf.get("torch_dtype") or "float32").replace("torch.", "")
+    has_sliding_layers = family.sliding_layers and "sliding_attention" in layer_types
     cfg = ModelConfig(
         num_layers=int(_require(hf, "num_hidden_layers")),
         hidden_size=hidden,
@@ -267,7 +269,7 @@ def hf_config_to_model_config(hf: dict[str, Any], make_vocab_size_divisible_by: 
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
         **family.switches(),
-        sliding_window=int(_require(hf, "sliding_window")) if family.sliding_layers and "sliding_attention" in layer_types else None,
+        sliding_window=int(_require(hf, "sliding_window")) if has_sliding_layers else None,
         layer_types=layer_types if family.sliding_layers else None,
         init_method_std=float(hf.get("initializer_range", 0.02)),
         params_dtype=dtype if dtype in get_args(ParamsDtype) else "float32",
