@@ -24,6 +24,7 @@ def _inputs():
 
 
 def _worker(rank, world):
+    from caopd_megatron.distill.divergence_options import DivergenceOptions
     from caopd_megatron.distill.losses import vocab_parallel_divergence
     from caopd_megatron.distill.sampled_token import sampled_token_policy_gradient
     from caopd_megatron.distill.token_diagnostics import DiagnosticsSink
@@ -36,9 +37,9 @@ def _worker(rank, world):
         leaf = _shard(student, rank, world).requires_grad_()
         sink = DiagnosticsSink(TOP_K)
         counter.take()
-        loss = sampled_token_policy_gradient(leaf, _shard(teacher, rank, world), tokens, baseline=baseline,
-                                             top_k=TOP_K, reward_clip=clip, temperature=TEMPERATURE,
-                                             real_vocab_size=REAL, tp_group=group, diagnostics=sink)
+        options = DivergenceOptions("vopd", baseline=baseline, top_k=TOP_K, reward_clip=clip, temperature=TEMPERATURE,
+                                    real_vocab_size=REAL, tp_group=group, diagnostics=sink)
+        loss = sampled_token_policy_gradient(leaf, _shard(teacher, rank, world), tokens, options)
         fwd = counter.take()
         loss.sum().backward()
         out[("vopd", baseline, clip)] = dict(loss=loss.detach(), grad=leaf.grad, rows=sink.take(), fwd=fwd,
@@ -47,9 +48,9 @@ def _worker(rank, world):
         leaf = _shard(student, rank, world).requires_grad_()
         sink = DiagnosticsSink(TOP_K)
         counter.take()
-        loss = vocab_parallel_divergence(leaf, _shard(teacher, rank, world), divergence=divergence, beta=0.3,
-                                         temperature=TEMPERATURE, real_vocab_size=REAL, tp_group=group,
-                                         diagnostics=sink)
+        options = DivergenceOptions(divergence, beta=0.3, temperature=TEMPERATURE, real_vocab_size=REAL,
+                                    tp_group=group, diagnostics=sink)
+        loss = vocab_parallel_divergence(leaf, _shard(teacher, rank, world), options)
         fwd = counter.take()
         loss.sum().backward()
         out[(divergence,)] = dict(loss=loss.detach(), grad=leaf.grad, rows=sink.take(), fwd=fwd, bwd=counter.take())

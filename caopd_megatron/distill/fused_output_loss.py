@@ -18,16 +18,15 @@ Design decisions:
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from caopd_megatron.distill.divergence_math import VocabParallelDivergence as _Math
 from caopd_megatron.distill.divergence_math import resolve_divergence
+from caopd_megatron.distill.divergence_options import DivergenceOptions
 from caopd_megatron.distill.divergence_passes import ShardPass, TokenStats, token_chunks
-from caopd_megatron.distill.token_diagnostics import DiagnosticsSink, local_columns, merge_columns, num_columns
+from caopd_megatron.distill.token_diagnostics import local_columns, merge_columns, num_columns
 from caopd_megatron.distill.vocab_realign import (
     effective_tp_group,
     real_range,
@@ -135,20 +134,9 @@ class _FusedChunkedDivergence(torch.autograd.Function):
                 None, None, None, None, None, None, None, None, None)
 
 
-def fused_chunked_divergence(
-    student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
-    *,
-    chunk_size: int = 1024,
-    divergence: str = "reverse_kl",
-    beta: float = 0.5,
-    temperature: float = 1.0,
-    real_vocab_size: Optional[int] = None,
-    tp_group: Optional[dist.ProcessGroup] = None,
-    diagnostics: Optional[DiagnosticsSink] = None,
-) -> torch.Tensor:
+def fused_chunked_divergence(student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                             teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor,
+                             options: DivergenceOptions = DivergenceOptions(fused=True)) -> torch.Tensor:
     """Output layer + ``vocab_parallel_divergence`` without materialising more than one chunk of logits.
 
     Args:
@@ -157,19 +145,21 @@ def fused_chunked_divergence(
         student_weight: ``[Vs/tp, h_s]`` vocab-parallel output weight shard on tp_group.
         teacher_hidden: ``[s, b, h_t]``, replicated on tp_group; no gradient.
         teacher_weight: ``[Vt/tp, h_t]`` on tp_group; no gradient.
-        chunk_size: tokens per chunk (the last chunk may be shorter).
-        divergence, beta, temperature, real_vocab_size, tp_group, diagnostics: as in ``vocab_parallel_divergence``.
+        options: ``chunk_size`` (tokens per chunk; the last may be shorter) and the rest as in
+            ``vocab_parallel_divergence`` (``options.tp_group`` is tp_group).
     Returns:
         ``[s, b]`` fp32 per-token loss, identical on every rank of tp_group; equal (up to matmul rounding)
         to ``vocab_parallel_divergence(student_hidden @ student_weight.T, teacher_hidden @ teacher_weight.T)``.
     """
-    kind = resolve_divergence(divergence, beta, temperature)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    kind = resolve_divergence(options.divergence, options.beta, options.temperature)
+    if options.chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {options.chunk_size}")
     if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
         raise ValueError(f"token shapes differ: {tuple(student_hidden.shape)} vs {tuple(teacher_hidden.shape)}")
-    tp_group = effective_tp_group(tp_group)
-    real_vocab = resolve_real_vocab(student_weight.shape[0], teacher_weight.shape[0], real_vocab_size, tp_group)
+    tp_group = effective_tp_group(options.tp_group)
+    real_vocab = resolve_real_vocab(student_weight.shape[0], teacher_weight.shape[0], options.real_vocab_size,
+                                    tp_group)
     return _FusedChunkedDivergence.apply(student_hidden, student_weight, teacher_hidden.detach(),
-                                         teacher_weight.detach(), kind, float(temperature), float(beta),
-                                         real_vocab, int(chunk_size), tp_group, diagnostics)
+                                         teacher_weight.detach(), kind, float(options.temperature),
+                                         float(options.beta), real_vocab, int(options.chunk_size), tp_group,
+                                         options.diagnostics)

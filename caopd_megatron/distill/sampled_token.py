@@ -20,18 +20,13 @@ from __future__ import annotations
 from typing import NamedTuple, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from caopd_megatron.distill.divergence_math import VocabParallelDivergence as _Math
 from caopd_megatron.distill.divergence_math import resolve_divergence
+from caopd_megatron.distill.divergence_options import DivergenceOptions
 from caopd_megatron.distill.divergence_passes import ShardPass, TokenStats, rows_per_chunk, token_chunks
-from caopd_megatron.distill.token_diagnostics import (
-    DiagnosticsSink,
-    local_columns,
-    merge_columns,
-    top_k_expected_reward,
-)
+from caopd_megatron.distill.token_diagnostics import local_columns, merge_columns, top_k_expected_reward
 from caopd_megatron.distill.vocab_realign import (
     Piece,
     effective_tp_group,
@@ -63,15 +58,8 @@ def _owned_values(pieces: Sequence[Piece], local_ids: torch.Tensor, owned: torch
 
 
 @torch.no_grad()
-def sampled_token_advantage(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    sampled_tokens: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    real_vocab_size: Optional[int] = None,
-    tp_group: Optional[dist.ProcessGroup] = None,
-) -> SampledTokenAdvantage:
+def sampled_token_advantage(student_logits: torch.Tensor, teacher_logits: torch.Tensor, sampled_tokens: torch.Tensor,
+                            options: DivergenceOptions = DivergenceOptions(divergence="vopd")) -> SampledTokenAdvantage:
     """Advantage of the sampled token under the on-policy reverse-KL objective, with baseline V = -KL(p||q).
 
     The per-token reward of sampling ``y_t ~ p`` is ``r_t = log q(y_t) - log p(y_t)`` (its expectation
@@ -80,12 +68,15 @@ def sampled_token_advantage(
     per-token columns: the sampled logits, contributed by the rank that owns the id and 0 elsewhere).
 
     Args:
-        student_logits, teacher_logits: as in ``vocab_parallel_divergence`` (on tp_group).
+        student_logits, teacher_logits: as in ``vocab_parallel_divergence`` (on ``options.tp_group``).
         sampled_tokens: ``[...]`` integer ids ``< real_vocab_size`` (global ids, replicated on tp_group).
+        options: ``temperature``, ``real_vocab_size``, ``tp_group`` are read (the baseline here is always ``full``).
     """
-    tp_group = effective_tp_group(tp_group)
-    real_vocab = resolve_real_vocab(student_logits.shape[-1], teacher_logits.shape[-1], real_vocab_size, tp_group)
-    sampled = _sampled_forward(student_logits, teacher_logits, sampled_tokens, float(temperature), real_vocab,
+    check_sampled_options(options)
+    tp_group = effective_tp_group(options.tp_group)
+    real_vocab = resolve_real_vocab(student_logits.shape[-1], teacher_logits.shape[-1], options.real_vocab_size,
+                                    tp_group)
+    sampled = _sampled_forward(student_logits, teacher_logits, sampled_tokens, float(options.temperature), real_vocab,
                                tp_group, 0)
     shape = student_logits.shape[:-1]
     kl = sampled.stats.loss
@@ -175,39 +166,44 @@ class _SampledTokenPolicyGradient(torch.autograd.Function):
         return grad_2d.view(student_logits.shape), *([None] * 9)
 
 
-def sampled_token_policy_gradient(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    sampled_tokens: torch.Tensor,
-    *,
-    baseline: str = "full",
-    top_k: int = 8,
-    reward_clip: Optional[float] = None,
-    temperature: float = 1.0,
-    real_vocab_size: Optional[int] = None,
-    tp_group: Optional[dist.ProcessGroup] = None,
-    diagnostics: Optional[DiagnosticsSink] = None,
-) -> torch.Tensor:
+def sampled_token_policy_gradient(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                                  sampled_tokens: torch.Tensor,
+                                  options: DivergenceOptions = DivergenceOptions(divergence="vopd")) -> torch.Tensor:
     """vOPD per token: value KL(p||q), gradient the policy gradient of ``-A_t log p(y_t)`` (A detached).
 
     Args:
-        student_logits, teacher_logits, temperature, real_vocab_size, tp_group, diagnostics: as in
-            ``losses.vocab_parallel_divergence`` (``[..., V/tp]`` on tp_group).
+        student_logits, teacher_logits: as in ``losses.vocab_parallel_divergence`` (``[..., V/tp]`` on
+            ``options.tp_group``).
         sampled_tokens: ``[...]`` global ids ``< real_vocab_size`` of the response tokens, replicated on tp_group.
-        baseline: ``none`` | ``full`` | ``top_k`` (see the module docstring); ``top_k``: its support size.
-        reward_clip: lower bound on ``r_t`` (None: no clipping).
+        options: ``divergence`` ``vopd`` (or ``reverse_kl``, the objective it estimates); ``baseline`` ``none`` |
+            ``full`` | ``top_k`` (see the module docstring) and ``top_k`` its support size; ``reward_clip``
+            (lower bound on ``r_t``, None: none); ``temperature``, ``real_vocab_size``, ``tp_group``,
+            ``diagnostics`` as for the divergences.
     Returns:
         ``[...]`` fp32 KL(p||q), replicated on tp_group; its gradient w.r.t. ``student_logits`` is the estimator's.
     """
-    if baseline not in BASELINES:
-        raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
-    if baseline == "top_k" and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 for the top_k baseline, got {top_k}")
+    check_sampled_options(options)
     if student_logits.shape[:-1] != teacher_logits.shape[:-1] or student_logits.shape[:-1] != sampled_tokens.shape:
         raise ValueError(f"token shapes differ: {tuple(student_logits.shape)}, {tuple(teacher_logits.shape)}, "
                          f"{tuple(sampled_tokens.shape)}")
-    tp_group = effective_tp_group(tp_group)
-    real_vocab = resolve_real_vocab(student_logits.shape[-1], teacher_logits.shape[-1], real_vocab_size, tp_group)
+    tp_group = effective_tp_group(options.tp_group)
+    real_vocab = resolve_real_vocab(student_logits.shape[-1], teacher_logits.shape[-1], options.real_vocab_size,
+                                    tp_group)
     return _SampledTokenPolicyGradient.apply(student_logits, teacher_logits.detach(), sampled_tokens,
-                                             float(temperature), real_vocab, tp_group, baseline, int(top_k),
-                                             None if reward_clip is None else float(reward_clip), diagnostics)
+                                             float(options.temperature), real_vocab, tp_group, options.baseline,
+                                             int(options.top_k), reward_clip(options), options.diagnostics)
+
+
+def check_sampled_options(options: DivergenceOptions) -> None:
+    """One-line errors for options the sampled-token estimator cannot run with."""
+    if options.divergence not in ("vopd", "reverse_kl"):
+        raise ValueError(f"the sampled-token estimator estimates reverse KL; got divergence {options.divergence!r}")
+    if options.baseline not in BASELINES:
+        raise ValueError(f"baseline must be one of {BASELINES}, got {options.baseline!r}")
+    if options.baseline == "top_k" and options.top_k < 1:
+        raise ValueError(f"top_k must be >= 1 for the top_k baseline, got {options.top_k}")
+
+
+def reward_clip(options: DivergenceOptions) -> Optional[float]:
+    """The lower bound on ``r_t`` as a float, or None."""
+    return None if options.reward_clip is None else float(options.reward_clip)
