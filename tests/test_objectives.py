@@ -204,3 +204,63 @@ def test_divergence_options_from_the_config():
     student, teacher = torch.randn(4, 37), torch.randn(4, 37)
     with pytest.raises(ValueError, match="reverse KL"):
         sampled_token_policy_gradient(student, teacher, torch.zeros(4, dtype=torch.long), DivergenceOptions("jsd"))
+
+
+def fused_vopd_inputs(seed=21, vocab_s=40, vocab_t=48, real=37):
+    gen = torch.Generator().manual_seed(seed)
+    hs, ht = torch.randn(7, 3, 16, generator=gen), torch.randn(7, 3, 24, generator=gen)
+    ws, wt = torch.randn(vocab_s, 16, generator=gen) * 0.5, torch.randn(vocab_t, 24, generator=gen) * 0.5
+    ws[real:], wt[real:] = 100.0, -100.0  # would dominate every softmax if padding leaked in
+    tokens = torch.randint(0, real, (7, 3), generator=gen)
+    return hs, ws, ht, wt, tokens, torch.rand(7, 3, generator=gen)
+
+
+def reference_fused_vopd(hs, ws, ht, wt, tokens, grad_out, **kwargs):
+    """fp64 (KL, dL/dh, dL/dW, advantage) of sum(g * surrogate) through the output matmul, straight from F."""
+    hs64, ws64 = hs.double().requires_grad_(), ws.double().requires_grad_()
+    logits = hs64 @ ws64.t()
+    kl, grad_logits, advantage = reference_vopd(logits, ht.double() @ wt.double().t(), tokens, **kwargs)
+    logits.backward(grad_logits * grad_out.double().unsqueeze(-1))  # per-token terms are separable
+    return kl, hs64.grad, ws64.grad, advantage
+
+
+@pytest.mark.parametrize("baseline,reward_clip", [("none", None), ("full", None), ("top_k", None), ("full", -1.0)])
+@pytest.mark.parametrize("chunk_size", [1, 4, 21, 64])
+def test_fused_vopd_matches_unfused_and_reference(baseline, reward_clip, chunk_size):
+    from caopd_megatron.distill.fused_output_loss import fused_chunked_divergence
+
+    hs, ws, ht, wt, tokens, grad_out = fused_vopd_inputs()
+    options = DivergenceOptions("vopd", baseline=baseline, top_k=3, reward_clip=reward_clip, temperature=0.8,
+                                real_vocab_size=37, chunk_size=chunk_size)
+    hs1, ws1, sink1 = hs.clone().requires_grad_(), ws.clone().requires_grad_(), DiagnosticsSink(4)
+    fused = fused_chunked_divergence(hs1, ws1, ht, wt, dataclasses.replace(options, diagnostics=sink1), tokens)
+    (fused * grad_out).sum().backward()
+    hs2, ws2, sink2 = hs.clone().requires_grad_(), ws.clone().requires_grad_(), DiagnosticsSink(4)
+    unfused = sampled_token_policy_gradient(hs2 @ ws2.t(), ht @ wt.t(), tokens,
+                                            dataclasses.replace(options, diagnostics=sink2))
+    (unfused * grad_out).sum().backward()
+    ref_kl, ref_h, ref_w, advantage = reference_fused_vopd(hs, ws, ht, wt, tokens, grad_out, baseline=baseline,
+                                                           top_k=3, reward_clip=reward_clip, temperature=0.8, real=37)
+    assert fused.shape == (7, 3) and fused.dtype == torch.float32
+    torch.testing.assert_close(fused, unfused, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(hs1.grad, hs2.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ws1.grad, ws2.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused.double(), ref_kl, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(hs1.grad.double(), ref_h, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ws1.grad.double(), ref_w, rtol=1e-5, atol=1e-5)
+    assert not ws1.grad[37:].any()  # padding rows get no gradient
+    rows1, rows2 = sink1.take(), sink2.take()
+    torch.testing.assert_close(rows1, rows2, rtol=1e-5, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(rows1[:, 4].double(), advantage.reshape(-1), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_vopd_refuses_missing_tokens_and_other_divergences():
+    from caopd_megatron.distill.fused_output_loss import fused_chunked_divergence
+
+    hs, ws, ht, wt, tokens, _ = fused_vopd_inputs()
+    with pytest.raises(ValueError, match="sampled tokens"):
+        fused_chunked_divergence(hs, ws, ht, wt, DivergenceOptions("vopd", real_vocab_size=37))
+    with pytest.raises(ValueError, match="sampled tokens"):
+        fused_chunked_divergence(hs, ws, ht, wt, DivergenceOptions("vopd", real_vocab_size=37), tokens[:3])
+    with pytest.raises(ValueError, match="baseline"):
+        fused_chunked_divergence(hs, ws, ht, wt, DivergenceOptions("vopd", baseline="mean"), tokens)

@@ -81,14 +81,16 @@ def response_divergence(student_out: torch.Tensor, teacher_hidden: torch.Tensor,
     ``options``: the step's ``DivergenceOptions`` (``divergence`` and ``fused`` pick the path).
     """
     t_weight = output_weight(teacher).detach()
-    if options.divergence == "vopd":
-        if options.fused or targets is None:
-            raise ValueError("distill.loss=vopd needs unfused logits and the response tokens")
+    sampled = options.divergence == "vopd"
+    if sampled and targets is None:
+        raise ValueError("distill.loss=vopd needs the response tokens (targets)")
+    if options.fused:
+        tokens = targets.to(student_out.device).transpose(0, 1) if sampled else None
+        return fused_chunked_divergence(student_out.transpose(0, 1), output_weight(student),
+                                        teacher_hidden.transpose(0, 1), t_weight, options, tokens).transpose(0, 1)
+    if sampled:
         return sampled_token_policy_gradient(student_out, torch.matmul(teacher_hidden, t_weight.t()),
                                              targets.to(student_out.device), options)
-    if options.fused:
-        return fused_chunked_divergence(student_out.transpose(0, 1), output_weight(student),
-                                        teacher_hidden.transpose(0, 1), t_weight, options).transpose(0, 1)
     return vocab_parallel_divergence(student_out, torch.matmul(teacher_hidden, t_weight.t()), options)
 
 
