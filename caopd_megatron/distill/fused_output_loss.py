@@ -9,10 +9,11 @@ Design decisions:
   incoming gradient (loss mask, sequence weights) is unknown at forward time and the weight gradient
   ``sum_t g_t G_t^T h_t`` is not separable in ``g_t``, so accumulation would need the full ``[N, V/tp]``
   logits gradient this path exists to avoid. Cost: one extra student and teacher logit matmul per chunk.
-- Collectives: KL needs one for the whole forward (local per-chunk statistics, gathered once); JSD two per
-  chunk. The student weight gradient is accumulated in fp32 across chunks; the hidden gradient is
-  all-reduced over the TP group inside backward (the hidden state is replicated, each rank holds the part
-  from its vocabulary shard), so the caller must not add another reduction (no
+- Collectives: KL, mixed and vOPD need one for the whole forward (local per-chunk statistics, gathered
+  once; vOPD's carry the sampled token's logits, ``sampled_token.sampled_columns``); JSD two per chunk.
+  The student weight gradient is accumulated in fp32 across chunks; the hidden gradient is all-reduced
+  over the TP group inside backward (the hidden state is replicated, each rank holds the part from its
+  vocabulary shard), so the caller must not add another reduction (no
   ``copy_to_tensor_model_parallel_region`` in front; with sequence parallelism, all-gather the hidden states
   with an op whose backward is a plain slice). Backward skips the gradient work autograd does not need.
 """

@@ -13,7 +13,9 @@ Design decisions:
   contributed by the TP rank that owns the id and 0 elsewhere) and, for the top-k baseline or diagnostics,
   the support columns of ``token_diagnostics``. Backward ``g A (p - e_y) / T`` is local to each shard.
 - The loss's *value* is the full-vocabulary KL(p||q) (what the other objectives report); only its gradient
-  is the sampled estimator. Unfused logits only (``distill.fused`` is refused at start-up).
+  is the sampled estimator. The forward columns, their merge, the advantage and the backward are helpers
+  (``sampled_columns``, ``SampledStats``, ``write_policy_gradient``) that the fused output loss
+  (``fused_output_loss``, ``distill.fused``) calls chunk by chunk on the same statistics.
 """
 from __future__ import annotations
 
@@ -96,7 +98,8 @@ def support_size(options: DivergenceOptions) -> int:
     return options.diagnostics.top_k if options.diagnostics is not None else 0
 
 
-def sampled_ids(sampled_tokens: torch.Tensor, shard_width: int, num_cols: int, tp_group) -> tuple[torch.Tensor, torch.Tensor]:
+def sampled_ids(sampled_tokens: torch.Tensor, shard_width: int, num_cols: int,
+                tp_group) -> tuple[torch.Tensor, torch.Tensor]:
     """``[N]`` sampled ids relative to this rank's first column (``shard_width`` = V/tp) and whether it owns them."""
     rank, _ = tp_rank_and_size(tp_group)
     ids = sampled_tokens.reshape(-1).to(torch.long) - rank * shard_width
