@@ -8,7 +8,8 @@ evaluate base / OPD / CaOPD on held-out questions: OPD's confidence inflates, Ca
 Design decisions:
 - The demo's teacher is the paper's: an EMA of the student that keeps reading the privileged note because
   each step also trains the student on fresh teacher-format warm-up rows, a quarter as many as its revised
-  rows (``teacher.replay_fraction=0.25``; the same rows for OPD and CaOPD). Without replay a tiny EMA teacher forgets
+  rows (``teacher.replay_fraction=0.25``; drawn from one stream: CaOPD's rows continue where OPD's
+  stopped, the same distribution but not the same rows). Without replay a tiny EMA teacher forgets
   the note within a few hundred steps; ``teacher.mode=frozen`` (a copy of the warmed-up student) avoids that
   too but missed the accuracy criterion on one seed of three (README, "What we learned").
 - The demo does not clip distillation gradients (``distill.grad_clip=0``; the library default is 1.0): with
