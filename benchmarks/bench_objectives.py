@@ -19,7 +19,6 @@ Writes ``objectives.md`` / ``objectives.json`` (accuracy, ECE, Brier, OCG, SPR, 
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import os
