@@ -1,5 +1,5 @@
-"""distill_step with distill.loss=mixed and vopd (unfused and fused): the parameter gradients of a tiny model equal a per-example
-fp64 torch.nn.functional reference (mean over tokens, then sequences), whatever the micro-batching."""
+"""distill_step with distill.loss=mixed and vopd (unfused and fused): the parameter gradients of a tiny model
+equal a per-example fp64 torch.nn.functional reference (mean over tokens, then sequences), whatever the micro-batching."""
 from __future__ import annotations
 
 import pytest
