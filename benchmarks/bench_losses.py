@@ -40,6 +40,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from caopd_megatron.distill.divergence_options import DivergenceOptions  # noqa: E402
 from caopd_megatron.distill.fused_output_loss import fused_chunked_divergence  # noqa: E402
 from caopd_megatron.distill.losses import vocab_parallel_divergence  # noqa: E402
 
@@ -228,19 +229,20 @@ def _bench_rank(rank, world, opts, group):
 
         def step(method):
             if method == "ours":
-                loss = vocab_parallel_divergence(student, teacher, tp_group=group)
+                loss = vocab_parallel_divergence(student, teacher, DivergenceOptions(tp_group=group))
             elif method == "naive":
                 loss = naive_reverse_kl(student, teacher, group)
             elif method == "modelopt":
                 loss = modelopt_fn(student, teacher, group)
             elif method == "fused":
                 hs.requires_grad_()
-                loss = fused_chunked_divergence(hs, ws, ht, wt, chunk_size=opts["chunk_size"], tp_group=group)
+                loss = fused_chunked_divergence(hs, ws, ht, wt,
+                                                DivergenceOptions(chunk_size=opts["chunk_size"], tp_group=group))
             else:
                 hs.requires_grad_()
                 with torch.no_grad():
                     t_logits = ht @ wt.t()
-                loss = vocab_parallel_divergence(hs @ ws.t(), t_logits, tp_group=group)
+                loss = vocab_parallel_divergence(hs @ ws.t(), t_logits, DivergenceOptions(tp_group=group))
             (loss * grad_out).sum().backward()
             hs.requires_grad_(False)
             return loss.detach()

@@ -120,7 +120,7 @@ def test_resume_continues_the_same_trajectory(tmp_path: Path) -> None:
 @pytest.mark.parametrize("args, needle", [
     (["model.hiden_size=3"], "unknown key 'model.hiden_size'"),
     (["distill.loss=l2"], "distill.loss"),
-    (["distill.loss=vopd", "distill.fused=true"], "distill.loss=vopd runs on unfused logits"),
+    (["distill.loss=mixed", "distill.mix_weight=1.5"], "distill.mix_weight must be in [0, 1]"),
     (["parallel.tensor_model_parallel_size=3"], "num_attention_heads=4 is not divisible by tensor_model_parallel_size=3"),
     (["data.train_prompts=/nonexistent/prompts.jsonl"], "/nonexistent/prompts.jsonl"),
 ])

@@ -27,6 +27,7 @@ import torch
 import gpu_reference
 from caopd_megatron.config.schema import ModelConfig, ParallelConfig
 from caopd_megatron.distill.divergence_math import DIVERGENCES
+from caopd_megatron.distill.divergence_options import DivergenceOptions
 from caopd_megatron.distill.fused_output_loss import fused_chunked_divergence
 from caopd_megatron.distill.losses import vocab_parallel_divergence
 from caopd_megatron.models.builder import transformer_config
@@ -98,8 +99,8 @@ def test_fused_chunked_bf16_matches_fp64_reference(device, divergence):
     h_s, h_t, w_s, w_t = (x.to(device=device, dtype=torch.bfloat16) for x in (h_s, h_t, w_s, w_t))
     leaf_h, leaf_w = h_s.clone().requires_grad_(), w_s.clone().requires_grad_()
     grad_out = torch.rand(tokens, 1, generator=g).to(device)
-    loss = fused_chunked_divergence(leaf_h, leaf_w, h_t, w_t, chunk_size=16, divergence=divergence,
-                                    real_vocab_size=real)
+    loss = fused_chunked_divergence(leaf_h, leaf_w, h_t, w_t,
+                                    DivergenceOptions(divergence, real_vocab_size=real, chunk_size=16))
     (loss * grad_out).sum().backward()
     # Reference: fp64 logits from the same bf16 hidden states and weights, autograd through the matmul.
     ref_h = h_s.cpu().double().requires_grad_()
@@ -188,7 +189,7 @@ def test_fp8_student_through_transformer_engine(device, recipe):
     assert s_logits.dtype == t_logits.dtype == torch.bfloat16  # the loss reads bf16 logits
     error = torch.linalg.norm((s_logits - t_logits).float()) / torch.linalg.norm(t_logits.float())
     assert 0 < error < 0.1, float(error)  # FP8 GEMMs change the logits, by FP8 rounding only
-    loss = vocab_parallel_divergence(s_logits, t_logits, real_vocab_size=vocab.real).mean()
+    loss = vocab_parallel_divergence(s_logits, t_logits, DivergenceOptions(real_vocab_size=vocab.real)).mean()
     loss.backward()
     grads = [p.grad for p in student.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)

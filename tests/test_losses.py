@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from caopd_megatron.distill import divergence_passes, vocab_realign
 from caopd_megatron.distill.divergence_math import DIVERGENCES
+from caopd_megatron.distill.divergence_options import DivergenceOptions
 from caopd_megatron.distill.fused_output_loss import fused_chunked_divergence
 from caopd_megatron.distill.losses import masked_sequence_mean, vocab_parallel_divergence
 from caopd_megatron.distill.sampled_token import sampled_token_advantage
@@ -49,7 +50,7 @@ def reference_with_grad(student, teacher, grad_out, **kwargs):
 def run(student, teacher, grad_out, **kwargs):
     """(loss, grad wrt student) from the implementation under test."""
     leaf = student.detach().clone().requires_grad_()
-    loss = vocab_parallel_divergence(leaf, teacher, **kwargs)
+    loss = vocab_parallel_divergence(leaf, teacher, DivergenceOptions(**kwargs))
     (loss * grad_out).sum().backward()
     return loss.detach(), leaf.grad
 
@@ -99,7 +100,7 @@ def test_many_small_work_chunks_match_reference(monkeypatch, divergence):
 def test_reverse_kl_gradient_formula_against_finite_differences():
     student, teacher = make_logits(2, 17, seed=7, dtype=torch.float64), make_logits(2, 17, seed=8)
     leaf = student.float().requires_grad_()
-    vocab_parallel_divergence(leaf, teacher, temperature=1.5).sum().backward()
+    vocab_parallel_divergence(leaf, teacher, DivergenceOptions(temperature=1.5)).sum().backward()
 
     def f(z):
         return reference_divergence(z, teacher.double(), "reverse_kl", temperature=1.5).sum()
@@ -111,10 +112,10 @@ def test_reverse_kl_gradient_formula_against_finite_differences():
 # -------------------------------------------------------------------------------------------------- JSD
 def test_jsd_end_points_are_the_kls():
     student, teacher = make_logits(4, 64, seed=9), make_logits(4, 64, seed=10)
-    fkl = vocab_parallel_divergence(student, teacher, divergence="forward_kl")
-    rkl = vocab_parallel_divergence(student, teacher, divergence="reverse_kl")
-    assert torch.equal(vocab_parallel_divergence(student, teacher, divergence="jsd", beta=0.0), fkl)
-    assert torch.equal(vocab_parallel_divergence(student, teacher, divergence="jsd", beta=1.0), rkl)
+    fkl = vocab_parallel_divergence(student, teacher, DivergenceOptions(divergence="forward_kl"))
+    rkl = vocab_parallel_divergence(student, teacher, DivergenceOptions(divergence="reverse_kl"))
+    assert torch.equal(vocab_parallel_divergence(student, teacher, DivergenceOptions(divergence="jsd", beta=0.0)), fkl)
+    assert torch.equal(vocab_parallel_divergence(student, teacher, DivergenceOptions(divergence="jsd", beta=1.0)), rkl)
     assert_close(fkl, reference_divergence(student, teacher, "forward_kl"))
     assert_close(rkl, reference_divergence(student, teacher, "reverse_kl"))
 
@@ -126,8 +127,8 @@ def test_jsd_rescaled_limits():
     rkl = reference_divergence(student, teacher, "reverse_kl")
     errors = []
     for eps in (1e-2, 1e-3):
-        low = vocab_parallel_divergence(student, teacher, divergence="jsd", beta=eps).double() / eps
-        high = vocab_parallel_divergence(student, teacher, divergence="jsd", beta=1 - eps).double() / eps
+        low = vocab_parallel_divergence(student, teacher, DivergenceOptions("jsd", beta=eps)).double() / eps
+        high = vocab_parallel_divergence(student, teacher, DivergenceOptions("jsd", beta=1 - eps)).double() / eps
         assert_close(low, fkl, rtol=10 * eps, atol=0)
         assert_close(high, rkl, rtol=10 * eps, atol=0)
         errors.append((low - fkl).abs().max().item())
@@ -135,15 +136,15 @@ def test_jsd_rescaled_limits():
     # Gradients follow the same limit.
     leaf = student.clone().requires_grad_()
     # beta * q / p must be small for the linearisation, so a smaller beta than above.
-    (vocab_parallel_divergence(leaf, teacher, divergence="jsd", beta=1e-4).sum() / 1e-4).backward()
+    (vocab_parallel_divergence(leaf, teacher, DivergenceOptions(divergence="jsd", beta=1e-4)).sum() / 1e-4).backward()
     _, ref_grad = reference_with_grad(student, teacher, torch.ones(4), kind="forward_kl")
     assert_close(leaf.grad, ref_grad, rtol=0, atol=1e-2 * ref_grad.abs().max().item())
 
 
 def test_jsd_half_is_symmetric_and_bounded():
     student, teacher = make_logits(4, 64, seed=13, scale=6.0), make_logits(4, 64, seed=14, scale=6.0)
-    a = vocab_parallel_divergence(student, teacher, divergence="jsd", beta=0.5)
-    b = vocab_parallel_divergence(teacher, student, divergence="jsd", beta=0.5)
+    a = vocab_parallel_divergence(student, teacher, DivergenceOptions(divergence="jsd", beta=0.5))
+    b = vocab_parallel_divergence(teacher, student, DivergenceOptions(divergence="jsd", beta=0.5))
     assert_close(a, b)
     assert (a >= -1e-6).all() and (a <= math.log(2) + 1e-6).all()
 
@@ -194,13 +195,13 @@ def test_argument_validation():
     with pytest.raises(ValueError, match="real_vocab_size"):
         vocab_parallel_divergence(s, t)
     with pytest.raises(ValueError):
-        vocab_parallel_divergence(s, t, real_vocab_size=9)
+        vocab_parallel_divergence(s, t, DivergenceOptions(real_vocab_size=9))
     with pytest.raises(ValueError):
-        vocab_parallel_divergence(s, s, divergence="kl")
+        vocab_parallel_divergence(s, s, DivergenceOptions(divergence="kl"))
     with pytest.raises(ValueError):
-        vocab_parallel_divergence(s, s, divergence="jsd", beta=1.5)
+        vocab_parallel_divergence(s, s, DivergenceOptions(divergence="jsd", beta=1.5))
     with pytest.raises(ValueError):
-        vocab_parallel_divergence(s, s, temperature=0.0)
+        vocab_parallel_divergence(s, s, DivergenceOptions(temperature=0.0))
     with pytest.raises(ValueError):
         vocab_parallel_divergence(s, make_logits(3, 8))
 
@@ -209,7 +210,7 @@ def test_argument_validation():
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_empty_batch(divergence):
     student = torch.zeros(0, 3, 32, requires_grad=True)
-    loss = vocab_parallel_divergence(student, torch.zeros(0, 3, 32), divergence=divergence)
+    loss = vocab_parallel_divergence(student, torch.zeros(0, 3, 32), DivergenceOptions(divergence=divergence))
     assert loss.shape == (0, 3) and loss.dtype == torch.float32
     loss.sum().backward()
     assert student.grad.shape == student.shape
@@ -265,8 +266,8 @@ def test_callers_tensors_unchanged_and_teacher_gets_no_grad():
     teacher = make_logits(3, 4, 112, seed=29, dtype=torch.bfloat16).requires_grad_()
     s_before, t_before = student.detach().clone(), teacher.detach().clone()
     for divergence in DIVERGENCES:
-        vocab_parallel_divergence(student, teacher, divergence=divergence, real_vocab_size=90,
-                                  temperature=0.8).sum().backward()
+        vocab_parallel_divergence(student, teacher, DivergenceOptions(divergence=divergence, real_vocab_size=90,
+                                                                      temperature=0.8)).sum().backward()
     assert torch.equal(student.detach(), s_before) and torch.equal(teacher.detach(), t_before)
     assert teacher.grad is None and student.grad is not None
 
@@ -276,7 +277,7 @@ def test_non_contiguous_inputs():
     student_bsv, teacher_bsv = make_logits(2, 5, 64, seed=38), make_logits(2, 5, 64, seed=39)
     grad_out = torch.rand(5, 2, generator=torch.Generator().manual_seed(40))
     leaf = student_bsv.clone().requires_grad_()
-    loss = vocab_parallel_divergence(leaf.transpose(0, 1), teacher_bsv.transpose(0, 1), divergence="jsd")
+    loss = vocab_parallel_divergence(leaf.transpose(0, 1), teacher_bsv.transpose(0, 1), DivergenceOptions("jsd"))
     (loss * grad_out).sum().backward()
     ref_loss, ref_grad = reference_with_grad(student_bsv.transpose(0, 1), teacher_bsv.transpose(0, 1), grad_out,
                                              kind="jsd")
@@ -296,7 +297,7 @@ def test_extra_peak_memory_is_about_one_shard(monkeypatch):
     for divergence in DIVERGENCES:
         student.grad = None
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            vocab_parallel_divergence(student, teacher, divergence=divergence).sum().backward()
+            vocab_parallel_divergence(student, teacher, DivergenceOptions(divergence=divergence)).sum().backward()
         events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
         while stack:
             event = stack.pop()
@@ -326,11 +327,11 @@ def test_fused_chunked_matches_unfused_and_reference(kwargs, chunk_size):
     common = dict(real_vocab_size=real, temperature=1.2, **kwargs)
 
     hs1, ws1 = hs.clone().requires_grad_(), ws.clone().requires_grad_()
-    fused = fused_chunked_divergence(hs1, ws1, ht, wt, chunk_size=chunk_size, **common)
+    fused = fused_chunked_divergence(hs1, ws1, ht, wt, DivergenceOptions(chunk_size=chunk_size, **common))
     (fused * grad_out).sum().backward()
 
     hs2, ws2 = hs.clone().requires_grad_(), ws.clone().requires_grad_()
-    unfused = vocab_parallel_divergence(hs2 @ ws2.t(), ht @ wt.t(), **common)
+    unfused = vocab_parallel_divergence(hs2 @ ws2.t(), ht @ wt.t(), DivergenceOptions(**common))
     (unfused * grad_out).sum().backward()
 
     hs3, ws3 = hs.double().requires_grad_(), ws.double().requires_grad_()
@@ -352,14 +353,14 @@ def test_fused_chunked_bf16_and_empty():
     hs, ws, ht, wt = _fused_inputs(34, vocab_s=32, vocab_t=32, dtype=torch.bfloat16)
     hs.requires_grad_()
     ws.requires_grad_()
-    loss = fused_chunked_divergence(hs, ws, ht, wt, chunk_size=8, divergence="jsd")
+    loss = fused_chunked_divergence(hs, ws, ht, wt, DivergenceOptions(chunk_size=8, divergence="jsd"))
     loss.sum().backward()
     assert loss.dtype == torch.float32 and hs.grad.dtype == torch.bfloat16 and ws.grad.dtype == torch.bfloat16
     ref = reference_divergence(hs.detach().float() @ ws.detach().float().t(), ht.float() @ wt.float().t(), "jsd")
     assert_close(loss, ref, rtol=5e-2, atol=5e-3)
     # Only the weight needs a gradient (frozen trunk): the hidden-state gradient is skipped.
     ws.grad = None
-    fused_chunked_divergence(hs.detach(), ws, ht, wt, chunk_size=8).sum().backward()
+    fused_chunked_divergence(hs.detach(), ws, ht, wt, DivergenceOptions(chunk_size=8)).sum().backward()
     assert ws.grad is not None and ws.grad.abs().sum() > 0
     empty_h = torch.zeros(0, 2, 16, requires_grad=True)
     out = fused_chunked_divergence(empty_h, ws.detach(), torch.zeros(0, 2, 24), wt)
@@ -398,7 +399,8 @@ def test_sampled_token_advantage():
     student, teacher = make_logits(5, 40, seed=35), make_logits(5, 44, seed=36)
     real, temperature = 38, 1.4
     tokens = torch.randint(0, real, (5,), generator=torch.Generator().manual_seed(37))
-    out = sampled_token_advantage(student, teacher, tokens, temperature=temperature, real_vocab_size=real)
+    options = DivergenceOptions(temperature=temperature, real_vocab_size=real)
+    out = sampled_token_advantage(student, teacher, tokens, options)
     logp = F.log_softmax(student[:, :real].double() / temperature, -1)
     logq = F.log_softmax(teacher[:, :real].double() / temperature, -1)
     rkl = reference_divergence(student, teacher, "reverse_kl", temperature=temperature, real_vocab_size=real)
@@ -409,6 +411,6 @@ def test_sampled_token_advantage():
     # The baseline is exact: the advantage has zero mean under p for every token position.
     every = torch.arange(real).repeat(5)
     s_rep, t_rep = student.repeat_interleave(real, 0), teacher.repeat_interleave(real, 0)
-    adv = sampled_token_advantage(s_rep, t_rep, every, temperature=temperature, real_vocab_size=real).advantage
+    adv = sampled_token_advantage(s_rep, t_rep, every, options).advantage
     expectation = (logp.exp() * adv.view(5, real).double()).sum(-1)
     assert_close(expectation, torch.zeros(5), atol=2e-6)

@@ -91,6 +91,7 @@ class _Counter:
 
 
 def _run_cases(tp_rank, tp_size, group, counter, only=None):
+    from caopd_megatron.distill.divergence_options import DivergenceOptions
     from caopd_megatron.distill.fused_output_loss import fused_chunked_divergence
     from caopd_megatron.distill.losses import vocab_parallel_divergence
     from caopd_megatron.distill.sampled_token import sampled_token_advantage
@@ -103,8 +104,9 @@ def _run_cases(tp_rank, tp_size, group, counter, only=None):
         student, teacher, grad_out = _logits(case)
         leaf = _shard(student, tp_rank, tp_size).requires_grad_()
         counter.take()
-        loss = vocab_parallel_divergence(leaf, _shard(teacher, tp_rank, tp_size), divergence=divergence,
-                                         beta=beta, temperature=temperature, real_vocab_size=real, tp_group=group)
+        options = DivergenceOptions(divergence=divergence, beta=beta, temperature=temperature, real_vocab_size=real,
+                                    tp_group=group)
+        loss = vocab_parallel_divergence(leaf, _shard(teacher, tp_rank, tp_size), options)
         forward_counts = counter.take()
         (loss * grad_out).sum().backward()
         out[name] = dict(loss=loss.detach(), grad=leaf.grad, fwd=forward_counts, bwd=counter.take())
@@ -115,9 +117,9 @@ def _run_cases(tp_rank, tp_size, group, counter, only=None):
         hs, ws, ht, wt, grad_out = _fused_inputs(case)
         hs, ws_shard = hs.clone().requires_grad_(), _shard(ws, tp_rank, tp_size, 0).requires_grad_()
         counter.take()
-        loss = fused_chunked_divergence(hs, ws_shard, ht, _shard(wt, tp_rank, tp_size, 0), chunk_size=chunk,
-                                        divergence=divergence, beta=beta, temperature=temperature,
-                                        real_vocab_size=real, tp_group=group)
+        options = DivergenceOptions(divergence=divergence, beta=beta, temperature=temperature, real_vocab_size=real,
+                                    tp_group=group, chunk_size=chunk)
+        loss = fused_chunked_divergence(hs, ws_shard, ht, _shard(wt, tp_rank, tp_size, 0), options)
         forward_counts = counter.take()
         (loss * grad_out).sum().backward()
         out[name] = dict(loss=loss.detach(), grad_hidden=hs.grad, grad=ws_shard.grad, fwd=forward_counts,
@@ -125,7 +127,7 @@ def _run_cases(tp_rank, tp_size, group, counter, only=None):
     student, teacher, _ = _logits(CASES[3])
     tokens = torch.randint(0, 90, student.shape[:-1], generator=torch.Generator().manual_seed(0))
     adv = sampled_token_advantage(_shard(student, tp_rank, tp_size), _shard(teacher, tp_rank, tp_size), tokens,
-                                  temperature=1.3, real_vocab_size=90, tp_group=group)
+                                  DivergenceOptions(temperature=1.3, real_vocab_size=90, tp_group=group))
     out["advantage"] = dict(loss=adv.advantage, tokens=tokens)
     return out
 

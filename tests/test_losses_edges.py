@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from caopd_megatron.distill.divergence_math import DIVERGENCES, MASKED_LOGIT
+from caopd_megatron.distill.divergence_options import DivergenceOptions
 from caopd_megatron.distill.fused_output_loss import fused_chunked_divergence
 from caopd_megatron.distill.losses import vocab_parallel_divergence
 from caopd_megatron.distill.sampled_token import sampled_token_advantage
@@ -26,11 +27,11 @@ def test_jsd_near_beta_one_keeps_fp32_precision(beta):
     """log(q/m) as -softplus(-x) - log beta: x - softplus(x) lost ~6e-4 relative at beta = 0.9999."""
     student, teacher = make_logits(64, 256, seed=1), make_logits(64, 256, seed=2)
     ref = reference_divergence(student, teacher, "jsd", beta=beta)
-    assert relative_error(vocab_parallel_divergence(student, teacher, divergence="jsd", beta=beta), ref) < 1e-6
+    assert relative_error(vocab_parallel_divergence(student, teacher, DivergenceOptions("jsd", beta=beta)), ref) < 1e-6
     # The fused path shares the arithmetic: identity weights make its logits the same numbers.
     eye = torch.eye(256)
-    fused = fused_chunked_divergence(student.unsqueeze(1), eye, teacher.unsqueeze(1), eye, chunk_size=16,
-                                     divergence="jsd", beta=beta)
+    fused = fused_chunked_divergence(student.unsqueeze(1), eye, teacher.unsqueeze(1), eye,
+                                     DivergenceOptions("jsd", beta=beta, chunk_size=16))
     assert relative_error(fused.squeeze(1), ref) < 1e-6
 
 
@@ -48,8 +49,8 @@ def test_temperature_is_applied_after_the_row_max(divergence):
     assert_close(grad, ref_grad, rtol=0, atol=1e-5)
     # The same holds for the fused path (its logits come out of the output-layer matmul).
     eye = torch.eye(300)
-    fused = fused_chunked_divergence(student.unsqueeze(1), eye, teacher.unsqueeze(1), eye, chunk_size=5,
-                                     divergence=divergence, beta=0.4, temperature=0.7)
+    fused = fused_chunked_divergence(student.unsqueeze(1), eye, teacher.unsqueeze(1), eye,
+                                     DivergenceOptions(divergence, beta=0.4, temperature=0.7, chunk_size=5))
     assert relative_error(fused.squeeze(1), ref_loss) < 2e-6
 
 
@@ -98,7 +99,7 @@ def test_masked_teacher_in_the_sampled_token_estimator():
     student, teacher = make_logits(6, 40, seed=7), make_logits(6, 40, seed=8)
     teacher[:, 5:15] = -math.inf
     tokens = torch.tensor([0, 5, 10, 20, 30, 14])
-    out = sampled_token_advantage(student, teacher, tokens, temperature=0.9)
+    out = sampled_token_advantage(student, teacher, tokens, DivergenceOptions(temperature=0.9))
     floored = teacher.masked_fill(teacher == -math.inf, MASKED_LOGIT)
     logp = F.log_softmax(student.double() / 0.9, -1)
     logq = F.log_softmax(floored.double() / 0.9, -1)

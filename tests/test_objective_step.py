@@ -1,5 +1,5 @@
-"""distill_step with distill.loss=mixed and vopd: the parameter gradients of a tiny model equal a per-example
-fp64 torch.nn.functional reference (mean over tokens, then sequences), whatever the micro-batching."""
+"""distill_step with distill.loss=mixed and vopd (unfused and fused): the parameter gradients of a tiny model
+equal a per-example fp64 torch.nn.functional reference (mean over tokens, then sequences), whatever the micro-batching."""
 from __future__ import annotations
 
 import pytest
@@ -43,15 +43,16 @@ def reference(student, teacher, examples, cfg: DistillConfig):
     return float(torch.stack(values).mean()), grads
 
 
-@pytest.mark.parametrize("loss", ["mixed", "vopd"])
-def test_objective_step_matches_the_reference(runtime, teacher, loss):
+@pytest.mark.parametrize("loss,fused", [("mixed", False), ("vopd", False), ("vopd", True)])
+def test_objective_step_matches_the_reference(runtime, teacher, loss, fused):
     examples = make_examples()
     base = DistillConfig(loss=loss, mix_weight=0.3, grad_clip=0.0)
     ref_loss, ref_grads = reference(fresh_student(), teacher, examples, base)
     for micro_batch_size in (8, 3):
         student = fresh_student()
         opt = RecordingSGD(student.parameters(), lr=0.0)
-        cfg = DistillConfig(loss=loss, mix_weight=0.3, grad_clip=0.0, micro_batch_size=micro_batch_size)
+        cfg = DistillConfig(loss=loss, mix_weight=0.3, grad_clip=0.0, micro_batch_size=micro_batch_size, fused=fused,
+                            chunk_size=5)
         stats = distill_step(student, teacher, opt, None, examples, cfg, pad_id=PAD, real_vocab_size=REAL_VOCAB)
         assert stats.loss == pytest.approx(ref_loss, rel=1e-5)
         for name, p in student.named_parameters():

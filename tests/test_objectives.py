@@ -6,12 +6,15 @@ the teacher's mass outside the student's top-k.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from caopd_megatron.config.schema import DistillConfig
+from caopd_megatron.distill.divergence_options import DivergenceOptions
 from caopd_megatron.distill.losses import vocab_parallel_divergence
 from caopd_megatron.distill.sampled_token import sampled_token_policy_gradient
 from caopd_megatron.distill.token_diagnostics import DiagnosticsSink
@@ -55,7 +58,7 @@ def reverse_kl_grad(student, teacher, temperature=1.0):
 
 def run_vopd(student, teacher, tokens, **kwargs):
     leaf = student.detach().clone().requires_grad_()
-    loss = sampled_token_policy_gradient(leaf, teacher, tokens, **kwargs)
+    loss = sampled_token_policy_gradient(leaf, teacher, tokens, DivergenceOptions(**kwargs))
     loss.sum().backward()
     return loss.detach(), leaf.grad
 
@@ -78,8 +81,8 @@ def per_sample_gradients(student_row, teacher_row, tokens, baseline, top_k=2):
     """[n, V] gradient of each sampled token's surrogate, the logits row repeated n times."""
     n = tokens.shape[0]
     leaf = student_row.expand(n, -1).clone().requires_grad_()
-    sampled_token_policy_gradient(leaf, teacher_row.expand(n, -1), tokens, baseline=baseline,
-                                  top_k=top_k).sum().backward()
+    sampled_token_policy_gradient(leaf, teacher_row.expand(n, -1), tokens,
+                                  DivergenceOptions(baseline=baseline, top_k=top_k)).sum().backward()
     return leaf.grad.double()
 
 
@@ -140,10 +143,9 @@ def reference_diagnostics(student, teacher, top_k, temperature=1.0, real=None):
 def test_diagnostics_match_direct_computation(divergence):
     student, teacher = make_logits(3, 4, 40, seed=8), make_logits(3, 4, 40, seed=9)
     sink = DiagnosticsSink(top_k=5)
-    loss = vocab_parallel_divergence(student, teacher, divergence=divergence, beta=0.4, temperature=0.8,
-                                     real_vocab_size=37, diagnostics=sink)
-    plain = vocab_parallel_divergence(student, teacher, divergence=divergence, beta=0.4, temperature=0.8,
-                                      real_vocab_size=37)
+    plain = DivergenceOptions(divergence=divergence, beta=0.4, temperature=0.8, real_vocab_size=37)
+    loss = vocab_parallel_divergence(student, teacher, dataclasses.replace(plain, diagnostics=sink))
+    plain = vocab_parallel_divergence(student, teacher, plain)
     assert torch.equal(loss, plain)  # the diagnostics leave the loss bitwise unchanged
     rows = sink.take().double()
     entropy_s, entropy_t, tail = reference_diagnostics(student, teacher, 5, 0.8, 37)
@@ -158,7 +160,7 @@ def test_vopd_diagnostics_carry_the_advantage():
     student, teacher = make_logits(5, 30, seed=11), make_logits(5, 30, seed=12)
     tokens = torch.tensor([0, 3, 7, 11, 29])
     sink = DiagnosticsSink(top_k=4)
-    sampled_token_policy_gradient(student, teacher, tokens, baseline="full", diagnostics=sink)
+    sampled_token_policy_gradient(student, teacher, tokens, DivergenceOptions(baseline="full", diagnostics=sink))
     rows = sink.take().double()
     _, _, advantage = reference_vopd(student, teacher, tokens, baseline="full")
     entropy_s, entropy_t, tail = reference_diagnostics(student, teacher, 4)
@@ -176,11 +178,89 @@ def test_fused_diagnostics_match_direct_computation(divergence):
     hs, ht = torch.randn(5, 2, 8, generator=gen), torch.randn(5, 2, 12, generator=gen)
     ws, wt = torch.randn(40, 8, generator=gen), torch.randn(40, 12, generator=gen)
     sink = DiagnosticsSink(top_k=4)
-    loss = fused_chunked_divergence(hs, ws, ht, wt, chunk_size=3, divergence=divergence, beta=0.4, temperature=1.1,
-                                    real_vocab_size=37, diagnostics=sink)
+    options = DivergenceOptions(divergence=divergence, beta=0.4, temperature=1.1, real_vocab_size=37,
+                                diagnostics=sink, chunk_size=3)
+    loss = fused_chunked_divergence(hs, ws, ht, wt, options)
     rows = sink.take().double()
     entropy_s, entropy_t, tail = reference_diagnostics(hs @ ws.t(), ht @ wt.t(), 4, 1.1, 37)
     torch.testing.assert_close(rows[:, 0], entropy_s.reshape(-1), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(rows[:, 1], entropy_t.reshape(-1), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(rows[:, 2], loss.reshape(-1).double())
     torch.testing.assert_close(rows[:, 3], tail.reshape(-1), rtol=1e-5, atol=1e-5)
+
+
+def test_divergence_options_from_the_config():
+    sink = DiagnosticsSink(3)
+    cfg = DistillConfig(loss="mixed", beta=0.2, mix_weight=0.7, temperature=1.3, fused=True, chunk_size=5,
+                        vopd_baseline="top_k", top_k=3, vopd_reward_clip=-2.0)
+    options = DivergenceOptions.from_config(cfg, 37, None, sink)
+    assert options == DivergenceOptions(divergence="mixed", beta=0.7, temperature=1.3, real_vocab_size=37,
+                                        tp_group=None, diagnostics=sink, fused=True, chunk_size=5, baseline="top_k",
+                                        top_k=3, reward_clip=-2.0)
+    assert DivergenceOptions.from_config(dataclasses.replace(cfg, loss="jsd"), 37).beta == 0.2  # JSD reads beta
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.beta = 0.1
+    # The sampled-token estimator estimates reverse KL only; other divergences are refused, not ignored.
+    student, teacher = torch.randn(4, 37), torch.randn(4, 37)
+    with pytest.raises(ValueError, match="reverse KL"):
+        sampled_token_policy_gradient(student, teacher, torch.zeros(4, dtype=torch.long), DivergenceOptions("jsd"))
+
+
+def fused_vopd_inputs(seed=21, vocab_s=40, vocab_t=48, real=37):
+    gen = torch.Generator().manual_seed(seed)
+    hs, ht = torch.randn(7, 3, 16, generator=gen), torch.randn(7, 3, 24, generator=gen)
+    ws, wt = torch.randn(vocab_s, 16, generator=gen) * 0.5, torch.randn(vocab_t, 24, generator=gen) * 0.5
+    ws[real:], wt[real:] = 100.0, -100.0  # would dominate every softmax if padding leaked in
+    tokens = torch.randint(0, real, (7, 3), generator=gen)
+    return hs, ws, ht, wt, tokens, torch.rand(7, 3, generator=gen)
+
+
+def reference_fused_vopd(hs, ws, ht, wt, tokens, grad_out, **kwargs):
+    """fp64 (KL, dL/dh, dL/dW, advantage) of sum(g * surrogate) through the output matmul, straight from F."""
+    hs64, ws64 = hs.double().requires_grad_(), ws.double().requires_grad_()
+    logits = hs64 @ ws64.t()
+    kl, grad_logits, advantage = reference_vopd(logits, ht.double() @ wt.double().t(), tokens, **kwargs)
+    logits.backward(grad_logits * grad_out.double().unsqueeze(-1))  # per-token terms are separable
+    return kl, hs64.grad, ws64.grad, advantage
+
+
+@pytest.mark.parametrize("baseline,reward_clip", [("none", None), ("full", None), ("top_k", None), ("full", -1.0)])
+@pytest.mark.parametrize("chunk_size", [1, 4, 21, 64])
+def test_fused_vopd_matches_unfused_and_reference(baseline, reward_clip, chunk_size):
+    from caopd_megatron.distill.fused_output_loss import fused_chunked_divergence
+
+    hs, ws, ht, wt, tokens, grad_out = fused_vopd_inputs()
+    options = DivergenceOptions("vopd", baseline=baseline, top_k=3, reward_clip=reward_clip, temperature=0.8,
+                                real_vocab_size=37, chunk_size=chunk_size)
+    hs1, ws1, sink1 = hs.clone().requires_grad_(), ws.clone().requires_grad_(), DiagnosticsSink(4)
+    fused = fused_chunked_divergence(hs1, ws1, ht, wt, dataclasses.replace(options, diagnostics=sink1), tokens)
+    (fused * grad_out).sum().backward()
+    hs2, ws2, sink2 = hs.clone().requires_grad_(), ws.clone().requires_grad_(), DiagnosticsSink(4)
+    unfused = sampled_token_policy_gradient(hs2 @ ws2.t(), ht @ wt.t(), tokens,
+                                            dataclasses.replace(options, diagnostics=sink2))
+    (unfused * grad_out).sum().backward()
+    ref_kl, ref_h, ref_w, advantage = reference_fused_vopd(hs, ws, ht, wt, tokens, grad_out, baseline=baseline,
+                                                           top_k=3, reward_clip=reward_clip, temperature=0.8, real=37)
+    assert fused.shape == (7, 3) and fused.dtype == torch.float32
+    torch.testing.assert_close(fused, unfused, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(hs1.grad, hs2.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ws1.grad, ws2.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused.double(), ref_kl, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(hs1.grad.double(), ref_h, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ws1.grad.double(), ref_w, rtol=1e-5, atol=1e-5)
+    assert not ws1.grad[37:].any()  # padding rows get no gradient
+    rows1, rows2 = sink1.take(), sink2.take()
+    torch.testing.assert_close(rows1, rows2, rtol=1e-5, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(rows1[:, 4].double(), advantage.reshape(-1), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_vopd_refuses_missing_tokens_and_other_divergences():
+    from caopd_megatron.distill.fused_output_loss import fused_chunked_divergence
+
+    hs, ws, ht, wt, tokens, _ = fused_vopd_inputs()
+    with pytest.raises(ValueError, match="sampled tokens"):
+        fused_chunked_divergence(hs, ws, ht, wt, DivergenceOptions("vopd", real_vocab_size=37))
+    with pytest.raises(ValueError, match="sampled tokens"):
+        fused_chunked_divergence(hs, ws, ht, wt, DivergenceOptions("vopd", real_vocab_size=37), tokens[:3])
+    with pytest.raises(ValueError, match="baseline"):
+        fused_chunked_divergence(hs, ws, ht, wt, DivergenceOptions("vopd", baseline="mean"), tokens)

@@ -11,13 +11,14 @@ import json
 import pytest
 
 from caopd_megatron.calibration.revise import revise
-from caopd_megatron.calibration.self_consistency import agreement, self_consistency_confidence
+from caopd_megatron.calibration.self_consistency import agreement, anchor_answer, self_consistency_confidence
 from caopd_megatron.config.schema import CalibrationConfig, DataConfig
 from caopd_megatron.data.prompts import PromptRecord
 from caopd_megatron.data.records import RolloutRecord
 from caopd_megatron.data.tasks.base import get_normaliser, normalise_free_text
 from caopd_megatron.data.tasks.chemistry_mcq import extract_choice
 from caopd_megatron.data.tasks.digit_sum import make_digit_sum_records, normalise_digit_sum
+from caopd_megatron.data.tasks.math_answer import normalise_math, verify_math
 from caopd_megatron.data.tasks.tooluse import normalise_tooluse
 from caopd_megatron.data.tokenizer import build_synthetic_tokenizer
 
@@ -81,3 +82,50 @@ def test_without_a_verifier_or_anchor_the_modal_share_is_used():
                       CalibrationConfig(confidence_source="self_consistency"))
     assert [e.empirical_confidence for e in examples] == [0.75] * 4
     assert [e.correct for e in examples] == [True, True, False, True]  # agreement stands in for the verdict
+
+
+# Hand-made sets of math responses that state the same value in different notations ...
+MATH_AGREEING = [
+    ["\\boxed{\\frac{1}{2}} Confidence: 0.8", "The answer is 0.5", "Answer: 1/2", "so \\boxed{x = \\dfrac12}.", "$\\boxed{50\\%}$",
+     "\\boxed{0.50}", "we get \\boxed{\\left(\\frac{2}{4}\\right)}"],
+    ["\\boxed{-3}", "Answer: \u22123", "-3.0", "x=-3", "\\boxed{-\\frac{6}{2}}", "\\boxed{\\text{-3}}"],
+    ["\\boxed{1,234}", "Answer: 1234", "\\boxed{1\\,234.0}", "the total is 1234 apples"],
+    ["\\boxed{\\pi}", "Answer: \\pi", "\\boxed{ \\pi }"],  # symbolic: equal as normalised text
+]
+# ... and pairs that must not agree (a value that is close, or a percentage read the other way).
+MATH_DISAGREEING = [("\\boxed{1/3}", "0.333"), ("Answer: 2", "Answer: -2"), ("\\boxed{50\\%}", "Answer: 50"),
+                    ("\\boxed{\\pi}", "3.14159"), ("\\boxed{10}", "\\boxed{100}"), ("\\boxed{x+1}", "\\boxed{x-1}")]
+
+
+def test_math_normaliser_makes_equivalent_answers_agree():
+    assert get_normaliser("math") is normalise_math
+    for group in MATH_AGREEING:
+        forms = {normalise_math(r) for r in group}
+        assert len(forms) == 1 and None not in forms, (group, forms)
+    assert normalise_math("\\boxed{0.5}") == "1/2" and normalise_math("Answer: -6/4") == "-3/2"
+    for a, b in MATH_DISAGREEING:
+        assert normalise_math(a) != normalise_math(b), (a, b)
+    assert normalise_math("no number here") is None or normalise_math("no number here") != normalise_math("4")
+    assert normalise_math("") is None and normalise_math("Confidence: 0.9") is None
+    assert normalise_math("\\boxed{" + "9" * 400 + "}") is None  # longer than any real answer: not compared
+
+
+def test_math_normaliser_agrees_with_the_verifier_on_numbers():
+    # Within an agreeing group the verifier accepts every member against every other's final answer
+    # (the percentage excepted: it also reads 50% as 50, which the normaliser does not).
+    for group in MATH_AGREEING[1:3]:
+        for response in group:
+            for other in group:
+                assert verify_math(response, normalise_math(other)), (response, other)
+
+
+def test_self_consistency_on_math_is_anchored_on_the_demonstration_value():
+    rec = PromptRecord(id="m-1", question="1/4 + 1/4?", reference="1/2", task="math",
+                       demonstration="\\boxed{\\frac{1}{2}} Confidence: 1.0")
+    anchor = anchor_answer(rec, rec.demonstration)
+    answers = [normalise_math(r) for r in
+               ("0.5 Confidence: 0.9", "\\boxed{2/4}", "Answer: 0.25", "I am not sure", "\\boxed{1/2} Confidence: 1")]
+    assert anchor == "1/2"
+    assert self_consistency_confidence(answers, anchor) == 3 / 5
+    # Without an anchor the modal value is the one written three ways.
+    assert self_consistency_confidence(answers, None) == 3 / 5

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from caopd_megatron.config.schema import DistillConfig
 from caopd_megatron.distill.batching import gather_positions, pack
-from caopd_megatron.distill.step import response_divergence
+from caopd_megatron.distill.step import response_divergence, step_options
 from caopd_megatron.distill.step_diagnostics import StepDiagnostics, confidence_token_mask, diagnostic_keys
 from caopd_megatron.data.tokenizer import build_synthetic_tokenizer
 from caopd_megatron.distill.step_diagnostics import marker_patterns
@@ -69,7 +69,8 @@ def test_response_divergence_diagnostics_match_the_model_logits(runtime):
         with torch.no_grad(), HiddenStateCapture(teacher):
             t_hidden = gather_positions(teacher(batch.tokens, batch.positions, attention_mask=None), batch.index)
         s_logits = gather_positions(student(batch.tokens, batch.positions, attention_mask=None), batch.index)
-        response_divergence(s_logits, t_hidden, student, teacher, cfg, vocab.real, batch.targets, diag)
+        response_divergence(s_logits, t_hidden, student, teacher, step_options(student, cfg, vocab.real, diag),
+                            batch.targets)
         diag.absorb(batch.targets, batch.mask)
         out = diag.summary(student)
         t_logits = gather_positions(teacher(batch.tokens, batch.positions, attention_mask=None), batch.index)

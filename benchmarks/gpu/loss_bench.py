@@ -20,6 +20,7 @@ import torch
 
 from benchmarks.bench_losses import naive_reverse_kl
 from benchmarks.gpu.common import Sizes, measure
+from caopd_megatron.distill.divergence_options import DivergenceOptions
 from caopd_megatron.distill.fused_output_loss import fused_chunked_divergence
 from caopd_megatron.distill.losses import vocab_parallel_divergence
 
@@ -69,7 +70,7 @@ def bench_vocab(vocab: int, sizes: Sizes, device: torch.device, dtype: torch.dty
 
     def ours_fused():
         fused_chunked_divergence(hidden_s.unsqueeze(1), weight_s, hidden_t.unsqueeze(1), weight_t,
-                                 chunk_size=sizes.loss_chunk).mean().backward()
+                                 DivergenceOptions(chunk_size=sizes.loss_chunk)).mean().backward()
         free_grads()
 
     def naive():

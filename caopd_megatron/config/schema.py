@@ -228,8 +228,6 @@ class DistillConfig:
             raise ValueError(f"distill.mix_weight must be in [0, 1], got {self.mix_weight}")
         if self.top_k < 1:
             raise ValueError(f"distill.top_k must be >= 1, got {self.top_k}")
-        if self.loss == "vopd" and self.fused:
-            raise ValueError("distill.loss=vopd runs on unfused logits: set distill.fused=false")
 
 
 @dataclass

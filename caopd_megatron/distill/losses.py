@@ -15,15 +15,13 @@ Design decisions:
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
-import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from caopd_megatron.distill.divergence_math import resolve_divergence
+from caopd_megatron.distill.divergence_options import DivergenceOptions
 from caopd_megatron.distill.divergence_passes import ShardPass, TokenStats
-from caopd_megatron.distill.token_diagnostics import DiagnosticsSink, local_columns, merge_columns
+from caopd_megatron.distill.token_diagnostics import local_columns, merge_columns
 from caopd_megatron.distill.vocab_realign import effective_tp_group, layout_logits, resolve_real_vocab
 
 
@@ -64,43 +62,33 @@ class _VocabParallelDivergenceFunction(torch.autograd.Function):
         return grad_2d.view(student_logits.shape), None, None, None, None, None, None, None
 
 
-def vocab_parallel_divergence(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    *,
-    divergence: str = "reverse_kl",
-    beta: float = 0.5,
-    temperature: float = 1.0,
-    real_vocab_size: Optional[int] = None,
-    tp_group: Optional[dist.ProcessGroup] = None,
-    diagnostics: Optional[DiagnosticsSink] = None,
-) -> torch.Tensor:
+def vocab_parallel_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                              options: DivergenceOptions = DivergenceOptions()) -> torch.Tensor:
     """Per-token divergence between vocab-parallel student and teacher logits.
 
     Args:
         student_logits: ``[..., Vs/tp]`` rows ``[r*Vs/tp, (r+1)*Vs/tp)`` of the student's padded vocab on
-            rank r of tp_group; any float dtype; receives the gradient (same dtype and shape).
+            rank r of ``options.tp_group``; any float dtype; receives the gradient (same dtype and shape).
         teacher_logits: ``[..., Vt/tp]`` likewise for the teacher (``Vt`` may differ from ``Vs``); detached.
-        divergence: ``"reverse_kl"`` KL(p||q), ``"forward_kl"`` KL(q||p), ``"jsd"`` generalised JSD(beta)
-            (beta 0 / 1 give forward / reverse KL, as in TRL's GKD), ``"mixed"`` ``beta KL(q||p) +
-            (1 - beta) KL(p||q)`` (beta is then the forward-KL weight).
-        temperature: both distributions are ``softmax(logits / temperature)``.
-        real_vocab_size: ids ``>= real_vocab_size`` are padding and get no mass and zero gradient;
-            ``None`` means every entry is real (requires ``Vs == Vt``).
-        tp_group: the tensor-parallel group over which the vocabulary is sharded; ``None`` = single shard.
-        diagnostics: receives the per-token diagnostics (``token_diagnostics``), computed on the same collective.
+        options: ``divergence`` ``"reverse_kl"`` KL(p||q), ``"forward_kl"`` KL(q||p), ``"jsd"`` generalised
+            JSD(beta) (beta 0 / 1 give forward / reverse KL, as in TRL's GKD), ``"mixed"`` ``beta KL(q||p) +
+            (1 - beta) KL(p||q)`` (beta is then the forward-KL weight); ``temperature``; ``real_vocab_size``
+            (ids at or above it are padding: no mass, zero gradient; ``None`` requires ``Vs == Vt``);
+            ``tp_group``; ``diagnostics`` (computed on the same collective). See ``DivergenceOptions``.
     Returns:
         ``[...]`` fp32 per-token loss, replicated (bitwise identical) on every rank of tp_group.
     """
-    kind = resolve_divergence(divergence, beta, temperature)
+    kind = resolve_divergence(options.divergence, options.beta, options.temperature)
     if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
         raise ValueError(f"token shapes differ: {tuple(student_logits.shape)} vs {tuple(teacher_logits.shape)}")
     if not (student_logits.is_floating_point() and teacher_logits.is_floating_point()):
         raise TypeError("logits must be floating point")
-    tp_group = effective_tp_group(tp_group)
-    real_vocab = resolve_real_vocab(student_logits.shape[-1], teacher_logits.shape[-1], real_vocab_size, tp_group)
-    return _VocabParallelDivergenceFunction.apply(student_logits, teacher_logits.detach(), kind, float(temperature),
-                                                  float(beta), real_vocab, tp_group, diagnostics)
+    tp_group = effective_tp_group(options.tp_group)
+    real_vocab = resolve_real_vocab(student_logits.shape[-1], teacher_logits.shape[-1], options.real_vocab_size,
+                                    tp_group)
+    return _VocabParallelDivergenceFunction.apply(student_logits, teacher_logits.detach(), kind,
+                                                  float(options.temperature), float(options.beta), real_vocab,
+                                                  tp_group, options.diagnostics)
 
 
 def masked_sequence_mean(per_token_loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

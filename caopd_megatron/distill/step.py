@@ -25,6 +25,7 @@ import torch
 from caopd_megatron.config.schema import DistillConfig
 from caopd_megatron.data.records import DistillExample
 from caopd_megatron.distill.batching import PackedBatch, gather_positions, pack
+from caopd_megatron.distill.divergence_options import DivergenceOptions
 from caopd_megatron.distill.fused_output_loss import fused_chunked_divergence
 from caopd_megatron.distill.losses import masked_sequence_mean, vocab_parallel_divergence
 from caopd_megatron.distill.optim import optimizer_step
@@ -69,35 +70,35 @@ def micro_batches(start: int, stop: int, size: int) -> list[slice]:
 
 
 def response_divergence(student_out: torch.Tensor, teacher_hidden: torch.Tensor, student, teacher,
-                        cfg: DistillConfig, real_vocab_size: int, targets: Optional[torch.Tensor] = None,
-                        diagnostics: Optional[StepDiagnostics] = None) -> torch.Tensor:
+                        options: DivergenceOptions, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The distillation loss per response token, ``[b, R]`` fp32 (replicated on the TP group).
 
-    ``student_out``: the student at response positions, ``[b, R, V/tp]`` logits, or with ``cfg.fused``
+    ``student_out``: the student at response positions, ``[b, R, V/tp]`` logits, or with ``options.fused``
     ``[b, R, h_s]`` final hidden states; ``teacher_hidden``: the teacher's ``[b, R, h_t]`` final hidden states
     (no gradient). The teacher is projected through its output-layer shard ``[V_t/tp, h_t]``: all at once
     (unfused) or chunk by chunk together with the student (fused), so no full-sequence logits exist.
-    ``targets``: the ``[b, R]`` response token ids (the sampled tokens ``distill.loss=vopd`` needs);
-    ``diagnostics``: its sink receives the per-token diagnostics.
+    ``targets``: the ``[b, R]`` response token ids (the sampled tokens ``divergence=vopd`` needs);
+    ``options``: the step's ``DivergenceOptions`` (``divergence`` and ``fused`` pick the path).
     """
-    sink = None if diagnostics is None else diagnostics.sink
-    tp_group = model_groups(student).tp
     t_weight = output_weight(teacher).detach()
-    if cfg.loss == "vopd":
-        if cfg.fused or targets is None:
-            raise ValueError("distill.loss=vopd needs unfused logits and the response tokens")
-        return sampled_token_policy_gradient(student_out, torch.matmul(teacher_hidden, t_weight.t()),
-                                             targets.to(student_out.device), baseline=cfg.vopd_baseline,
-                                             top_k=cfg.top_k, reward_clip=cfg.vopd_reward_clip,
-                                             temperature=cfg.temperature, real_vocab_size=real_vocab_size,
-                                             tp_group=tp_group, diagnostics=sink)
-    kw = dict(divergence=cfg.loss, beta=cfg.mix_weight if cfg.loss == "mixed" else cfg.beta,
-              temperature=cfg.temperature, real_vocab_size=real_vocab_size, tp_group=tp_group, diagnostics=sink)
-    if cfg.fused:
+    sampled = options.divergence == "vopd"
+    if sampled and targets is None:
+        raise ValueError("distill.loss=vopd needs the response tokens (targets)")
+    if options.fused:
+        tokens = targets.to(student_out.device).transpose(0, 1) if sampled else None
         return fused_chunked_divergence(student_out.transpose(0, 1), output_weight(student),
-                                        teacher_hidden.transpose(0, 1), t_weight, chunk_size=cfg.chunk_size,
-                                        **kw).transpose(0, 1)
-    return vocab_parallel_divergence(student_out, torch.matmul(teacher_hidden, t_weight.t()), **kw)
+                                        teacher_hidden.transpose(0, 1), t_weight, options, tokens).transpose(0, 1)
+    if sampled:
+        return sampled_token_policy_gradient(student_out, torch.matmul(teacher_hidden, t_weight.t()),
+                                             targets.to(student_out.device), options)
+    return vocab_parallel_divergence(student_out, torch.matmul(teacher_hidden, t_weight.t()), options)
+
+
+def step_options(student, cfg: DistillConfig, real_vocab_size: int,
+                 diagnostics: Optional[StepDiagnostics] = None) -> DivergenceOptions:
+    """The step's ``DivergenceOptions``: ``cfg`` on the student's TP group, with the diagnostics' sink."""
+    return DivergenceOptions.from_config(cfg, real_vocab_size, model_groups(student).tp,
+                                         None if diagnostics is None else diagnostics.sink)
 
 
 def distill_loss(student, teacher, s_batch: PackedBatch, t_batch: PackedBatch, cfg: DistillConfig,
@@ -108,8 +109,8 @@ def distill_loss(student, teacher, s_batch: PackedBatch, t_batch: PackedBatch, c
         t_hidden = gather_positions(teacher(t_batch.tokens, t_batch.positions, attention_mask=None), t_batch.index)
     with HiddenStateCapture(student) if cfg.fused else contextlib.nullcontext():
         s_out = gather_positions(student(s_batch.tokens, s_batch.positions, attention_mask=None), s_batch.index)
-    return masked_sequence_mean(response_divergence(s_out, t_hidden, student, teacher, cfg, real_vocab_size,
-                                                    s_batch.targets),
+    options = step_options(student, cfg, real_vocab_size)
+    return masked_sequence_mean(response_divergence(s_out, t_hidden, student, teacher, options, s_batch.targets),
                                 s_batch.mask)
 
 
@@ -148,13 +149,13 @@ def distill_backward(student, teacher, examples: Sequence[DistillExample], cfg: 
         shares.append(share)
     s_batches = schedule_batches(student, s_batches, pad_id)
     t_hidden = teacher_response_hidden(teacher, schedule_batches(teacher, t_batches, pad_id))
+    options = step_options(student, cfg, real_vocab_size, diagnostics)  # once: every micro-batch's loss reads it
 
     def loss_fn(output: torch.Tensor, i: int) -> torch.Tensor:
         s_batch = s_batches[i]
         s_out = gather_positions(real_rows(output, s_batch), s_batch.index)  # [b, R, h_s] or [b, R, V/tp]
         t_h, t_hidden[i] = t_hidden[i], None  # the loss keeps what backward needs; drop the step's reference
-        per_token = response_divergence(s_out, t_h, student, teacher, cfg, real_vocab_size, s_batch.targets,
-                                        diagnostics)
+        per_token = response_divergence(s_out, t_h, student, teacher, options, s_batch.targets)
         if diagnostics is not None:
             diagnostics.absorb(s_batch.targets, s_batch.mask)
         return masked_sequence_mean(per_token, s_batch.mask) * (shares[i] / max(1, n_valid))

@@ -8,7 +8,8 @@ evaluate base / OPD / CaOPD on held-out questions: OPD's confidence inflates, Ca
 Design decisions:
 - The demo's teacher is the paper's: an EMA of the student that keeps reading the privileged note because
   each step also trains the student on fresh teacher-format warm-up rows, a quarter as many as its revised
-  rows (``teacher.replay_fraction=0.25``; the same rows for OPD and CaOPD). Without replay a tiny EMA teacher forgets
+  rows (``teacher.replay_fraction=0.25``; drawn from one stream: CaOPD's rows continue where OPD's
+  stopped, the same distribution but not the same rows). Without replay a tiny EMA teacher forgets
   the note within a few hundred steps; ``teacher.mode=frozen`` (a copy of the warmed-up student) avoids that
   too but missed the accuracy criterion on one seed of three (README, "What we learned").
 - The demo does not clip distillation gradients (``distill.grad_clip=0``; the library default is 1.0): with
@@ -25,19 +26,25 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from dataclasses import asdict
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
 import torch
 
 from caopd_megatron.checkpointing.hf import save_megatron_checkpoint
 from caopd_megatron.config.schema import CaOPDConfig
+from caopd_megatron.data.prompts import PromptRecord
 from caopd_megatron.evaluation.diagnostics_plot import plot_diagnostics
 from caopd_megatron.evaluation.evaluate import evaluate_model, write_eval
 from caopd_megatron.evaluation.metrics import CalibrationReport
 from caopd_megatron.evaluation.reliability import plot_reliability
-from caopd_megatron.models.teacher import copy_weights
-from caopd_megatron.pipeline.session import build_student, build_teacher, eval_prompts, open_session, train_prompts
+from caopd_megatron.pipeline.session import (
+    Session,
+    build_student,
+    build_teacher,
+    eval_prompts,
+    open_session,
+    train_prompts,
+)
 from caopd_megatron.pipeline.train import Trainer
 from caopd_megatron.pipeline.warmup import WarmupData, run_warmup, warmup_replay
 from caopd_megatron.runtime.distributed import is_main_rank
@@ -70,41 +77,75 @@ def save_student(s, student, name: str) -> None:
                              tokenizer_dir=s.run_dir / "tokenizer", overwrite=True)
 
 
-def run_demo(cfg: CaOPDConfig) -> dict:
+@dataclass
+class WarmStart:
+    """The warmed-up student every distillation run of a process starts from (one warm-up per process).
+
+    ``data`` is the warm-up's row source; the teacher-format replay rows continue its random stream, so a
+    caller that wants each run to see the same replay rows hands each one ``data.fork()``.
+    """
+
+    cfg: CaOPDConfig
+    session: Session
+    train: list[PromptRecord]
+    held_out: list[PromptRecord]
+    student: torch.nn.Module
+    data: WarmupData
+    state: dict  # the student's state_dict after warm-up
+    warmup_losses: list[float]
+
+
+def warm_up(cfg: CaOPDConfig) -> WarmStart:
+    """Open the session, build the student and run the supervised warm-up (``warmup_log.jsonl`` in the run)."""
     s = open_session(cfg)
     train, held_out = train_prompts(s), eval_prompts(s)
     student = build_student(s)
     data = WarmupData(train, s.tokenizer, cfg, seed=cfg.run.seed)
-    warmup_losses = run_warmup(student, data, cfg, s.vocab.real, s.tokenizer.pad_id)
+    losses = run_warmup(student, data, cfg, s.vocab.real, s.tokenizer.pad_id)
     if is_main_rank():
         (s.run_dir / "warmup_log.jsonl").write_text(
-            "".join(json.dumps({"step": i, "loss": v}) + "\n" for i, v in enumerate(warmup_losses)))
-    warm_state = copy.deepcopy(student.state_dict())
+            "".join(json.dumps({"step": i, "loss": v}) + "\n" for i, v in enumerate(losses)))
+    return WarmStart(cfg, s, train, held_out, student, data, copy.deepcopy(student.state_dict()), losses)
 
+
+def distill_from_warm_start(ws: WarmStart, run_cfg: CaOPDConfig, name: str,
+                            replay_data: WarmupData | None = None) -> list[dict]:
+    """Reset the student to the warm start and distil it per ``run_cfg`` (``<run>/<name lower>/``); the log rows.
+
+    The teacher is built from the warm student (``teacher.mode`` of the session); the replay rows come from
+    ``replay_data`` (default: the warm start's own row source, whose stream then moves on).
+    """
+    s, student = ws.session, ws.student
+    student.load_state_dict(ws.state)
+    teacher = build_teacher(s, student)
+    torch.manual_seed(ws.cfg.run.seed)
+    trainer = Trainer(run_cfg, student, teacher, s.tokenizer, s.vocab.real, ws.train, s.run_dir / name.lower(),
+                      replay=warmup_replay(replay_data or ws.data, s.vocab.real, s.tokenizer.pad_id))
+    return [asdict(e) for e in trainer.train(desc=f"{name} distill")]
+
+
+def evaluate_student(ws: WarmStart, name: str) -> tuple[CalibrationReport, dict[int, float]]:
+    """Evaluate the student as it is on the held-out questions, write ``eval/<name>_*`` and save it as ``<name>``."""
+    s = ws.session
+    report, rows = evaluate_model(ws.student, ws.held_out, s.tokenizer, ws.cfg, s.vocab.real, desc=f"evaluate {name}")
+    if is_main_rank():  # every rank evaluated the same generations; one writes them
+        write_eval(s.run_dir / "eval", name.lower(), report, rows)
+    save_student(s, ws.student, name.lower())
+    return report, accuracy_by_difficulty(rows)
+
+
+def run_demo(cfg: CaOPDConfig) -> dict:
+    ws = warm_up(cfg)
+    s, held_out = ws.session, ws.held_out
     reports: dict[str, CalibrationReport] = {}
     difficulty: dict[str, dict[int, float]] = {}
     histories: dict[str, list[dict]] = {}
-    report, rows = evaluate_model(student, held_out, s.tokenizer, cfg, s.vocab.real, desc="evaluate base")
-    reports["base"], difficulty["base"] = report, accuracy_by_difficulty(rows)
-    if is_main_rank():  # every rank evaluated the same generations; one writes them
-        write_eval(s.run_dir / "eval", "base", report, rows)
-    save_student(s, student, "base")
-
+    reports["base"], difficulty["base"] = evaluate_student(ws, "base")
     for name, rewrite in (("OPD", False), ("CaOPD", True)):
         run_cfg = copy.deepcopy(cfg)
         run_cfg.calibration.rewrite = rewrite
-        student.load_state_dict(warm_state)
-        teacher = build_teacher(s, student)
-        torch.manual_seed(cfg.run.seed)
-        trainer = Trainer(run_cfg, student, teacher, s.tokenizer, s.vocab.real, train, s.run_dir / name.lower(),
-                          replay=warmup_replay(data, s.vocab.real, s.tokenizer.pad_id))
-        histories[name] = [asdict(e) for e in trainer.train(desc=f"{name} distill")]
-        report, rows = evaluate_model(student, held_out, s.tokenizer, cfg, s.vocab.real, desc=f"evaluate {name}")
-        reports[name], difficulty[name] = report, accuracy_by_difficulty(rows)
-        if is_main_rank():
-            write_eval(s.run_dir / "eval", name.lower(), report, rows)
-        save_student(s, student, name.lower())
-        del teacher
+        histories[name] = distill_from_warm_start(ws, run_cfg, name)
+        reports[name], difficulty[name] = evaluate_student(ws, name)
 
     summary = {name: r.to_dict() for name, r in reports.items()}
     summary["accuracy_by_digits"] = difficulty

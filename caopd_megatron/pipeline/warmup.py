@@ -18,6 +18,7 @@ Design decisions (each one mattered in the prototype; see README "What we learne
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -85,6 +86,13 @@ class WarmupData:
         prompt = render_teacher(templates(self.cfg.data), rec, demonstration=f"{answer} {self.marker} {conf}", note=note)
         resp, at = self._response(answer, k)
         return WarmupRow(self.tok.encode(prompt), resp, at, k)
+
+    def fork(self) -> "WarmupData":
+        """A row source that draws, from here on, exactly the rows this one would (an independent copy)."""
+        twin = copy.copy(self)
+        twin.rng = random.Random()
+        twin.rng.setstate(self.rng.getstate())
+        return twin
 
     def batch(self, n: int) -> list[WarmupRow]:
         return [self.row() for _ in range(n)]

@@ -20,15 +20,19 @@ Design decisions:
   exactly (0.333 is not 1/3).
 - A reference that is not a number is compared as normalised text (spaces removed), so symbolic answers
   (``\\pi``, ``x+1``) still grade exact matches; an empty reference raises ValueError.
+- Self-consistency's normaliser (``normalise_math``) maps a final answer to one canonical string: the exact
+  value as ``n`` or ``n/d`` in lowest terms (so ``0.5``, ``1/2``, ``\\frac{1}{2}`` agree), a percentage
+  as its value ``p/100`` (one form only: ``50%`` agrees with ``0.5``, not with ``50``), other text as the
+  normalised text above.
 """
 from __future__ import annotations
 
 import re
 from fractions import Fraction
 
-from caopd_megatron.data.tasks.base import extract_answer, register_task
+from caopd_megatron.data.tasks.base import extract_answer, register_normaliser, register_task
 
-__all__ = ["MAX_ANSWER_CHARS", "TASK_NAME", "extract_final_answer", "math_values", "verify_math"]
+__all__ = ["MAX_ANSWER_CHARS", "TASK_NAME", "extract_final_answer", "math_values", "normalise_math", "verify_math"]
 
 TASK_NAME = "math"
 MAX_ANSWER_CHARS = 300
@@ -167,4 +171,22 @@ def verify_math(response: str, reference: str) -> bool:
     return _normalise(final) == _normalise(reference)
 
 
+def canonical_value(value: Fraction) -> str:
+    """``n`` or ``n/d`` in lowest terms (``Fraction`` keeps them reduced, the sign on the numerator)."""
+    return str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
+
+
+def normalise_math(response: str) -> str | None:
+    """The canonical form of ``response``'s final answer (module docstring), None when it has none."""
+    final = extract_final_answer(response)
+    if final is None or len(final) > MAX_ANSWER_CHARS:
+        return None
+    values = math_values(final)
+    if values:
+        # A percentage reads as {p/100, p}: its canonical form is the smaller-magnitude p/100.
+        return canonical_value(min(values, key=abs))
+    return _normalise(final) or None
+
+
 register_task(TASK_NAME, verify_math)
+register_normaliser(TASK_NAME, normalise_math)
