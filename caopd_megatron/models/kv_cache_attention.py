@@ -81,6 +81,23 @@ class SlotKVCache(StaticInferenceContext):
                                                  torch.zeros(shape(value), dtype=value.dtype, device=value.device))
         return self.key_value_memory_dict[layer]
 
+    def rotate(self, t: torch.Tensor, table: torch.Tensor, config, cp_group) -> torch.Tensor:
+        """megatron's RoPE on ``t`` ``[s, b, heads, d]`` at the fed tokens' positions (``table``: megatron's
+        ``[L, 1, 1, d]`` angles): the keys before they are stored, and the queries on the lean path."""
+        return apply_rotary_pos_emb(t, self.freqs(table), config=config, cp_group=cp_group)
+
+    def store(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the fed tokens' rotated ``key`` and ``value`` ``[s, b, g, d]`` at their planned positions and
+        return what the forward attends over: ``[read_len, b, g, d]`` each (a view when the fed slots are
+        ``0..b-1``, a gather of the planned rows otherwise)."""
+        k_buf, v_buf = self.buffers(layer, key, value)
+        s, b, groups, dim = key.shape
+        k_buf.view(-1, groups, dim).index_copy_(0, self.write_index, key.reshape(s * b, groups, dim))
+        v_buf.view(-1, groups, v_buf.size(-1)).index_copy_(0, self.write_index, value.reshape(s * b, groups, -1))
+        if self.rows is None:
+            return k_buf[:self.read_len, :b], v_buf[:self.read_len, :b]
+        return k_buf[:self.read_len, self.rows], v_buf[:self.read_len, self.rows]
+
     def copy_slots(self, src: torch.Tensor, dst: torch.Tensor, length: int) -> None:
         """Copy the first ``length`` positions of slots ``src`` ``[n]`` into slots ``dst`` ``[n]``, every layer:
         a shared prompt's prefill forked to its other samples, or a live slot moved into a retired one's hole."""
@@ -103,16 +120,9 @@ class SlotCachedSelfAttention(SelfAttention):
         q_freqs = None
         if rotary_pos_emb is not None:
             q_table, k_table = rotary_pos_emb
-            key = apply_rotary_pos_emb(key, ctx.freqs(k_table), config=self.config, cp_group=self.pg_collection.cp)
+            key = ctx.rotate(key, k_table, self.config, self.pg_collection.cp)
             q_freqs = ctx.freqs(q_table)
-        k_buf, v_buf = ctx.buffers(self.layer_number, key, value)
-        s, b, groups, dim = key.shape
-        k_buf.view(-1, groups, dim).index_copy_(0, ctx.write_index, key.reshape(s * b, groups, dim))
-        v_buf.view(-1, groups, v_buf.size(-1)).index_copy_(0, ctx.write_index, value.reshape(s * b, groups, -1))
-        if ctx.rows is None:  # live slots are 0..b-1: a view of the cache
-            key, value = k_buf[:ctx.read_len, :b], v_buf[:ctx.read_len, :b]
-        else:
-            key, value = k_buf[:ctx.read_len, ctx.rows], v_buf[:ctx.read_len, ctx.rows]
+        key, value = ctx.store(self.layer_number, key, value)
         # Keys are rotated already: only the queries get an embedding (megatron skips a None key embedding).
         return query, key, value, (q_freqs, None), AttnMaskType.arbitrary, None
 
@@ -131,9 +141,16 @@ class GroupedSlotAttention(DotProductAttention):
         if attn_mask_type is not AttnMaskType.arbitrary or attention_mask is None or self.softmax_offset is not None:
             return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
                                    attention_bias=attention_bias, packed_seq_params=packed_seq_params)
-        s, b, heads, d = query.shape
         scale = self.softmax_scale * (self.scale_mask_softmax.scale or 1.0)
-        context = torch.nn.functional.scaled_dot_product_attention(
-            query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3),
-            attn_mask=~attention_mask, scale=scale, enable_gqa=True)  # [b, g*r, s, d]
-        return context.permute(2, 0, 1, 3).reshape(s, b, heads * d)
+        return grouped_attention(query, key, value, ~attention_mask, scale)
+
+
+def grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """torch's fused attention with grouped query heads: ``query`` ``[s, b, g*r, d]``, ``key`` / ``value``
+    ``[L, b, g, d]``, ``visible`` ``[b, 1, s, L]`` (True = attended) -> ``[s, b, g*r*d]``."""
+    s, b, heads, d = query.shape
+    context = torch.nn.functional.scaled_dot_product_attention(
+        query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3),
+        attn_mask=visible, scale=scale, enable_gqa=True)  # [b, g*r, s, d]
+    return context.permute(2, 0, 1, 3).reshape(s, b, heads * d)
