@@ -8,7 +8,7 @@ TRL: that warmed-up student exported with the project's exporter (``tools/export
 ``trl.experimental.sdft.SDFTTrainer`` with ``distillation_mode="full_logits"``, ``distillation_alpha=1``
 (reverse KL), an EMA teacher at the same rate, 128 completions per step (16 prompts x 8 generations) from HF
 ``generate``, the same learning rate and no gradient clipping; the teacher reads the same privileged prompts
-(``teacher_prompt_template="{privileged_context}"``, the privileged context being our teacher prompt).
+(``teacher_prompt_template="{privileged_context}{prompt}"``, the privileged context being our teacher prompt).
 No importance-sampling clip (ours has none).
 
 TRL is an optional benchmark dependency, never a runtime one: it runs in a separate interpreter
@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def ours(args, work: Path) -> dict:
+def ours_side(args, work: Path) -> dict:
     """Warm up, export, time our steps; writes the prompts for TRL to ``work/prompts.json``."""
     sys.path.insert(0, str(ROOT))
     import torch
@@ -67,9 +67,13 @@ def ours(args, work: Path) -> dict:
     n_steps = args.warm + args.steps
     order = [i for _ in range(n_steps) for i in trainer.cursor.take(cfg.rollout.prompts_per_step)]
     trainer.cursor = type(trainer.cursor)(len(train), cfg.run.seed)  # rewind: ours takes the same batches
-    (work / "prompts.json").write_text(json.dumps([
-        {"prompt": student_prompt_text(train[i], cfg.data),
-         "privileged_context": teacher_prompt_text(train[i], cfg.data, cfg.calibration, None)} for i in order]))
+    rows = []
+    for i in order:  # the teacher prompt is the privileged context followed by the student prompt
+        student_text = student_prompt_text(train[i], cfg.data)
+        teacher_text = teacher_prompt_text(train[i], cfg.data, cfg.calibration, None)
+        assert teacher_text.endswith(student_text), (teacher_text, student_text)
+        rows.append({"prompt": student_text, "privileged_context": teacher_text[: len(teacher_text) - len(student_text)]})
+    (work / "prompts.json").write_text(json.dumps(rows))
     gen, rest, tokens = [], [], []
     for step in range(n_steps):
         batch = [trainer.prompts[i] for i in trainer.cursor.take(cfg.rollout.prompts_per_step)]
@@ -96,7 +100,7 @@ def summary(gen: list[float], rest: list[float], tokens: list[float]) -> dict:
                 completion_tokens=statistics.mean(tokens), steps=len(gen))
 
 
-def trl(args, work: Path) -> dict:
+def trl_side(args, work: Path) -> dict:
     """TRL's SDFT trainer on the exported weights (run in the TRL interpreter)."""
     import torch
     from datasets import Dataset
@@ -115,7 +119,7 @@ def trl(args, work: Path) -> dict:
         temperature=meta["temperature"], top_p=1.0, top_k=0, learning_rate=meta["lr"], max_steps=n_steps,
         max_grad_norm=meta["grad_clip"] or 0.0, teacher_model_kind="ema", teacher_update_rate=meta["ema_rate"],
         distillation_mode="full_logits", distillation_alpha=1.0, distillation_is_clip=None,
-        teacher_prompt_template="{privileged_context}", shuffle_dataset=False, logging_steps=1, report_to=[],
+        teacher_prompt_template="{privileged_context}{prompt}", shuffle_dataset=False, logging_steps=1, report_to=[],
         save_strategy="no", use_cpu=True, seed=meta["seed"], dataloader_num_workers=0, disable_tqdm=True)
     trainer = SDFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
     gen_time, tokens = [0.0], []
@@ -164,23 +168,25 @@ def main() -> None:
     ap.add_argument("--trl-python", default=None, help="interpreter with trl installed (default: this one)")
     ap.add_argument("--steps", type=int, default=5, help="measured steps per side")
     ap.add_argument("--warm", type=int, default=2, help="unmeasured first steps per side")
-    ap.add_argument("--warmup-steps", type=int, default=150, help="supervised warm-up steps before the comparison")
+    ap.add_argument("--warmup-steps", type=int, default=60, help="supervised warm-up steps before the comparison")
     ap.add_argument("--side", choices=["both", "trl"], default="both", help=argparse.SUPPRESS)
-    ap.add_argument("--work", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--work", type=Path, default=None, help="keep the exported weights and prompts in this folder")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "onpolicy_trl")
     args = ap.parse_args()
     if args.side == "trl":
         import trl
 
-        print(json.dumps(dict(trl(args, args.work), trl_version=trl.__version__)))
+        print(json.dumps(dict(trl_side(args, args.work), trl_version=trl.__version__)))
         return
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        a = ours(args, work)
+        work = args.work or Path(tmp)
+        a = ours_side(args, work)
         print("ours:", json.dumps(a), flush=True)
         cmd = [args.trl_python or sys.executable, __file__, "--side", "trl", "--work", str(work), "--steps",
                str(args.steps), "--warm", str(args.warm)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode:
+            sys.exit(f"the TRL side failed:\n{out.stderr[-4000:]}")
         b = json.loads(out.stdout.strip().splitlines()[-1])
         print("trl:", json.dumps(b), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -3,10 +3,10 @@
 Every revision named on the command line is extracted (``git archive``) into a temporary folder and imported
 in its own process; each process builds the benchmark's Llama-style pair (``bench_rollout.build_pair``, the
 same seeded weights in every revision), times ``rollout.sampler.generate`` on a few configurations (CPU time,
-one torch thread, median of ``--reps`` repetitions; revisions interleaved repetition by repetition) and
+one torch thread, median of ``--reps`` repetitions; one revision after the other) and
 reports a digest of the samples and log-probabilities, so the table also shows that no lever changed a bit.
 
-    python benchmarks/bench_rollout_levers.py c9df0b3 eaa6c57 HEAD    # the revisions before / after each lever
+    python benchmarks/bench_rollout_levers.py c9df0b3 eaa6c57 b44aaf3 ea77ede   # before, then after each lever
 """
 from __future__ import annotations
 
@@ -27,16 +27,18 @@ CONFIGS = [  # (vocab, batch, prompt tokens, K)
 
 def time_revision(tree: Path, reps: int, new_tokens: int) -> dict:
     """In the revision's own process: {config: (CPU seconds, digest)} for every configuration."""
-    sys.path.insert(0, str(tree))
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import torch
 
-    import bench_rollout
+    import bench_rollout  # puts this checkout first on sys.path: the revision's tree goes before it
+
+    sys.path.insert(0, str(tree))
     from caopd_megatron.config.schema import ParallelConfig
     from caopd_megatron.rollout.sampler import SamplingParams, generate
     from caopd_megatron.runtime import distributed
     from caopd_megatron.runtime.backend import detect_backend
 
+    assert Path(generate.__code__.co_filename).is_relative_to(tree), generate.__code__.co_filename
     torch.set_num_threads(1)
     detect_backend()
     distributed.initialize(ParallelConfig(), seed=0)
