@@ -143,7 +143,8 @@ def bench_grid(args, hf, ours, vocab: int) -> list[dict]:
                 cpu, mem = measure(run_engine(e, hf, ours, prompts, eos, vocab, args.new_tokens, early, rep))
                 times[e].append(cpu)
                 mems[e].append(mem)
-        row = dict(vocab=vocab, batch=batch, prompt=prompt_len, k=k, early_eos=early)
+        row = dict(vocab=vocab, batch=batch, prompt=prompt_len, k=k, early_eos=early, new_tokens=args.new_tokens,
+                   reps=args.reps)
         for e in engines:
             row[f"{e}_s"] = statistics.median(times[e])
             row[f"{e}_tok_s"] = batch * args.new_tokens / row[f"{e}_s"]
@@ -188,9 +189,10 @@ def markdown(args, rows: list[dict], mech: list[dict], commands: list[str]) -> s
     lines = [*(f"Command: `{c}`" for c in commands), "",
              f"Model: Llama-style, {MODEL['num_hidden_layers']} layers, hidden {MODEL['hidden_size']}, "
              f"{MODEL['num_attention_heads']} heads / {MODEL['num_key_value_heads']} KV heads, ffn "
-             f"{MODEL['intermediate_size']}; {args.new_tokens} new tokens; {args.threads} torch thread(s); "
-             f"CPU time, median of {args.reps} interleaved repetitions; load average at start "
-             f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.", "",
+             f"{MODEL['intermediate_size']}; {'/'.join(str(t) for t in sorted({r.get('new_tokens', args.new_tokens) for r in rows}))} "
+             f"new tokens; {args.threads} torch thread(s); CPU time, median of "
+             f"{'/'.join(str(t) for t in sorted({r.get('reps', args.reps) for r in rows}))} interleaved repetition(s); "
+             f"load average when written {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.", "",
              "| vocab | batch | prompt | K | early EOS | engine tok/s | HF tok/s | no-cache tok/s | engine/HF "
              "| engine/no-cache | peak MiB engine / HF |", "|" + "---|" * 11]
     for r in rows:
@@ -211,7 +213,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true",
                     help="batch 8 and 32, prompts 16 and 256, 32 new tokens, 2 repetitions, no early-EOS rows")
-    ap.add_argument("--vocabs", type=int, nargs="+", default=[1024, 32000])
+    ap.add_argument("--vocabs", type=int, nargs="*", default=[1024, 32000])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128])
     ap.add_argument("--prompts", type=int, nargs="+", default=[16, 512])
     ap.add_argument("--ks", type=int, nargs="+", default=[1, 8])
@@ -225,6 +227,8 @@ def main() -> None:
     ap.add_argument("--merge", action="store_true",
                     help="add to the results already in --out (rows of the same configuration are replaced), "
                          "so the grid can run in parts")
+    ap.add_argument("--merge-from", type=Path, nargs="+", default=[],
+                    help="with --merge: also fold in these result files (parts run side by side into other --out)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "rollout")
     args = ap.parse_args()
     if args.quick:
@@ -237,10 +241,16 @@ def main() -> None:
 
     detect_backend()  # installs the CPU shims megatron-core needs without CUDA
     distributed.initialize(ParallelConfig(), seed=0)  # a world of one with megatron-core's parallel state
-    previous = json.loads(args.out.with_suffix(".json").read_text()) if args.merge else {}
+    previous: dict = {}
+    for path in ([args.out.with_suffix(".json")] + args.merge_from) if args.merge else []:
+        part = json.loads(path.read_text()) if path.is_file() else {}
+        previous = dict(commands=previous.get("commands", []) + part.get("commands", []),
+                        rows=merged(previous.get("rows", []), part.get("rows", []), ROW_KEY),
+                        mechanisms=merged(previous.get("mechanisms", []), part.get("mechanisms", []), ("vocab",)))
     command = f"python benchmarks/bench_rollout.py {' '.join(sys.argv[1:])}"
-    commands = [c for c in previous.get("commands", []) if c != command] + [command]
+    commands = [c for c in previous.get("commands", []) if c != command] + ([command] if args.vocabs else [])
     rows, mech = [], []
+    all_rows, all_mech = previous.get("rows", []), previous.get("mechanisms", [])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for vocab in args.vocabs:  # results written after each vocabulary, so a long run leaves figures
@@ -251,10 +261,15 @@ def main() -> None:
                 mech.append(bench_mechanisms(args, ours, real))
                 print(json.dumps(mech[-1]), flush=True)
             all_rows, all_mech = merged(previous.get("rows", []), rows, ROW_KEY), merged(previous.get("mechanisms", []), mech, ("vocab",))
-            args.out.with_suffix(".json").write_text(
-                json.dumps(dict(commands=commands, rows=all_rows, mechanisms=all_mech), indent=1) + "\n")
-            args.out.with_suffix(".md").write_text(markdown(args, all_rows, all_mech, commands))
-    print(markdown(args, all_rows, all_mech, commands))
+            write_results(args, all_rows, all_mech, commands)
+    write_results(args, all_rows, all_mech, commands)
+
+
+def write_results(args, rows: list[dict], mech: list[dict], commands: list[str]) -> None:
+    args.out.with_suffix(".json").write_text(json.dumps(dict(commands=commands, rows=rows, mechanisms=mech), indent=1) + "\n")
+    text = markdown(args, rows, mech, commands)
+    args.out.with_suffix(".md").write_text(text)
+    print(text)
 
 
 ROW_KEY = ("vocab", "batch", "prompt", "k", "early_eos")
