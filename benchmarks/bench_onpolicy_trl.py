@@ -72,7 +72,8 @@ def ours_side(args, work: Path) -> dict:
         student_text = student_prompt_text(train[i], cfg.data)
         teacher_text = teacher_prompt_text(train[i], cfg.data, cfg.calibration, None)
         assert teacher_text.endswith(student_text), (teacher_text, student_text)
-        rows.append({"prompt": student_text, "privileged_context": teacher_text[: len(teacher_text) - len(student_text)]})
+        note = teacher_text[: len(teacher_text) - len(student_text)]
+        rows.append({"prompt": student_text, "privileged_context": note})
     (work / "prompts.json").write_text(json.dumps(rows))
     gen, rest, tokens = [], [], []
     for step in range(n_steps):
@@ -158,7 +159,8 @@ def markdown(args, a: dict, b: dict) -> str:
     for name, r in (("caopd (this engine)", a), ("TRL SDFTTrainer", b)):
         lines.append(f"| {name} | {r['step_s']:.3f} | {r['generation_s']:.3f} | {r['rest_s']:.3f} "
                      f"| {r['completion_tokens']:.1f} |")
-    lines += ["", f"TRL step / ours: {b['step_s'] / a['step_s']:.2f}x (generation {b['generation_s'] / a['generation_s']:.2f}x, "
+    lines += ["", f"TRL step / ours: {b['step_s'] / a['step_s']:.2f}x "
+              f"(generation {b['generation_s'] / a['generation_s']:.2f}x, "
               f"rest {b['rest_s'] / a['rest_s']:.2f}x); above 1 = ours faster."]
     return "\n".join(lines) + "\n"
 

@@ -186,12 +186,14 @@ def bench_mechanisms(args, ours, vocab: int) -> dict:
 
 
 def markdown(args, rows: list[dict], mech: list[dict], commands: list[str]) -> str:
+    def values(key: str, default: int) -> str:  # what the rows (possibly from several parts) were run with
+        return "/".join(map(str, sorted({r.get(key, default) for r in rows})))
+
     lines = [*(f"Command: `{c}`" for c in commands), "",
              f"Model: Llama-style, {MODEL['num_hidden_layers']} layers, hidden {MODEL['hidden_size']}, "
              f"{MODEL['num_attention_heads']} heads / {MODEL['num_key_value_heads']} KV heads, ffn "
-             f"{MODEL['intermediate_size']}; {'/'.join(str(t) for t in sorted({r.get('new_tokens', args.new_tokens) for r in rows}))} "
-             f"new tokens; {args.threads} torch thread(s); CPU time, median of "
-             f"{'/'.join(str(t) for t in sorted({r.get('reps', args.reps) for r in rows}))} interleaved repetition(s); "
+             f"{MODEL['intermediate_size']}; {values('new_tokens', args.new_tokens)} new tokens; {args.threads} torch "
+             f"thread(s); CPU time, median of {values('reps', args.reps)} interleaved repetition(s); "
              f"load average when written {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.", "",
              "| vocab | batch | prompt | K | early EOS | engine tok/s | HF tok/s | no-cache tok/s | engine/HF "
              "| engine/no-cache | peak MiB engine / HF |", "|" + "---|" * 11]
@@ -260,13 +262,15 @@ def main() -> None:
             if "mechanisms" in args.parts:
                 mech.append(bench_mechanisms(args, ours, real))
                 print(json.dumps(mech[-1]), flush=True)
-            all_rows, all_mech = merged(previous.get("rows", []), rows, ROW_KEY), merged(previous.get("mechanisms", []), mech, ("vocab",))
+            all_rows = merged(previous.get("rows", []), rows, ROW_KEY)
+            all_mech = merged(previous.get("mechanisms", []), mech, ("vocab",))
             write_results(args, all_rows, all_mech, commands)
     write_results(args, all_rows, all_mech, commands)
 
 
 def write_results(args, rows: list[dict], mech: list[dict], commands: list[str]) -> None:
-    args.out.with_suffix(".json").write_text(json.dumps(dict(commands=commands, rows=rows, mechanisms=mech), indent=1) + "\n")
+    results = dict(commands=commands, rows=rows, mechanisms=mech)
+    args.out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
     text = markdown(args, rows, mech, commands)
     args.out.with_suffix(".md").write_text(text)
     print(text)

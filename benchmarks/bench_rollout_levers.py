@@ -83,7 +83,8 @@ def main() -> None:
             results[rev] = json.loads(run.stdout.strip().splitlines()[-1])
             print(rev, json.dumps(results[rev]), flush=True)
     lines = [f"Command: `python benchmarks/bench_rollout_levers.py {' '.join(sys.argv[1:])}`", "",
-             f"CPU seconds of one `generate` call ({args.new_tokens} new tokens, temperature 1, median of {args.reps}); "
+             f"CPU seconds of one `generate` call ({args.new_tokens} new tokens, temperature 1, "
+             f"median of {args.reps}); "
              "the digest covers every sample and log-probability.", "",
              "| vocab, batch, prompt, K | " + " | ".join(args.revisions) + " | digests equal |",
              "|---|" + "---|" * (len(args.revisions) + 1)]

@@ -1,21 +1,14 @@
 """A lean forward of a GPTModel over a ``SlotKVCache``: the rollout's prefill and decode steps without
-megatron-core's per-call machinery, on the same modules' weights and with the same result, bit for bit.
+megatron-core's per-call machinery, on the same weights, with bitwise the same logits and cache.
 
 Design decisions:
-- On a small model a decode step is mostly Python: megatron's parallel linears go through an autograd
-  ``Function`` (with autocast and TP-group look-ups) even under ``inference_mode``, and every layer walks the
-  TransformerLayer / attention wrappers, their offload and recompute checks and the inference-context
-  bookkeeping. ``SlotForward`` runs the torch ops those wrappers end in, in the same order, on the same
-  tensors: ``matmul(x, W.t())`` for every linear, ``rms_norm`` with the module's weight and eps, megatron's
-  RoPE and the slot cache's store (``SlotKVCache.rotate`` / ``store``), the grouped fused attention
-  (``grouped_attention``), megatron's gated-SiLU arithmetic, in-place residual adds (megatron's eval-mode
-  bias-dropout-add), the last column's logits. ``tests/test_slot_forward.py`` holds it bitwise to megatron's.
-- It serves exactly the models it can copy: one process per model (TP = PP = 1), the local layer spec the
-  builder makes (RMSNorm, ``GroupedSlotAttention``, bias-free projections and MLP, optional QKV bias and QK
-  norm), RoPE. ``refusal(model)`` names the first thing it cannot copy; such a model (Transformer Engine,
-  TP or PP > 1, ...) keeps megatron's forward, unchanged.
-- Parameters are read from the modules at construction (one rollout): an optimizer step updates them in
-  place, so the next rollout sees the current weights.
+- A small model's decode step is mostly Python: megatron's parallel linears run an autograd ``Function``
+  (autocast, TP-group look-ups) even under ``inference_mode``, and every layer walks its wrappers.
+  ``SlotForward`` runs the torch ops those wrappers end in, in megatron's order: ``matmul(x, W.t())``,
+  ``rms_norm``, the cache's ``rotate`` / ``store``, ``grouped_attention``, megatron's gated SiLU and its eval-mode
+  in-place residual adds. ``tests/test_slot_forward.py`` holds it bitwise to megatron's forward.
+- Only models it can copy exactly (``refusal``): TP = PP = 1, the builder's local spec, RoPE. Others (TE,
+  TP / PP > 1) keep megatron's forward. Parameters are read per rollout (optimizer steps update them in place).
 Tensors: tokens ``[b, s]``; activations ``[s, b, h]`` as in megatron; logits ``[b, V]`` (padded vocabulary).
 """
 from __future__ import annotations
@@ -27,7 +20,8 @@ import torch.nn.functional as F
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP
 
-from caopd_megatron.models.kv_cache_attention import GroupedSlotAttention, SlotCachedSelfAttention, SlotKVCache, grouped_attention
+from caopd_megatron.models.kv_cache_attention import (GroupedSlotAttention, SlotCachedSelfAttention, SlotKVCache,
+                                                      grouped_attention)
 from caopd_megatron.parallel.data_parallel import model_groups, unwrap
 
 
@@ -100,7 +94,8 @@ class SlotForward:
             core = attn.core_attention
             self.layers.append(_Layer(
                 attn.layer_number, layer.input_layernorm, layer.pre_mlp_layernorm, attn.linear_qkv.weight,
-                attn.linear_qkv.bias if self.cfg.add_qkv_bias else None, _norm(attn.q_layernorm), _norm(attn.k_layernorm),
+                attn.linear_qkv.bias if self.cfg.add_qkv_bias else None, _norm(attn.q_layernorm),
+                _norm(attn.k_layernorm),
                 attn.linear_proj.weight, mlp.linear_fc1.weight, mlp.linear_fc2.weight,
                 core.softmax_scale * (core.scale_mask_softmax.scale or 1.0)))
         first = gpt.decoder.layers[0].self_attention
