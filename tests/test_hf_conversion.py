@@ -1,4 +1,4 @@
-"""Checks ``checkpointing/hf``: HF Llama/Qwen2/Qwen3 <-> megatron-core checkpoints, in both directions.
+"""Checks ``checkpointing/hf``: HF Llama/Mistral/Qwen2/Qwen3/OLMo-3 <-> megatron-core checkpoints, in both directions.
 
 References (no downloads: tiny random-init HF models built from configs, every weight - norms included -
 redrawn so a swapped or mis-laid tensor cannot hide behind an init value):
@@ -10,8 +10,10 @@ redrawn so a swapped or mis-laid tensor cannot hide behind an init value):
 - greedy generation: the exported folder under ``transformers.generate`` against the project's own
   rollout sampler (``rollout.sampler.generate``, temperature 0) on the imported checkpoint;
 - the families cover: GQA (4 heads / 2 groups), Llama-3 rope scaling (Llama), QKV bias + tied embeddings +
-  single-file safetensors (Qwen2), QK norm + head_dim != hidden/heads (Qwen3), sharded safetensors with
-  an index (Llama, Qwen3), and a real vocabulary (300) padded differently under TP 1 (384) and 2 (512);
+  single-file safetensors (Qwen2), QK norm + head_dim != hidden/heads (Qwen3), post-sublayer norms + QK
+  norm over the whole projection + sliding-window layers shorter than the test sequences (OLMo-3),
+  sharded safetensors with an index (Llama, Qwen3, OLMo-3), and a real vocabulary (300) padded differently
+  under TP 1 (384) and 2 (512);
 - errors: unsupported architecture, missing/corrupt files, shape mismatches (tensor and both shapes
   named), unsupported rope parameters, and a checkpoint whose pickled metadata references code.
 """
@@ -49,6 +51,11 @@ FAMILIES = {
                   kwargs=dict(max_position_embeddings=512, tie_word_embeddings=True, rope_theta=1000000.0)),
     "qwen3": dict(cls="Qwen3ForCausalLM", cfg="Qwen3Config", shard="150KB",
                   kwargs=dict(max_position_embeddings=512, tie_word_embeddings=False, rope_theta=1000000.0, head_dim=24)),
+    # Post-sublayer norms, QK norm over the whole projection, sliding-window layers (window 4 < the 12 tokens)
+    "olmo3": dict(cls="Olmo3ForCausalLM", cfg="Olmo3Config", shard="150KB",
+                  kwargs=dict(max_position_embeddings=512, tie_word_embeddings=False, rope_theta=500000.0,
+                              sliding_window=4, layer_types=["sliding_attention", "full_attention",
+                                                             "sliding_attention", "sliding_attention"])),
 }
 TOKENS = torch.tensor([[5, 17, 42, 299, 7, 128, 64, 3, 250, 11, 90, 1],
                        [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 100, 200]])
@@ -105,7 +112,7 @@ def converted(tmp_path_factory, runtime):  # noqa: F811
     return out
 
 
-def build_from_checkpoint(ckpt: Path, tp: int = 1, pp: int = 1):
+def build_from_checkpoint(ckpt: Path, tp: int = 1, pp: int = 1, sequence_parallel: bool = False):
     from caopd_megatron.checkpointing.hf import load_megatron_checkpoint, load_model_config
     from caopd_megatron.config.schema import ParallelConfig
     from caopd_megatron.models.builder import build_gpt_model, resolve_vocab
@@ -113,7 +120,8 @@ def build_from_checkpoint(ckpt: Path, tp: int = 1, pp: int = 1):
     from caopd_megatron.runtime.distributed import process_groups
 
     cfg = load_model_config(ckpt)
-    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                              sequence_parallel=sequence_parallel)
     vocab = resolve_vocab(cfg, cfg.vocab_size, tp)
     model = build_gpt_model(cfg, parallel, vocab, detect_backend(), process_groups())
     load_megatron_checkpoint(ckpt, model)

@@ -90,3 +90,23 @@ def test_a_model_it_cannot_copy_keeps_megatrons_forward(runtime, monkeypatch):  
     model = _model(runtime)
     monkeypatch.setattr(model.decoder.layers[1].mlp.linear_fc2, "bias", torch.nn.Parameter(torch.zeros(32)))
     assert slot_forward.refusal(model) == "MLP or projection is not megatron's bias-free dense one"
+
+
+@pytest.mark.parametrize("switches, reason", [
+    (dict(norm_placement="post"), "PostNormTransformerLayer is not megatron's pre-norm TransformerLayer"),
+    (dict(sliding_window=3, layer_types=["sliding_attention", "full_attention"]),
+     "attention is not the slot cache's full local attention"),
+    (dict(qk_layernorm=True, qk_norm_scope="projection"), "attention is not the slot cache's full local attention"),
+])
+def test_olmo3_layers_keep_megatrons_forward_and_their_samples(runtime, switches, reason):  # noqa: F811
+    """OLMo-3's layers (post-sublayer norms, sliding windows, whole-projection QK norm) are not copied: refused by
+    name, and ``generate`` (megatron's forward then) gives the no-cache reference's greedy tokens."""
+    from caopd_megatron.rollout.reference import generate_without_cache
+
+    model, _ = tiny_model(seed=7, init_method_std=0.3, **switches)
+    model.eval()
+    assert slot_forward.refusal(model) == reason
+    prompts, params = [[3, 9, 4, 2, 8], [12, 1]], SamplingParams(max_new_tokens=4, temperature=0.0)
+    got = generate(model, prompts, params, eos_id=127, real_vocab_size=REAL_VOCAB)
+    ref = generate_without_cache(model, prompts, params, eos_id=127, real_vocab_size=REAL_VOCAB)
+    assert [g.response_ids for g in got] == [r.response_ids for r in ref]

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convert a Hugging Face Llama / Qwen2 / Qwen3 folder into a megatron-core checkpoint directory.
+"""Convert a Hugging Face Llama / Mistral / Qwen2 / Qwen3 / OLMo-3 folder into a megatron-core checkpoint directory.
 
     python tools/import_hf.py --hf-dir path/to/hf_model --out ckpts/student --tp 2 --pp 1
 

@@ -15,7 +15,7 @@ Design decisions:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Literal, Optional
+from typing import List, Literal, Optional, get_args
 
 # Choices are typed: the loader checks a value against its field's ``Literal`` (``config/loader.py``), and the
 # code that dispatches on a choice takes its names from these aliases (``typing.get_args``), so each list of
@@ -30,9 +30,14 @@ OnBadRow = Literal["fatal", "skip"]
 CONFIDENCE_MARKER = "Confidence:"
 
 
+# Attention kinds of ``model.layer_types`` (Hugging Face's names).
+LayerType = Literal["full_attention", "sliding_attention"]
+
+
 @dataclass
 class ModelConfig:
-    """A Llama-style megatron-core GPTModel (RMSNorm, SwiGLU, RoPE, GQA)."""
+    """A Llama-style megatron-core GPTModel (RMSNorm, SwiGLU, RoPE, GQA), with the OLMo-3 variations
+    (post-sublayer norms, QK norm over the whole projection, sliding-window layers) as switches."""
 
     num_layers: int = 3
     hidden_size: int = 128
@@ -49,7 +54,17 @@ class ModelConfig:
     tie_embeddings: bool = False
     norm_epsilon: float = 1e-5
     add_qkv_bias: bool = False  # Qwen2
-    qk_layernorm: bool = False  # Qwen3
+    qk_layernorm: bool = False  # RMSNorm on q and k before RoPE (Qwen3, OLMo-3)
+    # head: one RMSNorm over each head's head_dim features (Qwen3); projection: one over all heads' features
+    # of the q (k) projection (OLMo-2/3), its mean square summed over the TP group; moot without qk_layernorm
+    qk_norm_scope: Literal["head", "projection"] = "head"
+    # pre: h + f(norm(h)) (Llama, Qwen); post: h + norm(f(h)) after attention and MLP, no input norms (OLMo-2/3)
+    norm_placement: Literal["pre", "post"] = "pre"
+    # Sliding-window attention: a token attends to itself and the sliding_window - 1 tokens before it, on the
+    # layers that layer_types (one entry per layer: full_attention | sliding_attention) marks sliding; None =
+    # every layer when sliding_window is set. Local layer spec only (model.transformer_impl=local or auto).
+    sliding_window: Optional[int] = None
+    layer_types: Optional[List[str]] = None
     init_method_std: float = 0.02
     params_dtype: ParamsDtype = "float32"
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
@@ -65,6 +80,32 @@ class ModelConfig:
     fp8_fallback: Literal["error", "bf16"] = "error"
     tokenizer: Optional[str] = None  # tokenizer.json or a folder holding it; None = the synthetic one
     checkpoint: Optional[str] = None  # initial weights (a caopd checkpoint directory)
+
+    def __post_init__(self) -> None:
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"model.sliding_window must be >= 1, got {self.sliding_window}")
+        if self.layer_types is None:
+            return
+        if len(self.layer_types) != self.num_layers:
+            raise ValueError(f"model.layer_types has {len(self.layer_types)} entries; model.num_layers={self.num_layers}")
+        unknown = sorted(set(self.layer_types) - set(get_args(LayerType)))
+        if unknown:
+            raise ValueError(f"model.layer_types: {', '.join(map(repr, unknown))} is not one of "
+                             f"{', '.join(map(repr, get_args(LayerType)))}")
+        if "sliding_attention" in self.layer_types and self.sliding_window is None:
+            raise ValueError("model.layer_types has sliding_attention layers but model.sliding_window is not set")
+
+    def qk_norm_over_projection(self) -> bool:
+        """Is there a QK norm, over all heads of each projection (OLMo-2/3)?"""
+        return self.qk_layernorm and self.qk_norm_scope == "projection"
+
+    def sliding_layers(self) -> list[bool]:
+        """Per layer (first to last): does it attend over a sliding window?"""
+        if self.sliding_window is None:
+            return [False] * self.num_layers
+        if self.layer_types is None:
+            return [True] * self.num_layers
+        return [kind == "sliding_attention" for kind in self.layer_types]
 
 
 @dataclass

@@ -4,6 +4,12 @@ Design decisions:
 - One builder for every family the project serves: RMSNorm, SwiGLU (gated linear unit with SiLU), RoPE
   (optionally Llama-3 scaled), GQA, optional QKV bias (Qwen2) and QK norm (Qwen3), tied or untied
   embeddings. The converters in ``checkpointing/hf`` map HF configs onto the same ``ModelConfig``.
+- OLMo-2/3 variations are ``ModelConfig`` switches built from our local spec pieces
+  (``models/local_layers.py``): post-sublayer norms (``norm_placement=post``), QK norm over the whole
+  projection reduced over TP (``qk_norm_scope=projection``), and sliding-window layers (``sliding_window``,
+  ``layer_types``; megatron's ``window_size`` / ``window_attn_skip_freq`` carry them to our core attention,
+  ``models/kv_cache_attention.py``). TE's spec has none of them: with ``transformer_impl=auto`` such a model
+  takes the local spec, with ``transformer_engine`` (or FP8, which needs TE) it is refused by name.
 - Layer spec: Transformer Engine's when TE is usable (and asked for or ``auto``), megatron-core's local
   spec otherwise, self-attention as ``models.kv_cache_attention.SlotCachedSelfAttention`` (megatron's, plus
   the rollout cache's rotate-once path); ``transformer_impl=transformer_engine`` without a usable TE is an
@@ -77,7 +83,26 @@ def resolve_vocab(model: ModelConfig, tokenizer_vocab_size: int, tp_size: int) -
     return VocabInfo(real=real, padded=padded_vocab_size(real, model.make_vocab_size_divisible_by, tp_size))
 
 
+def local_only_features(model: ModelConfig) -> list[str]:
+    """The model's switches that only the local layer spec builds (``model.<key>=<value>``)."""
+    features = []
+    if model.norm_placement == "post":
+        features.append("model.norm_placement=post")
+    if model.qk_norm_over_projection():
+        features.append("model.qk_norm_scope=projection")
+    if any(model.sliding_layers()):
+        features.append(f"model.sliding_window={model.sliding_window}")
+    return features
+
+
 def use_transformer_engine(model: ModelConfig, backend: Backend) -> bool:
+    local_only = local_only_features(model)
+    if local_only and (model.transformer_impl == "transformer_engine" or model.fp8 is not None):
+        asked = "model.transformer_impl=transformer_engine" if model.fp8 is None else f"model.fp8={model.fp8}"
+        raise ModelConfigError(f"{asked} needs Transformer Engine's layers, which do not build {', '.join(local_only)} "
+                               "(local layer spec only); use model.transformer_impl=auto or local without FP8")
+    if local_only:
+        return False
     if model.transformer_impl == "transformer_engine" and not backend.transformer_engine:
         raise BackendError("model.transformer_impl=transformer_engine but Transformer Engine is not usable here "
                            "(no CUDA or TE not installed); use model.transformer_impl=auto or local")
@@ -97,8 +122,12 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, backend: Ba
     if model.num_attention_heads % groups:
         raise ModelConfigError(f"model.num_attention_heads={model.num_attention_heads} is not divisible by "
                                f"model.num_query_groups={groups}")
+    if model.qk_norm_over_projection() and groups % parallel.tensor_model_parallel_size:
+        raise ModelConfigError(f"model.qk_norm_scope=projection needs parallel.tensor_model_parallel_size="
+                               f"{parallel.tensor_model_parallel_size} to divide the key/value heads ({groups})")
     on_gpu = backend.device == "cuda"
     dtype = DTYPES[model.params_dtype]
+    sliding = model.sliding_layers()
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -113,6 +142,9 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, backend: Ba
         add_bias_linear=False,
         add_qkv_bias=model.add_qkv_bias,
         qk_layernorm=model.qk_layernorm,
+        # (window - 1 tokens back, 0 ahead) on the layers marked 1; honoured by our core attention.
+        window_size=(model.sliding_window - 1, 0) if any(sliding) else None,
+        window_attn_skip_freq=[int(s) for s in sliding] if any(sliding) else None,
         init_method_std=model.init_method_std,
         attention_dropout=0.0,
         hidden_dropout=0.0,
@@ -149,17 +181,27 @@ def layer_spec(model: ModelConfig, backend: Backend, config):
     )
 
     from caopd_megatron.models.kv_cache_attention import GroupedSlotAttention, SlotCachedSelfAttention
-    from caopd_megatron.models.local_layers import GroupedRowParallelLinear, SequenceParallelRMSNorm
+    from caopd_megatron.models.local_layers import (
+        GroupedRowParallelLinear,
+        ProjectionQKNormSelfAttention,
+        SequenceParallelRMSNorm,
+        post_norm_layer_spec,
+    )
 
     te = use_transformer_engine(model, backend)
+    projection_qk_norm = model.qk_norm_over_projection()
+    per_head_qk_norm = model.qk_layernorm and not projection_qk_norm
     if te:
-        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=per_head_qk_norm)
     else:
-        spec = get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization="RMSNorm")
+        spec = get_gpt_layer_local_spec(qk_layernorm=per_head_qk_norm, normalization="RMSNorm")
     # megatron's classes with the rollout cache's path (rotated keys cached; GQA without repeated heads).
-    spec.submodules.self_attention.module = SlotCachedSelfAttention
+    spec.submodules.self_attention.module = (ProjectionQKNormSelfAttention if projection_qk_norm
+                                             else SlotCachedSelfAttention)
     if te:
         return spec
+    if model.norm_placement == "post":
+        spec = post_norm_layer_spec(spec)
     layer = spec.submodules
     layer.self_attention.submodules.core_attention = GroupedSlotAttention
     # megatron-core 0.16 holds the MLP as a ModuleSpec, newer releases as a partial with its submodules keyword.
@@ -169,8 +211,9 @@ def layer_spec(model: ModelConfig, backend: Backend, config):
         return spec
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-    layer.input_layernorm = layer.pre_mlp_layernorm = SequenceParallelRMSNorm
-    if model.qk_layernorm:
+    if model.norm_placement == "pre":
+        layer.input_layernorm = layer.pre_mlp_layernorm = SequenceParallelRMSNorm
+    if per_head_qk_norm:
         attention = layer.self_attention.submodules
         attention.q_layernorm = attention.k_layernorm = SequenceParallelRMSNorm
     return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config),

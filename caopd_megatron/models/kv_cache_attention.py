@@ -21,6 +21,12 @@ Design decisions:
   grouped-query heads (``GroupedSlotAttention``): megatron's local ``DotProductAttention`` repeats every
   cached key and value head for its query heads at each step (a copy of the cache per layer) and
   materialises the scores; same scale and mask, float rounding aside. TE's attention handles GQA itself.
+- Sliding-window layers (``TransformerConfig.window_size`` = ``(window - 1, 0)`` on the layers its
+  ``window_attn_skip_freq`` list marks) always take that fused path with an explicit mask: megatron's local
+  softmax applies the window only on its unfused path and drops any other mask when it does. A key is outside
+  a query's window when it lies ``window`` or more positions before it; on the slot cache's path a row's
+  mask is a prefix (positions ``0..p`` visible), so key ``j`` is outside exactly when key ``j + window`` is
+  still visible.
 - Only the subclasses behave differently, and only on the slot cache's path (a ``SlotKVCache`` handed to the
   self-attention, the ``arbitrary`` mask type it returns to the core attention): training, plain forwards
   and megatron's own inference contexts take megatron's code unchanged.
@@ -36,6 +42,7 @@ from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_e
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.utils import is_layer_window_attention
 
 
 class SlotKVCache(StaticInferenceContext):
@@ -127,22 +134,55 @@ class SlotCachedSelfAttention(SelfAttention):
         return query, key, value, (q_freqs, None), AttnMaskType.arbitrary, None
 
 
+def outside_window_of_prefix(masked: torch.Tensor, window: int) -> torch.Tensor:
+    """Keys out of reach of a ``window`` for a prefix mask ``[..., L]`` (True = masked; row visible up to its
+    position p): key j is out when ``j <= p - window``, i.e. when key ``j + window`` is visible."""
+    visible_later = ~masked[..., window:]
+    return torch.nn.functional.pad(visible_later, (0, min(window, masked.size(-1))), value=False)
+
+
+def sliding_causal_mask(queries: int, keys: int, window: int, device) -> torch.Tensor:
+    """``[queries, keys]`` (True = masked): the last ``queries`` of ``keys`` positions, each seeing itself and
+    the ``window - 1`` positions before it."""
+    offset = keys - queries
+    q = torch.arange(queries, device=device).unsqueeze(1) + offset
+    k = torch.arange(keys, device=device).unsqueeze(0)
+    return (k > q) | (k <= q - window)
+
+
 class GroupedSlotAttention(DotProductAttention):
-    """megatron's local core attention; on the slot cache's path (``AttnMaskType.arbitrary`` with a mask) it
-    is torch's fused ``scaled_dot_product_attention``, grouped query heads reading their shared cached head.
+    """megatron's local core attention; on the slot cache's path (``AttnMaskType.arbitrary`` with a mask), and
+    on sliding-window layers, it is torch's fused ``scaled_dot_product_attention``, grouped query heads
+    reading their shared (cached) head.
 
     ``query`` ``[s, b, g*r, d]``, ``key`` / ``value`` ``[L, b, g, d]`` (this TP rank's heads), ``attention_mask``
     ``[b, 1, s, L]`` (True = masked) -> ``[s, b, g*r*d]``. Query head h reads KV head ``h // r``, as megatron's
     repeat does; the scale is megatron's (``softmax_scale`` times the softmax's layer-scaling coefficient).
+    ``window``: this layer's sliding window in tokens (None: full attention).
     """
+
+    def __init__(self, config, layer_number, *args, **kwargs):
+        super().__init__(config, layer_number, *args, **kwargs)
+        sliding = is_layer_window_attention(config.window_size, config.window_attn_skip_freq, layer_number)
+        self.window = config.window_size[0] + 1 if sliding else None
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
-        if attn_mask_type is not AttnMaskType.arbitrary or attention_mask is None or self.softmax_offset is not None:
+        slot_path = attn_mask_type is AttnMaskType.arbitrary and attention_mask is not None
+        if not (slot_path or self.window) or self.softmax_offset is not None:
             return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
                                    attention_bias=attention_bias, packed_seq_params=packed_seq_params)
+        if packed_seq_params is not None or attention_bias is not None:
+            raise ValueError("sliding-window attention on the local spec takes no packed sequences or bias")
+        masked = attention_mask
+        if slot_path and self.window:
+            masked = masked | outside_window_of_prefix(masked, self.window)
+        elif not slot_path:  # a plain forward: causal over the fed tokens, within the window
+            masked = sliding_causal_mask(query.size(0), key.size(0), self.window, query.device)
+            if attention_mask is not None:
+                masked = masked | attention_mask
         scale = self.softmax_scale * (self.scale_mask_softmax.scale or 1.0)
-        return grouped_attention(query, key, value, ~attention_mask, scale)
+        return grouped_attention(query, key, value, ~masked, scale)
 
 
 def grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible: torch.Tensor,

@@ -7,8 +7,9 @@ Design decisions:
   ``SlotForward`` runs the torch ops those wrappers end in, in megatron's order: ``matmul(x, W.t())``,
   ``rms_norm``, the cache's ``rotate`` / ``store``, ``grouped_attention``, megatron's gated SiLU and its eval-mode
   in-place residual adds. ``tests/test_slot_forward.py`` holds it bitwise to megatron's forward.
-- Only models it can copy exactly (``refusal``): TP = PP = 1, the builder's local spec, RoPE. Others (TE,
-  TP / PP > 1) keep megatron's forward. Parameters are read per rollout (optimizer steps update them in place).
+- Only models it can copy exactly (``refusal``): TP = PP = 1, the builder's local pre-norm spec, RoPE, full
+  attention. Others (TE, TP / PP > 1, OLMo-3's post-norm / sliding-window layers) keep megatron's forward.
+- Parameters are read per rollout: an optimizer step updates them in place, the next rollout sees it.
 Tensors: tokens ``[b, s]``; activations ``[s, b, h]`` as in megatron; logits ``[b, V]`` (padded vocabulary).
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP
+from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from caopd_megatron.models.kv_cache_attention import (GroupedSlotAttention, SlotCachedSelfAttention, SlotKVCache,
                                                       grouped_attention)
@@ -66,9 +68,11 @@ def refusal(model) -> str | None:
         return "final norm is not torch's RMSNorm"
     for layer in gpt.decoder.layers:
         attn, mlp = layer.self_attention, layer.mlp
-        if not isinstance(attn, SlotCachedSelfAttention) or type(attn.core_attention) is not GroupedSlotAttention \
-                or attn.core_attention.softmax_offset is not None:
-            return "attention is not the slot cache's local attention"
+        if type(layer) is not TransformerLayer:
+            return f"{type(layer).__name__} is not megatron's pre-norm TransformerLayer"
+        if type(attn) is not SlotCachedSelfAttention or type(attn.core_attention) is not GroupedSlotAttention \
+                or attn.core_attention.softmax_offset is not None or attn.core_attention.window:
+            return "attention is not the slot cache's full local attention"
         if not all(isinstance(n, torch.nn.RMSNorm) for n in (layer.input_layernorm, layer.pre_mlp_layernorm)):
             return "layer norms are not torch's RMSNorm"
         if type(mlp) is not MLP or any(m.bias is not None for m in (attn.linear_proj, mlp.linear_fc1, mlp.linear_fc2)):

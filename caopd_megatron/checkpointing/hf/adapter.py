@@ -6,16 +6,22 @@ how every HF tensor name and layout maps onto a megatron-core distributed-checkp
 
 Design decisions:
 - Supported: ``LlamaForCausalLM``, ``MistralForCausalLM`` (the Llama layout under its own config keys:
-  ``sliding_window``, no bias switches), ``Qwen2ForCausalLM`` (QKV bias) and ``Qwen3ForCausalLM`` (per-head
-  QK RMSNorm). They differ only in two switches (``qkv_bias``, ``qk_norm``); the rest is shared. A Mistral
-  ``sliding_window`` shorter than ``max_position_embeddings`` is refused (the megatron model attends over
-  the whole context); a window at least that long is full attention. Nothing in a ``ModelConfig`` tells
+  ``sliding_window``, no bias switches), ``Qwen2ForCausalLM`` (QKV bias), ``Qwen3ForCausalLM`` (per-head
+  QK RMSNorm) and ``Olmo3ForCausalLM`` (post-sublayer norms, QK RMSNorm over the whole projection,
+  sliding-window layers). A ``Family`` is the ``ModelConfig`` switches it fixes; the rest is shared. A
+  Mistral ``sliding_window`` shorter than ``max_position_embeddings`` is refused (its layers attend over the
+  whole context here); a window at least that long is full attention. Nothing in a ``ModelConfig`` tells
   Mistral from Llama, so a checkpoint trained from scratch exports as Llama; an imported Mistral keeps its
-  recorded architecture. Anything
-  else is refused by name with the supported list, and so is any config switch the megatron model built
-  by ``models/builder.py`` cannot reproduce (o_proj/MLP biases, sliding-window layers, non-SiLU
-  activations, partial rotary, RoPE types other than default and llama3) - a silently different model
-  is worse than an error.
+  recorded architecture. Anything else is refused by name with the supported list, and so is any config
+  switch the megatron model built by ``models/builder.py`` cannot reproduce (o_proj/MLP biases, sliding
+  windows outside OLMo-3, non-SiLU activations, partial rotary, RoPE types other than default and llama3,
+  OLMo-3 RoPE parameters that differ between layer types) - a silently different model is worse than an
+  error.
+- OLMo-3 names: HF's ``post_attention_layernorm`` is a real post-attention norm there (in Llama it is the
+  pre-MLP norm), so it maps to ``post_self_attn_layernorm``; its q/k norm weights are ``[heads * head_dim]``
+  / ``[kv_heads * head_dim]`` in HF's head order, which is megatron's, so they copy unchanged (TP shards are
+  contiguous runs of heads). RoPE is one parameter set per layer type there; export writes the same set
+  for both.
 - Keys are megatron-core's *distributed-checkpoint* keys (``decoder.layers.self_attention.linear_qkv.weight``
   with a leading layer axis of size ``num_layers``), not module names. These keys are layout-free: a
   tensor's global shape does not depend on TP or PP, which is why one checkpoint loads under any layout.
@@ -66,7 +72,16 @@ class Family:
     architecture: str  # HF ``architectures[0]``
     model_type: str  # HF ``model_type``
     qkv_bias: bool  # q/k/v projections carry a bias (Qwen2)
-    qk_norm: bool  # per-head RMSNorm on q and k before RoPE (Qwen3)
+    qk_norm: bool  # RMSNorm on q and k before RoPE (Qwen3 per head, OLMo-3 over the whole projection)
+    qk_norm_scope: str = "head"  # ModelConfig.qk_norm_scope
+    norm_placement: str = "pre"  # ModelConfig.norm_placement (post: OLMo-3)
+    sliding_layers: bool = False  # per-layer sliding-window attention (``layer_types``, OLMo-3)
+    default_rope_theta: float = 10000.0  # what transformers assumes when the config names no rope_theta
+
+    def switches(self) -> dict[str, Any]:
+        """The ``ModelConfig`` switches this family fixes."""
+        return {"add_qkv_bias": self.qkv_bias, "qk_layernorm": self.qk_norm, "qk_norm_scope": self.qk_norm_scope,
+                "norm_placement": self.norm_placement}
 
 
 FAMILIES: dict[str, Family] = {
@@ -74,6 +89,9 @@ FAMILIES: dict[str, Family] = {
     "MistralForCausalLM": Family("MistralForCausalLM", "mistral", qkv_bias=False, qk_norm=False),
     "Qwen2ForCausalLM": Family("Qwen2ForCausalLM", "qwen2", qkv_bias=True, qk_norm=False),
     "Qwen3ForCausalLM": Family("Qwen3ForCausalLM", "qwen3", qkv_bias=False, qk_norm=True),
+    "Olmo3ForCausalLM": Family("Olmo3ForCausalLM", "olmo3", qkv_bias=False, qk_norm=True,
+                               qk_norm_scope="projection", norm_placement="post", sliding_layers=True,
+                               default_rope_theta=500000.0),
 }
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(FAMILIES)
 
@@ -86,24 +104,35 @@ def family_by_name(architecture: str) -> Family:
             f"unsupported architecture {architecture!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}") from None
 
 
+def config_switches(model_cfg: ModelConfig) -> dict[str, Any]:
+    """The family-deciding switches of a ``ModelConfig`` (the scope of an absent QK norm reads as ``head``)."""
+    switches = {key: getattr(model_cfg, key) for key in FAMILIES["LlamaForCausalLM"].switches()}
+    if not model_cfg.qk_layernorm:
+        switches["qk_norm_scope"] = "head"
+    return switches
+
+
 def infer_family(model_cfg: ModelConfig) -> Family:
     """The family whose switches match a ``ModelConfig`` (for checkpoints trained without an HF source)."""
-    if model_cfg.qk_layernorm and model_cfg.add_qkv_bias:
-        raise UnsupportedArchitectureError(
-            "qk_layernorm together with add_qkv_bias matches none of the supported architectures "
-            f"({', '.join(SUPPORTED_ARCHITECTURES)})")
-    if model_cfg.qk_layernorm:
-        return FAMILIES["Qwen3ForCausalLM"]
-    if model_cfg.add_qkv_bias:
-        return FAMILIES["Qwen2ForCausalLM"]
-    return FAMILIES["LlamaForCausalLM"]
+    wanted = config_switches(model_cfg)
+    for name in ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Olmo3ForCausalLM"):
+        if FAMILIES[name].switches() == wanted:
+            return FAMILIES[name]
+    described = ", ".join(f"{key}={value}" for key, value in wanted.items())
+    raise UnsupportedArchitectureError(
+        f"{described} matches none of the supported architectures ({', '.join(SUPPORTED_ARCHITECTURES)})")
 
 
 def check_family_matches(family: Family, model_cfg: ModelConfig) -> None:
-    if family.qkv_bias != model_cfg.add_qkv_bias or family.qk_norm != model_cfg.qk_layernorm:
+    have = config_switches(model_cfg)
+    if have != family.switches():
+        expected = ", ".join(f"{key}={value}" for key, value in family.switches().items())
+        found = ", ".join(f"{key}={value}" for key, value in have.items())
+        raise UnsupportedArchitectureError(f"{family.architecture} needs {expected}; the model config has {found}")
+    if any(model_cfg.sliding_layers()) and not family.sliding_layers:
         raise UnsupportedArchitectureError(
-            f"{family.architecture} needs add_qkv_bias={family.qkv_bias}, qk_layernorm={family.qk_norm}; the "
-            f"model config has add_qkv_bias={model_cfg.add_qkv_bias}, qk_layernorm={model_cfg.qk_layernorm}")
+            f"{family.architecture} export has no sliding-window layers; the model config has "
+            f"sliding_window={model_cfg.sliding_window}")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -147,6 +176,27 @@ def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     return float(theta), llama3
 
 
+def _rope_per_layer_type(hf: dict[str, Any], layer_kinds: set[str]) -> tuple[float, dict[str, Any] | None]:
+    """OLMo-3's RoPE: one parameter set per layer type (nested ``rope_parameters``; in the legacy spelling
+    ``rope_scaling`` applies to the full-attention layers only, as transformers reads it). The megatron model
+    has one RoPE for every layer, so the types in use must agree."""
+    params = hf.get("rope_parameters")
+    per_kind = {}
+    for kind in sorted(layer_kinds):
+        if isinstance(params, dict) and any(isinstance(v, dict) for v in params.values()):
+            own = {**hf, "rope_parameters": params.get(kind) or {"rope_type": "default"}, "rope_scaling": None}
+        else:
+            own = hf if kind == "full_attention" else {**hf, "rope_scaling": None}
+        per_kind[kind] = _rope_from_hf(own)
+    if len(set(map(repr, per_kind.values()))) > 1:
+        described = "; ".join(f"{kind}: theta={theta:g}, scaling={scaling}"
+                              for kind, (theta, scaling) in per_kind.items())
+        raise UnsupportedArchitectureError(
+            f"different RoPE per layer type ({described}) is not supported: the megatron model applies one RoPE "
+            "to every layer")
+    return next(iter(per_kind.values()))
+
+
 def _require(hf: dict[str, Any], key: str) -> Any:
     if hf.get(key) is None:
         raise ConversionError(f"HF config has no {key!r}")
@@ -171,11 +221,13 @@ def hf_config_to_model_config(hf: dict[str, Any], make_vocab_size_divisible_by: 
         raise UnsupportedArchitectureError(f"{family.architecture} with hidden_act={act!r}: only silu (SwiGLU) is supported")
     if hf.get("mlp_bias"):
         raise UnsupportedArchitectureError(f"{family.architecture} with mlp_bias=true is not supported (megatron model has no MLP biases)")
-    if family.model_type in ("llama", "qwen3") and hf.get("attention_bias"):
+    if family.model_type in ("llama", "qwen3", "olmo3") and hf.get("attention_bias"):
         raise UnsupportedArchitectureError(
             f"{family.architecture} with attention_bias=true is not supported: it also puts a bias on o_proj, "
             "which the megatron model does not have")
-    if hf.get("use_sliding_window") or any(t != "full_attention" for t in (hf.get("layer_types") or [])):
+    layer_types = hf.get("layer_types")
+    if not family.sliding_layers and (hf.get("use_sliding_window")
+                                      or any(t != "full_attention" for t in (layer_types or []))):
         raise UnsupportedArchitectureError(f"{family.architecture} with sliding-window attention layers is not supported")
     window = hf.get("sliding_window") if family.model_type == "mistral" else None
     if window is not None and int(window) < int(hf.get("max_position_embeddings") or 0):
@@ -191,10 +243,16 @@ def hf_config_to_model_config(hf: dict[str, Any], make_vocab_size_divisible_by: 
     head_dim = int(hf.get("head_dim") or hidden // heads)
     if heads % kv_heads:
         raise ConversionError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
-    theta, llama3 = _rope_from_hf(hf)
+    hf = {"rope_theta": family.default_rope_theta, **hf}
+    if family.sliding_layers:
+        layer_types = list(layer_types or ["full_attention"] * int(_require(hf, "num_hidden_layers")))
+        theta, llama3 = _rope_per_layer_type(hf, set(layer_types))
+    else:
+        theta, llama3 = _rope_from_hf(hf)
     if theta != int(theta):
         raise UnsupportedArchitectureError(f"rope_theta={theta} is not an integer; megatron-core takes an integer rotary_base")
     dtype = str(hf.get("dtype") or hf.get("torch_dtype") or "float32").replace("torch.", "")
+    has_sliding_layers = family.sliding_layers and "sliding_attention" in layer_types
     cfg = ModelConfig(
         num_layers=int(_require(hf, "num_hidden_layers")),
         hidden_size=hidden,
@@ -210,8 +268,9 @@ def hf_config_to_model_config(hf: dict[str, Any], make_vocab_size_divisible_by: 
         rope_scaling_factor=float(llama3["factor"]) if llama3 else ModelConfig.rope_scaling_factor,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
-        add_qkv_bias=family.qkv_bias,
-        qk_layernorm=family.qk_norm,
+        **family.switches(),
+        sliding_window=int(_require(hf, "sliding_window")) if has_sliding_layers else None,
+        layer_types=layer_types if family.sliding_layers else None,
         init_method_std=float(hf.get("initializer_range", 0.02)),
         params_dtype=dtype if dtype in get_args(ParamsDtype) else "float32",
     )
@@ -266,6 +325,11 @@ def model_config_to_hf_config(cfg: ModelConfig, family: Family, *, dtype: str,
         out.update(attention_bias=False, use_sliding_window=False, sliding_window=None)
     elif family.model_type == "mistral":
         out.update(sliding_window=None)
+    elif family.model_type == "olmo3":
+        # One RoPE for every layer type; transformers 5 reads the nested form, older releases rope_theta.
+        out.update(attention_bias=False, sliding_window=cfg.sliding_window, rope_scaling=None,
+                   rope_parameters={kind: dict(rope_parameters) for kind in ("full_attention", "sliding_attention")},
+                   layer_types=["sliding_attention" if s else "full_attention" for s in cfg.sliding_layers()])
     else:
         out.update(use_sliding_window=False, sliding_window=None)
     for key in _CARRIED_KEYS:
@@ -284,6 +348,8 @@ def model_config_to_hf_config(cfg: ModelConfig, family: Family, *, dtype: str,
 EMBEDDING_KEY = "embedding.word_embeddings.weight"
 OUTPUT_KEY = "output_layer.weight"
 FINAL_NORM_KEY = "decoder.final_layernorm.weight"
+POST_ATTENTION_NORM_KEY = "decoder.layers.post_self_attn_layernorm.weight"  # models.local_layers.PostNormTransformerLayer
+POST_MLP_NORM_KEY = "decoder.layers.post_mlp_layernorm.weight"
 
 
 @dataclass(frozen=True)
@@ -297,6 +363,7 @@ class Dims:
     ffn: int
     layers: int
     vocab: int  # real rows
+    qk_norm_over_projection: bool = False  # q/k norm weights span all heads ([heads * head_dim]), not one head
 
     @classmethod
     def of(cls, cfg: ModelConfig) -> "Dims":
@@ -305,7 +372,8 @@ class Dims:
         return cls(hidden=cfg.hidden_size, heads=cfg.num_attention_heads,
                    groups=cfg.num_query_groups or cfg.num_attention_heads,
                    head_dim=cfg.kv_channels or cfg.hidden_size // cfg.num_attention_heads,
-                   ffn=cfg.ffn_hidden_size or 4 * cfg.hidden_size, layers=cfg.num_layers, vocab=cfg.vocab_size)
+                   ffn=cfg.ffn_hidden_size or 4 * cfg.hidden_size, layers=cfg.num_layers, vocab=cfg.vocab_size,
+                   qk_norm_over_projection=cfg.qk_norm_over_projection())
 
     @property
     def q_per_group(self) -> int:
@@ -339,8 +407,10 @@ def tensor_rules(cfg: ModelConfig, family: Family) -> list[TensorRule]:
     check_family_matches(family, cfg)
     p = "model.layers.{i}."
     rules = [TensorRule(EMBEDDING_KEY, ("model.embed_tokens.weight",), "vocab", False)]
-    layer = [
-        TensorRule("decoder.layers.self_attention.linear_qkv.layer_norm_weight", (p + "input_layernorm.weight",), "copy", True),
+    post_norm = family.norm_placement == "post"
+    layer = [] if post_norm else [
+        TensorRule("decoder.layers.self_attention.linear_qkv.layer_norm_weight", (p + "input_layernorm.weight",), "copy", True)]
+    layer += [
         TensorRule("decoder.layers.self_attention.linear_qkv.weight",
                    (p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight", p + "self_attn.v_proj.weight"), "qkv", True),
     ]
@@ -353,12 +423,17 @@ def tensor_rules(cfg: ModelConfig, family: Family) -> list[TensorRule]:
             TensorRule("decoder.layers.self_attention.q_layernorm.weight", (p + "self_attn.q_norm.weight",), "copy", True),
             TensorRule("decoder.layers.self_attention.k_layernorm.weight", (p + "self_attn.k_norm.weight",), "copy", True),
         ]
+    layer.append(TensorRule("decoder.layers.self_attention.linear_proj.weight", (p + "self_attn.o_proj.weight",), "copy", True))
+    if post_norm:  # HF's post_attention_layernorm follows attention here; in Llama it is the pre-MLP norm
+        layer.append(TensorRule(POST_ATTENTION_NORM_KEY, (p + "post_attention_layernorm.weight",), "copy", True))
+    else:
+        layer.append(TensorRule("decoder.layers.mlp.linear_fc1.layer_norm_weight", (p + "post_attention_layernorm.weight",), "copy", True))
     layer += [
-        TensorRule("decoder.layers.self_attention.linear_proj.weight", (p + "self_attn.o_proj.weight",), "copy", True),
-        TensorRule("decoder.layers.mlp.linear_fc1.layer_norm_weight", (p + "post_attention_layernorm.weight",), "copy", True),
         TensorRule("decoder.layers.mlp.linear_fc1.weight", (p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"), "gate_up", True),
         TensorRule("decoder.layers.mlp.linear_fc2.weight", (p + "mlp.down_proj.weight",), "copy", True),
     ]
+    if post_norm:
+        layer.append(TensorRule(POST_MLP_NORM_KEY, (p + "post_feedforward_layernorm.weight",), "copy", True))
     rules += layer
     rules.append(TensorRule(FINAL_NORM_KEY, ("model.norm.weight",), "copy", False))
     if not cfg.tie_embeddings:
@@ -382,7 +457,9 @@ def hf_shapes(rule: TensorRule, d: Dims) -> list[tuple[int, ...]]:
     if key.endswith("linear_fc2.weight"):
         return [(h, d.ffn)]
     if key.endswith(("q_layernorm.weight", "k_layernorm.weight")):
-        return [(d.head_dim,)]
+        if not d.qk_norm_over_projection:
+            return [(d.head_dim,)]
+        return [((d.heads if key.endswith("q_layernorm.weight") else d.groups) * d.head_dim,)]
     return [(h,)]  # RMSNorm weights
 
 

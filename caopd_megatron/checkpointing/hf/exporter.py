@@ -309,16 +309,24 @@ def _verify_with_transformers(out: Path, cfg: Any) -> None:
         return
     hf = AutoConfig.from_pretrained(str(out), local_files_only=True)
     rope = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
-    theta = rope.get("rope_theta", getattr(hf, "rope_theta", None))
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    checks = {
-        "rope_theta": (float(theta) if theta is not None else None, float(cfg.rotary_base)),
-        "rope_type": (rope_type, "llama3" if cfg.rope_scaling else "default"),
+    per_layer_type = {kind: params for kind, params in rope.items() if isinstance(params, dict)}  # OLMo-3
+    checks = {}
+    for kind, params in (per_layer_type or {"": rope}).items():
+        theta = params.get("rope_theta", getattr(hf, "rope_theta", None))
+        suffix = f" ({kind})" if kind else ""
+        checks[f"rope_theta{suffix}"] = (float(theta) if theta is not None else None, float(cfg.rotary_base))
+        checks[f"rope_type{suffix}"] = (params.get("rope_type", params.get("type", "default")),
+                                        "llama3" if cfg.rope_scaling else "default")
+    if any(cfg.sliding_layers()):
+        checks["layer_types"] = (list(getattr(hf, "layer_types", None) or []),
+                                 ["sliding_attention" if s else "full_attention" for s in cfg.sliding_layers()])
+        checks["sliding_window"] = (getattr(hf, "sliding_window", None), cfg.sliding_window)
+    checks.update({
         "num_hidden_layers": (hf.num_hidden_layers, cfg.num_layers),
         "num_key_value_heads": (hf.num_key_value_heads, cfg.num_query_groups or cfg.num_attention_heads),
         "vocab_size": (hf.vocab_size, cfg.vocab_size),
         "tie_word_embeddings": (bool(getattr(hf, "tie_word_embeddings", False)), cfg.tie_embeddings),
-    }
+    })
     wrong = {k: v for k, v in checks.items() if v[0] != v[1]}
     if wrong:
         raise ConversionError(f"{out}/config.json is read by transformers differently from the model config "

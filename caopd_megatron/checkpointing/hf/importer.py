@@ -1,4 +1,4 @@
-"""Hugging Face -> megatron-core: convert an HF Llama/Qwen2/Qwen3 folder into a checkpoint directory.
+"""Hugging Face -> megatron-core: convert an HF Llama/Mistral/Qwen2/Qwen3/OLMo-3 folder into a checkpoint directory.
 
 Design decisions:
 - One process. Checkpoint keys name global tensors (``model_weights``), so the import never splits tensors
@@ -88,7 +88,7 @@ def import_hf_checkpoint(hf_dir: str | Path, out_dir: str | Path, *, tensor_mode
                          pipeline_model_parallel_size: int = 1, dtype: Optional[str] = None,
                          make_vocab_size_divisible_by: int = 128, show_progress: bool = True,
                          overwrite: bool = False) -> ImportSummary:
-    """Convert an HF Llama/Qwen2/Qwen3 folder into a checkpoint directory (single process, streaming).
+    """Convert an HF Llama/Mistral/Qwen2/Qwen3/OLMo-3 folder into a checkpoint directory (single process, streaming).
 
     ``dtype`` (float32/bfloat16/float16) casts the weights; default: keep the HF tensors' dtype.
     """
