@@ -29,6 +29,8 @@ setup(
     extras_require={
         "test": ["pytest>=7", "import-linter>=2.1"],
         "parquet": ["pyarrow>=14"],
+        # benchmarks/bench_onpolicy_trl.py's comparison side (run in its own environment; never imported by the package)
+        "bench": ["trl>=1.16"],
         # GPU accelerations (optional): install Transformer Engine / NVIDIA apex from NVIDIA's instructions.
     },
     entry_points={"console_scripts": ["caopd=caopd_megatron.cli.main:main"]},

@@ -19,6 +19,7 @@ and retirement (half the rows ending at once vs none).
 
     python benchmarks/bench_rollout.py --quick    # a few minutes; writes benchmarks/results/rollout.{json,md}
     python benchmarks/bench_rollout.py            # the whole grid (batch 1/8/32/128, prompts 16/512, K 1/8)
+    python benchmarks/bench_rollout.py --vocabs 1024 --parts grid --merge    # a part of it, added to the results
 """
 from __future__ import annotations
 
@@ -142,7 +143,8 @@ def bench_grid(args, hf, ours, vocab: int) -> list[dict]:
                 cpu, mem = measure(run_engine(e, hf, ours, prompts, eos, vocab, args.new_tokens, early, rep))
                 times[e].append(cpu)
                 mems[e].append(mem)
-        row = dict(vocab=vocab, batch=batch, prompt=prompt_len, k=k, early_eos=early)
+        row = dict(vocab=vocab, batch=batch, prompt=prompt_len, k=k, early_eos=early, new_tokens=args.new_tokens,
+                   reps=args.reps)
         for e in engines:
             row[f"{e}_s"] = statistics.median(times[e])
             row[f"{e}_tok_s"] = batch * args.new_tokens / row[f"{e}_s"]
@@ -169,24 +171,30 @@ def bench_mechanisms(args, ours, vocab: int) -> dict:
     batch = 64
     prompts, eos = workload(vocab, batch, 128, 1, True, None, ours)
     greedy = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0)
-    ret = {"all_long": [], "half_end": []}
+    first = SamplingParams(max_new_tokens=1, temperature=0.0)  # the prefill (and first token) both runs share
+    ret = {"all_long": [], "half_end": [], "prefill": []}
     for _ in range(args.reps):
-        for key, e in (("all_long", NEVER), ("half_end", eos)):
-            ret[key].append(measure(lambda: generate(ours, prompts, greedy, eos_id=e, real_vocab_size=vocab,
+        for key, e, p in (("all_long", NEVER, greedy), ("half_end", eos, greedy), ("prefill", NEVER, first)):
+            ret[key].append(measure(lambda: generate(ours, prompts, p, eos_id=e, real_vocab_size=vocab,
                                                      batch_size=batch))[0])
     med = {k: statistics.median(v) for k, v in {**pre, **ret}.items()}
     return dict(vocab=vocab, prefill_one_s=med["one"], prefill_k8_s=med["k8"],
                 prefill_k8_over_one=med["k8"] / med["one"], all_long_s=med["all_long"],
-                half_end_s=med["half_end"], half_end_over_all_long=med["half_end"] / med["all_long"])
+                half_end_s=med["half_end"], half_end_over_all_long=med["half_end"] / med["all_long"],
+                shared_prefill_s=med["prefill"],
+                decode_half_over_all=(med["half_end"] - med["prefill"]) / (med["all_long"] - med["prefill"]))
 
 
-def markdown(args, rows: list[dict], mech: list[dict]) -> str:
-    lines = [f"Command: `python benchmarks/bench_rollout.py {' '.join(sys.argv[1:])}`", "",
+def markdown(args, rows: list[dict], mech: list[dict], commands: list[str]) -> str:
+    def values(key: str, default: int) -> str:  # what the rows (possibly from several parts) were run with
+        return "/".join(map(str, sorted({r.get(key, default) for r in rows})))
+
+    lines = [*(f"Command: `{c}`" for c in commands), "",
              f"Model: Llama-style, {MODEL['num_hidden_layers']} layers, hidden {MODEL['hidden_size']}, "
              f"{MODEL['num_attention_heads']} heads / {MODEL['num_key_value_heads']} KV heads, ffn "
-             f"{MODEL['intermediate_size']}; {args.new_tokens} new tokens; {args.threads} torch thread(s); "
-             f"CPU time, median of {args.reps} interleaved repetitions; load average at start "
-             f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.", "",
+             f"{MODEL['intermediate_size']}; {values('new_tokens', args.new_tokens)} new tokens; {args.threads} torch "
+             f"thread(s); CPU time, median of {values('reps', args.reps)} interleaved repetition(s); "
+             f"load average when written {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.", "",
              "| vocab | batch | prompt | K | early EOS | engine tok/s | HF tok/s | no-cache tok/s | engine/HF "
              "| engine/no-cache | peak MiB engine / HF |", "|" + "---|" * 11]
     for r in rows:
@@ -195,10 +203,11 @@ def markdown(args, rows: list[dict], mech: list[dict]) -> str:
         lines.append(f"| {r['vocab']} | {r['batch']} | {r['prompt']} | {r['k']} | {'yes' if r['early_eos'] else 'no'} "
                      f"| {r['engine_tok_s']:.0f} | {r['hf_tok_s']:.0f} | {nc} | {r['engine_vs_hf']:.2f}x | {ncr} "
                      f"| {r['engine_peak_mib']:.0f} / {r['hf_peak_mib']:.0f} |")
-    lines += ["", "| vocab | prefill K=8 x 512 tokens / one prefill | half the rows ending at once / none (batch 64, 128-token prompts, greedy) |",
-              "|---|---|---|"]
+    lines += ["", "| vocab | prefill K=8 x 512 tokens / one prefill | half the rows ending at once / none (batch 64, "
+              "128-token prompts, greedy) | the same, decode only (shared prefill subtracted) |", "|---|---|---|---|"]
     for m in mech:
-        lines.append(f"| {m['vocab']} | {m['prefill_k8_over_one']:.2f} | {m['half_end_over_all_long']:.2f} |")
+        lines.append(f"| {m['vocab']} | {m['prefill_k8_over_one']:.2f} | {m['half_end_over_all_long']:.2f} "
+                     f"| {m.get('decode_half_over_all', float('nan')):.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -206,7 +215,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true",
                     help="batch 8 and 32, prompts 16 and 256, 32 new tokens, 2 repetitions, no early-EOS rows")
-    ap.add_argument("--vocabs", type=int, nargs="+", default=[1024, 32000])
+    ap.add_argument("--vocabs", type=int, nargs="*", default=[1024, 32000])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128])
     ap.add_argument("--prompts", type=int, nargs="+", default=[16, 512])
     ap.add_argument("--ks", type=int, nargs="+", default=[1, 8])
@@ -215,6 +224,13 @@ def main() -> None:
     ap.add_argument("--no-early-eos", dest="early_eos", action="store_false", help="skip the early-EOS rows")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--nocache-limit", type=int, default=1024, help="run the no-cache loop up to batch x prompt")
+    ap.add_argument("--parts", nargs="+", choices=["grid", "mechanisms"], default=["grid", "mechanisms"],
+                    help="what to run: the engine/HF/no-cache grid, the prefill and retirement measurements")
+    ap.add_argument("--merge", action="store_true",
+                    help="add to the results already in --out (rows of the same configuration are replaced), "
+                         "so the grid can run in parts")
+    ap.add_argument("--merge-from", type=Path, nargs="+", default=[],
+                    help="with --merge: also fold in these result files (parts run side by side into other --out)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "rollout")
     args = ap.parse_args()
     if args.quick:
@@ -227,17 +243,47 @@ def main() -> None:
 
     detect_backend()  # installs the CPU shims megatron-core needs without CUDA
     distributed.initialize(ParallelConfig(), seed=0)  # a world of one with megatron-core's parallel state
+    previous: dict = {}
+    for path in ([args.out.with_suffix(".json")] + args.merge_from) if args.merge else []:
+        part = json.loads(path.read_text()) if path.is_file() else {}
+        previous = dict(commands=previous.get("commands", []) + part.get("commands", []),
+                        rows=merged(previous.get("rows", []), part.get("rows", []), ROW_KEY),
+                        mechanisms=merged(previous.get("mechanisms", []), part.get("mechanisms", []), ("vocab",)))
+    command = f"python benchmarks/bench_rollout.py {' '.join(sys.argv[1:])}"
+    commands = [c for c in previous.get("commands", []) if c != command] + ([command] if args.vocabs else [])
     rows, mech = [], []
+    all_rows, all_mech = previous.get("rows", []), previous.get("mechanisms", [])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for vocab in args.vocabs:  # results written after each vocabulary, so a long run leaves figures
             hf, ours, real = build_pair(vocab, Path(tmp) / str(vocab))
-            rows += bench_grid(args, hf, ours, real)
-            mech.append(bench_mechanisms(args, ours, real))
-            print(json.dumps(mech[-1]), flush=True)
-            args.out.with_suffix(".json").write_text(json.dumps(dict(rows=rows, mechanisms=mech), indent=1) + "\n")
-            args.out.with_suffix(".md").write_text(markdown(args, rows, mech))
-    print(markdown(args, rows, mech))
+            if "grid" in args.parts:
+                rows += bench_grid(args, hf, ours, real)
+            if "mechanisms" in args.parts:
+                mech.append(bench_mechanisms(args, ours, real))
+                print(json.dumps(mech[-1]), flush=True)
+            all_rows = merged(previous.get("rows", []), rows, ROW_KEY)
+            all_mech = merged(previous.get("mechanisms", []), mech, ("vocab",))
+            write_results(args, all_rows, all_mech, commands)
+    write_results(args, all_rows, all_mech, commands)
+
+
+def write_results(args, rows: list[dict], mech: list[dict], commands: list[str]) -> None:
+    results = dict(commands=commands, rows=rows, mechanisms=mech)
+    args.out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+    text = markdown(args, rows, mech, commands)
+    args.out.with_suffix(".md").write_text(text)
+    print(text)
+
+
+ROW_KEY = ("vocab", "batch", "prompt", "k", "early_eos")
+
+
+def merged(old: list[dict], new: list[dict], key: tuple[str, ...]) -> list[dict]:
+    """``old`` rows with those of the same ``key`` replaced by ``new`` ones, sorted by ``key``."""
+    by_key = {tuple(r[k] for k in key): r for r in old}
+    by_key.update({tuple(r[k] for k in key): r for r in new})
+    return [by_key[k] for k in sorted(by_key)]
 
 
 if __name__ == "__main__":

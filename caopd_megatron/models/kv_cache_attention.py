@@ -30,8 +30,9 @@ Design decisions:
 - Only the subclasses behave differently, and only on the slot cache's path (a ``SlotKVCache`` handed to the
   self-attention, the ``arbitrary`` mask type it returns to the core attention): training, plain forwards
   and megatron's own inference contexts take megatron's code unchanged.
-Buffers: ``[max_len + 1, slots, query groups / TP, head dim]`` per layer, on this rank's TP shard of heads
-and this pipeline stage's layers.
+Buffers: ``[slots, max_len + 1, query groups / TP, head dim]`` per layer, on this rank's TP shard of heads
+and this pipeline stage's layers. Slot-major: attention reads each row's keys as one contiguous block (torch's
+fused attention ran 1.3-2x faster on it than on position-major buffers at 576 cached positions).
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ class SlotKVCache(StaticInferenceContext):
         self.trash = max_len
         self.rows: torch.Tensor | None = None  # [b] slots fed by this forward; None = slots 0..b-1
         self.write_pos: torch.Tensor | None = None  # [b, s] cache position (= RoPE position) of each token
-        self.write_index: torch.Tensor | None = None  # [s*b] flat (position, slot) index of each token
+        self.write_index: torch.Tensor | None = None  # [s*b] flat (slot, position) index of each token
         self.read_len = 0
         self._freqs: torch.Tensor | None = None
         self._table: torch.Tensor | None = None
@@ -67,7 +68,7 @@ class SlotKVCache(StaticInferenceContext):
         b = write_pos.size(0)
         self.rows, self.read_len = rows, read_len
         slots = rows if rows is not None else torch.arange(b, device=write_pos.device)
-        self.write_index = (write_pos.t() * self.max_batch_size + slots).reshape(-1)  # [s*b] into [(L+1)*S]
+        self.write_index = (write_pos.t() + slots * self.max_sequence_length).reshape(-1)  # [s*b] into [S*(L+1)]
         self.write_pos, self._freqs, self._table = write_pos, None, None
         keys = torch.arange(read_len, device=write_pos.device)
         return keys.view(1, 1, 1, -1) > write_pos.unsqueeze(1).unsqueeze(-1)
@@ -83,17 +84,33 @@ class SlotKVCache(StaticInferenceContext):
     def buffers(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's ``(K, V)`` buffers, allocated on first use like ``key`` / ``value`` ``[s, b, g, d]``."""
         if layer not in self.key_value_memory_dict:
-            shape = lambda t: (self.max_sequence_length, self.max_batch_size, t.size(2), t.size(3))  # noqa: E731
+            shape = lambda t: (self.max_batch_size, self.max_sequence_length, t.size(2), t.size(3))  # noqa: E731
             self.key_value_memory_dict[layer] = (torch.zeros(shape(key), dtype=key.dtype, device=key.device),
                                                  torch.zeros(shape(value), dtype=value.dtype, device=value.device))
         return self.key_value_memory_dict[layer]
+
+    def rotate(self, t: torch.Tensor, table: torch.Tensor, config, cp_group) -> torch.Tensor:
+        """megatron's RoPE on ``t`` ``[s, b, heads, d]`` at the fed tokens' positions (``table``: megatron's
+        ``[L, 1, 1, d]`` angles): the keys before they are stored, and the queries on the lean path."""
+        return apply_rotary_pos_emb(t, self.freqs(table), config=config, cp_group=cp_group)
+
+    def store(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the fed tokens' rotated ``key`` and ``value`` ``[s, b, g, d]`` at their planned positions and
+        return what the forward attends over: ``[read_len, b, g, d]`` each (a view of the slot-major buffers when
+        the fed slots are ``0..b-1``, a gather of the planned rows otherwise)."""
+        k_buf, v_buf = self.buffers(layer, key, value)
+        s, b, groups, dim = key.shape
+        k_buf.view(-1, groups, dim).index_copy_(0, self.write_index, key.reshape(s * b, groups, dim))
+        v_buf.view(-1, groups, v_buf.size(-1)).index_copy_(0, self.write_index, value.reshape(s * b, groups, -1))
+        rows = slice(0, b) if self.rows is None else self.rows
+        return k_buf[rows, :self.read_len].transpose(0, 1), v_buf[rows, :self.read_len].transpose(0, 1)
 
     def copy_slots(self, src: torch.Tensor, dst: torch.Tensor, length: int) -> None:
         """Copy the first ``length`` positions of slots ``src`` ``[n]`` into slots ``dst`` ``[n]``, every layer:
         a shared prompt's prefill forked to its other samples, or a live slot moved into a retired one's hole."""
         for k_buf, v_buf in self.key_value_memory_dict.values():
-            k_buf[:length, dst] = k_buf[:length, src]
-            v_buf[:length, dst] = v_buf[:length, src]
+            k_buf[dst, :length] = k_buf[src, :length]
+            v_buf[dst, :length] = v_buf[src, :length]
 
 
 class SlotCachedSelfAttention(SelfAttention):
@@ -110,16 +127,9 @@ class SlotCachedSelfAttention(SelfAttention):
         q_freqs = None
         if rotary_pos_emb is not None:
             q_table, k_table = rotary_pos_emb
-            key = apply_rotary_pos_emb(key, ctx.freqs(k_table), config=self.config, cp_group=self.pg_collection.cp)
+            key = ctx.rotate(key, k_table, self.config, self.pg_collection.cp)
             q_freqs = ctx.freqs(q_table)
-        k_buf, v_buf = ctx.buffers(self.layer_number, key, value)
-        s, b, groups, dim = key.shape
-        k_buf.view(-1, groups, dim).index_copy_(0, ctx.write_index, key.reshape(s * b, groups, dim))
-        v_buf.view(-1, groups, v_buf.size(-1)).index_copy_(0, ctx.write_index, value.reshape(s * b, groups, -1))
-        if ctx.rows is None:  # live slots are 0..b-1: a view of the cache
-            key, value = k_buf[:ctx.read_len, :b], v_buf[:ctx.read_len, :b]
-        else:
-            key, value = k_buf[:ctx.read_len, ctx.rows], v_buf[:ctx.read_len, ctx.rows]
+        key, value = ctx.store(self.layer_number, key, value)
         # Keys are rotated already: only the queries get an embedding (megatron skips a None key embedding).
         return query, key, value, (q_freqs, None), AttnMaskType.arbitrary, None
 
@@ -171,9 +181,16 @@ class GroupedSlotAttention(DotProductAttention):
             masked = sliding_causal_mask(query.size(0), key.size(0), self.window, query.device)
             if attention_mask is not None:
                 masked = masked | attention_mask
-        s, b, heads, d = query.shape
         scale = self.softmax_scale * (self.scale_mask_softmax.scale or 1.0)
-        context = torch.nn.functional.scaled_dot_product_attention(
-            query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3),
-            attn_mask=~masked, scale=scale, enable_gqa=True)  # [b, g*r, s, d]
-        return context.permute(2, 0, 1, 3).reshape(s, b, heads * d)
+        return grouped_attention(query, key, value, ~masked, scale)
+
+
+def grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """torch's fused attention with grouped query heads: ``query`` ``[s, b, g*r, d]``, ``key`` / ``value``
+    ``[L, b, g, d]``, ``visible`` ``[b, 1, s, L]`` (True = attended) -> ``[s, b, g*r*d]``."""
+    s, b, heads, d = query.shape
+    context = torch.nn.functional.scaled_dot_product_attention(
+        query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3),
+        attn_mask=visible, scale=scale, enable_gqa=True)  # [b, g*r, s, d]
+    return context.permute(2, 0, 1, 3).reshape(s, b, heads * d)

@@ -66,8 +66,9 @@ class SlotDecoder:
     """Decodes queued ``PromptGroup``s through ``slots`` cache rows (``steps``); results in ``done``."""
 
     def __init__(self, model, params: SamplingParams, eos_id: int, real_vocab_size: int, cache,
-                 device: torch.device):
+                 device: torch.device, lean=None):
         self.model, self.params, self.eos_id, self.vocab = model, params, eos_id, real_vocab_size
+        self.lean = lean  # a models.slot_forward.SlotForward of the model, or None: megatron's forward
         self.slots, self.device = cache.max_batch_size, device
         self.ctx = cache  # a models.kv_cache_attention.SlotKVCache
         self.groups = model_groups(model)
@@ -83,6 +84,8 @@ class SlotDecoder:
                 rows: torch.Tensor | None = None) -> torch.Tensor | None:
         """Last-column logits ``[b, V]`` of one forward (None before the last pipeline stage)."""
         mask = self.ctx.plan(write_pos, read_len, rows)
+        if self.lean is not None:
+            return self.lean.logits(tokens, self.ctx, mask)
         if self.pipelined:
             out = stage_forward(self.model, tokens, write_pos, self.ctx, attention_mask=mask)
         else:
@@ -210,6 +213,7 @@ def decode_groups(model, groups: Sequence[PromptGroup], params: SamplingParams, 
     from megatron.core.transformer.attention import SelfAttention
 
     from caopd_megatron.models.kv_cache_attention import SlotCachedSelfAttention, SlotKVCache
+    from caopd_megatron.models.slot_forward import SlotForward, refusal
 
     plain = [type(m).__name__ for m in unwrap(model).modules()
              if isinstance(m, SelfAttention) and not isinstance(m, SlotCachedSelfAttention)]
@@ -220,7 +224,8 @@ def decode_groups(model, groups: Sequence[PromptGroup], params: SamplingParams, 
         raise ValueError("every prompt needs at least one token")
     slots = min(slots, sum(len(g.members) for g in groups))
     max_len = max(len(g.prompt) for g in groups) + params.max_new_tokens
-    decoder = SlotDecoder(model, params, eos_id, real_vocab_size, SlotKVCache(slots, max_len), device)
+    lean = SlotForward(model) if refusal(model) is None else None
+    decoder = SlotDecoder(model, params, eos_id, real_vocab_size, SlotKVCache(slots, max_len), device, lean)
     for _ in progress(decoder.steps(groups), desc=desc, unit="step"):
         pass
     return decoder.done

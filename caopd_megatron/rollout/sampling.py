@@ -45,7 +45,10 @@ class Generation:
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Top-k then nucleus filtering on ``[b, V]`` logits (returns a new tensor; -inf marks removed tokens)."""
+    """Top-k then nucleus filtering on ``[b, V]`` logits (-inf marks removed tokens); a new tensor, or
+    ``logits`` itself when neither filter is on."""
+    if not 0 < top_k < logits.size(-1) and top_p >= 1.0:
+        return logits
     out = logits.clone()
     if top_k > 0 and top_k < out.size(-1):
         kth = torch.topk(out, top_k, dim=-1).values[..., -1:]
@@ -68,7 +71,8 @@ def choose_tokens(logits: torch.Tensor, params: SamplingParams, real_vocab_size:
     if params.temperature == 0:
         nxt = last.argmax(dim=-1)
     else:
-        scores = filter_logits(last / params.temperature, params.top_k, params.top_p)
+        scaled = last if params.temperature == 1 else last / params.temperature  # x / 1 is x, bit for bit
+        scores = filter_logits(scaled, params.top_k, params.top_p)
         nxt = gumbel_argmax(scores, row_keys(params.seed, seq_ids, positions))
     lp = torch.log_softmax(last, dim=-1).gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
     return nxt, lp
