@@ -165,9 +165,11 @@ def _check_overlap(ranks: list[dict], stage_of: list[int]) -> None:
     # In flight: the last stage's forwards (all but its final one, 7 of 8) ran beside a first-stage forward
     # of the other micro-batch; one slow tick of slack. One at a time: never.
     assert pipelined >= 6 and sequential == 0, (pipelined, sequential)
-    # Each stage is busy 8 of about 9 ticks in flight, at most half the time one at a time (2 stages).
+    # Share of the wall time each stage spends in its (sleeping) forwards: about 8 of 9 ticks in flight, at
+    # most 1/2 one at a time (2 stages). Compute between the sleeps lowers both on a loaded machine (measured
+    # 0.79 vs 0.48 at PP=2, 0.28 vs 0.14 at PP=2 x TP=2 on 2 shared cores); the ratio stays near 16/9.
     busy, busy_before = 8 * SLEEP / wall, 4 * SLEEP / wall_before
-    assert busy > 0.65 and busy_before < 0.6, (busy, busy_before)
+    assert busy > 1.4 * busy_before and busy_before < 0.6, (busy, busy_before)
 
 
 def test_pp2_samples_equal_single_process_and_stages_overlap(single_process):
@@ -178,6 +180,6 @@ def test_pp2_samples_equal_single_process_and_stages_overlap(single_process):
 
 @pytest.mark.slow
 def test_pp2_tp2_samples_equal_single_process(single_process):
-    ranks = run_distributed(_decode, 4, 2, 2, single_process["init"])
+    ranks = run_distributed(_decode, 4, 2, 2, single_process["init"], timeout=900)
     _check_layout(single_process, ranks, "PP=2 x TP=2")
     _check_overlap(ranks, [0, 0, 1, 1])
