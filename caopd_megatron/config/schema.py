@@ -188,6 +188,11 @@ class RolloutConfig:
     # Whose samples form the responses: the student's (on-policy) or the teacher's, drawn from its privileged
     # prompt (sequence-level KD / soft-target SFT on teacher samples); grading, rewrite and distillation follow.
     prefix_source: Literal["student", "teacher"] = "student"
+    # static: the slot-cache engine (rollout/continuous.py), any device; dynamic: megatron-core's dynamic
+    # inference engine (CUDA and flash-attn only; rollout/dynamic.py); auto: dynamic where it can run, else static.
+    engine: Literal["static", "dynamic", "auto"] = "static"
+    # Pipeline parallelism: micro-batches in flight while decoding (0 = one per stage; 1 = one at a time).
+    pipeline_microbatches: int = 0
 
 
 @dataclass

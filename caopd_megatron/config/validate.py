@@ -68,6 +68,7 @@ RANGES: dict[str, Range] = {
     "rollout.samples_per_prompt": AT_LEAST_1, "rollout.prompts_per_step": AT_LEAST_1,
     "rollout.temperature": POSITIVE, "rollout.top_p": Range(0, 1, low_open=True), "rollout.top_k": NON_NEGATIVE,
     "rollout.max_new_tokens": AT_LEAST_1, "rollout.batch_size": AT_LEAST_1,
+    "rollout.pipeline_microbatches": NON_NEGATIVE,
     "calibration.precision": Range(0, 6),
     "distill.beta": UNIT, "distill.temperature": POSITIVE, "distill.skip_first_tokens": NON_NEGATIVE,
     "distill.chunk_size": AT_LEAST_1, "distill.micro_batch_size": AT_LEAST_1, "distill.steps": NON_NEGATIVE,

@@ -29,6 +29,7 @@ from caopd_megatron.models.builder import VocabInfo, build_gpt_model, count_para
 from caopd_megatron.models.fp8 import teacher_model_config
 from caopd_megatron.models.teacher import check_vocab_compatible, copy_weights, freeze
 from caopd_megatron.parallel.data_parallel import unwrap, wrap_student
+from caopd_megatron.rollout.dynamic import engine_for_this_process
 from caopd_megatron.runtime import distributed
 from caopd_megatron.runtime.backend import Backend, detect_backend
 from caopd_megatron.runtime.progress import record_job, set_progress, setup_logging
@@ -61,6 +62,7 @@ def open_session(cfg: CaOPDConfig, run_dir: str | Path | None = None, parallel: 
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
     backend = detect_backend()
+    engine_for_this_process(cfg.rollout.engine)  # logs the rollout engine; dynamic without CUDA stops here
     if parallel:
         # Both models' own numbers first (the teacher shares the student's layout), then the world size.
         distributed.check_layout(None, cfg.parallel, cfg.model.num_layers, cfg.model.num_attention_heads,

@@ -6,6 +6,8 @@ Design decisions:
 - The seed of a rollout is ``rollout.seed + step`` and sample k of the step's j-th prompt has sequence id
   ``j * K + k`` (the key of its sampling noise): any step's samples can be regenerated exactly, by any
   number of data-parallel replicas and with any generation batch size.
+- ``rollout.engine`` picks the decoding engine (``rollout/dynamic.py``: static, megatron-core's dynamic on
+  CUDA, or auto); ``rollout.pipeline_microbatches`` the micro-batches in flight under PP.
 - ``rollout.prefix_source`` picks whose samples form the responses (``prefix_rollout``): the student's from
   its own prompt (on-policy, the default) or the teacher's from its privileged prompt (demonstration, no
   note; sequence-level KD). Either way the records carry the *student* prompt ids, so grading, rewrite and
@@ -19,6 +21,7 @@ from caopd_megatron.calibration.revise import student_prompt_text, teacher_promp
 from caopd_megatron.data.records import RolloutRecord
 from caopd_megatron.config.schema import CaOPDConfig
 from caopd_megatron.data.prompts import PromptRecord
+from caopd_megatron.rollout.dynamic import engine_for_this_process
 from caopd_megatron.rollout.sampler import SamplingParams, generate
 
 
@@ -34,7 +37,8 @@ def rollout(model, prompts: Sequence[PromptRecord], tokenizer, cfg: CaOPDConfig,
     sources = prompt_ids if sampling_prompts is None else sampling_prompts
     flat = [ids for ids in sources for _ in range(r.samples_per_prompt)]
     gens = generate(model, flat, params, eos_id=tokenizer.eos_id, real_vocab_size=real_vocab_size,
-                    batch_size=r.batch_size, desc=desc)
+                    batch_size=r.batch_size, desc=desc, pipeline_microbatches=r.pipeline_microbatches,
+                    engine=engine_for_this_process(r.engine))
     out = []
     for i, g in enumerate(gens):
         rec = prompts[i // r.samples_per_prompt]

@@ -11,9 +11,12 @@ Design decisions:
   position t is keyed by ``(seed, i, t)``. ``seq_ids`` default to the prompt's index. A sequence's sample is
   then the same whatever batch or slot it shares, however the prompts are split over data-parallel
   replicas, and on every tensor-parallel rank (logits are gathered over TP for the last position only).
+- ``engine="dynamic"`` runs each replica's share through megatron-core's dynamic engine instead, with the same
+  keyed draws (``rollout/dynamic.py``); the DP deal and gather are the same.
 - Sequence parallelism is switched off for the call (``parallel.generation.sequence_parallel_off``).
-- Under pipeline parallelism each forward runs stage by stage (``parallel.generation``): the last stage
-  samples and broadcasts the tokens, so every rank returns the same generations as a single process would.
+- Under pipeline parallelism the rows are split into micro-batches in flight, one per stage by default
+  (``rollout/pipelined.py``): every stage works on a different one at each tick; the last stage samples and
+  sends the tokens back, so every rank returns the same generations as a single process would.
 - Under data parallelism the replicas split the work (``parallel.data_parallel.round_robin_dp``): the
   length-sorted prompt groups are packed into units of ``batch_size`` sequences and dealt round-robin (a
   group is never split between replicas), each replica decodes its share, and the results are all-gathered.
@@ -28,6 +31,7 @@ import torch
 from caopd_megatron.parallel.data_parallel import all_gather_dp, data_parallel_size, model_groups, round_robin_dp
 from caopd_megatron.parallel.generation import sequence_parallel_off
 from caopd_megatron.rollout.continuous import PromptGroup, decode_groups, group_prompts
+from caopd_megatron.rollout.dynamic import decode_dynamic
 from caopd_megatron.rollout.sampling import Generation, SamplingParams, filter_logits  # noqa: F401 (public API)
 
 log = logging.getLogger(__name__)
@@ -72,7 +76,8 @@ def pack_units(groups: Sequence[PromptGroup], batch_size: int) -> list[list[Prom
 
 
 def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams, *, eos_id: int, real_vocab_size: int,
-             batch_size: int = 256, desc: str | None = None, seq_ids: Sequence[int] | None = None) -> list[Generation]:
+             batch_size: int = 256, desc: str | None = None, seq_ids: Sequence[int] | None = None,
+             pipeline_microbatches: int = 0, engine: str = "static") -> list[Generation]:
     """Sample one response per prompt (repeat a prompt K times for K samples).
 
     Args:
@@ -84,6 +89,9 @@ def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
         desc: label of a progress bar over decode steps (None: silent).
         seq_ids: the key of each prompt's sampling noise (default: its index); equal ids and seeds give
             equal samples of the same prompt.
+        pipeline_microbatches: under PP, micro-batches in flight (0: one per stage; 1: one at a time).
+        engine: ``static`` (the slot-cache engine) or ``dynamic`` (megatron-core's dynamic engine, CUDA only;
+            ``rollout/dynamic.py``), as resolved from ``rollout.engine`` at start-up.
     Returns: generations in the order of ``prompts``.
     """
     if not prompts:
@@ -106,7 +114,9 @@ def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
     model.eval()
     try:
         with sequence_parallel_off(model):
-            results = decode_groups(model, mine, params, eos_id, real_vocab_size, batch_size, device, desc)
+            decode = decode_dynamic if engine == "dynamic" else decode_groups
+            results = decode(model, mine, params, eos_id, real_vocab_size, batch_size, device, desc,
+                             pipeline_microbatches)
     finally:
         model.train(was_training)
     results = _gather_over_dp(results, prompts, device, groups)
