@@ -4,6 +4,15 @@ Everything lives in one temporary folder (config, state, spool, logs, munge sock
 neither needs nor touches a system Slurm. No cgroups (``proctrack/linuxproc``, ``task/none``): it works in a
 container. Installation: ``.ci/install_slurm.sh``. Without the binaries the tests skip, except under CI
 (env ``CI`` set), where a missing Slurm is a failure.
+
+Two settings make it quick without changing what a job sees:
+- The node offers ``cpus`` slots (default 12) whatever the machine has (``SlurmdParameters=config_overrides``),
+  so independent test jobs run at the same time instead of queueing behind each other.
+- ``cred_expire`` is 20 s instead of 120: Slurm holds a requeued job that long before starting it again. The
+  tests must not shorten the hold themselves (``scontrol update StartTime=now``): slurmd revokes the killed
+  attempt's credential at the requeue, and a new attempt whose credential is dated in the same second is
+  refused ("Killing non-startable batch JobId=N: Job credential revoked"), so the job ends FAILED without
+  running a line of its script (``tests/test_slurm.py::test_releasing_a_requeued_job_at_once_is_refused``).
 """
 from __future__ import annotations
 
@@ -17,6 +26,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+ENDED_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED")
+REQUEUE_HOLD_S = 20  # AuthInfo cred_expire: how long Slurm holds a requeued job (see the module docstring)
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel")
 MUNGE_KEY = Path("/etc/munge/munge.key")
 
@@ -43,16 +54,16 @@ class Job:
     def state(self) -> str:
         return self.cluster.job_field(self.job_id, "JobState")
 
-    def wait(self, timeout: float = 300.0, release_requeued: bool = False) -> str:
-        """Wait until the job has ended; returns its final state. ``release_requeued``: a requeued job is made
-        eligible at once (Slurm holds a requeued batch job for about two minutes before it may start again)."""
+    def ended(self) -> bool:
+        return self.state() in ENDED_STATES
+
+    def wait(self, timeout: float = 600.0) -> str:
+        """Wait until the job has ended (a requeued job: its last attempt); returns its final state."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             state = self.state()
-            if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED"):
+            if state in ENDED_STATES:
                 return state
-            if release_requeued and state == "PENDING" and self.cluster.job_field(self.job_id, "Reason") == "BeginTime":
-                self.cluster.run("scontrol", "update", f"JobId={self.job_id}", "StartTime=now")
             time.sleep(0.3)
         raise TimeoutError(f"job {self.job_id} still {self.state()} after {timeout:.0f} s")
 
@@ -61,7 +72,7 @@ class Job:
 
 
 class SlurmCluster:
-    def __init__(self, root: Path, cpus: int = 2) -> None:
+    def __init__(self, root: Path, cpus: int = 12) -> None:
         self.root = root
         self.cpus = cpus
         self.conf = root / "slurm.conf"
@@ -81,7 +92,7 @@ SlurmctldHost=localhost(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket={r}/munge.socket
+AuthInfo=socket={r}/munge.socket,cred_expire={REQUEUE_HOLD_S}
 CredType=cred/munge
 SlurmctldPort={free_port()}
 SlurmdPort={free_port()}
@@ -101,6 +112,7 @@ SchedulerType=sched/builtin
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
+SlurmdParameters=config_overrides
 KillWait=20
 MinJobAge=600
 NodeName=localhost NodeHostname={socket.gethostname()} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory=2000 State=UNKNOWN

@@ -17,6 +17,10 @@ Design decisions:
   came from clipping, CaOPD's accuracy moved 0.7; README "What we learned").
 - The base, OPD and CaOPD students are saved as Megatron checkpoint directories (``base/student``,
   ``opd/student``, ``caopd/student``, tokenizer inside), so ``caopd compare`` and ``tools/export_hf.py`` take them.
+- Ctrl-C / SIGTERM / SIGUSR1 (``run.stop_signals``, ``runtime/preemption.py``) stop it at the next warm-up or
+  distillation step boundary (all ranks agree): the stages already finished stay (each file complete), the
+  interrupted one writes nothing, and ``caopd`` prints one line saying what was kept and exits 75. The demo
+  does not resume; a rerun starts over (and drops an earlier run's summary and logs before writing its own).
 - Everything (tokenizer, task, models, metrics, plots) is produced by the same code that serves real
   models; only the sizes and the synthetic task are special.
 """
@@ -36,14 +40,19 @@ from caopd_megatron.evaluation.diagnostics_plot import plot_diagnostics
 from caopd_megatron.evaluation.evaluate import evaluate_model, write_eval
 from caopd_megatron.evaluation.metrics import CalibrationReport
 from caopd_megatron.evaluation.reliability import plot_reliability
+from caopd_megatron.checkpointing.run_dir import TRAIN_LOG
 from caopd_megatron.models.teacher import copy_weights
-from caopd_megatron.pipeline.session import build_student, build_teacher, eval_prompts, open_session, train_prompts
+from caopd_megatron.pipeline.session import (Session, build_student, build_teacher, eval_prompts, open_session,
+                                             train_prompts)
 from caopd_megatron.pipeline.train import Trainer
 from caopd_megatron.pipeline.warmup import WarmupData, run_warmup, warmup_replay
 from caopd_megatron.runtime.distributed import is_main_rank
+from caopd_megatron.runtime.exit_codes import StopRequested
+from caopd_megatron.runtime.preemption import StopGuard
 
 log = logging.getLogger(__name__)
 
+SUMMARY = "summary.json"
 COLUMNS = ("accuracy", "ece", "brier", "ocg", "spr", "auroc", "parse_rate")
 
 
@@ -70,27 +79,65 @@ def save_student(s, student, name: str) -> None:
                              tokenizer_dir=s.run_dir / "tokenizer", overwrite=True)
 
 
+class DemoProgress:
+    """The stage the demo is in and the outputs it has finished (relative to the run directory), for the one
+    line an interrupted demo ends with."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.stage = "start-up"
+        self.kept: list[str] = []
+
+    def interrupted(self, stop: StopRequested) -> StopRequested:
+        kept = ", ".join(self.kept) or "nothing"
+        return StopRequested(stop.code, f"{stop} during {self.stage}: stopped at a step boundary; kept in "
+                                        f"{self.run_dir}: {kept}; the demo does not resume, run `caopd demo` "
+                                        "again (same options) to start over")
+
+
 def run_demo(cfg: CaOPDConfig) -> dict:
-    s = open_session(cfg)
+    """The whole demo; returns the summary. A stop signal (``run.stop_signals``: Ctrl-C, SIGTERM, SIGUSR1)
+    ends it at the next warm-up or distillation step boundary with ``StopRequested`` naming what was kept: the
+    files of finished stages, each complete; the interrupted stage writes nothing."""
+    with StopGuard(cfg.run.stop_signals) as guard:
+        s = open_session(cfg)
+        done = DemoProgress(s.run_dir)
+        try:
+            return demo_stages(s, guard, done)
+        except StopRequested as stop:
+            raise done.interrupted(stop) from None
+
+
+def demo_stages(s: Session, guard: StopGuard, done: DemoProgress) -> dict:
+    cfg = s.cfg
+    if is_main_rank():  # an earlier demo's summary would describe another run until this one ends
+        for stale in (SUMMARY, "reliability.png", "diagnostics.png"):
+            (s.run_dir / stale).unlink(missing_ok=True)
     train, held_out = train_prompts(s), eval_prompts(s)
     student = build_student(s)
     data = WarmupData(train, s.tokenizer, cfg, seed=cfg.run.seed)
-    warmup_losses = run_warmup(student, data, cfg, s.vocab.real, s.tokenizer.pad_id)
+    done.stage = "warm-up"
+    warmup_losses = run_warmup(student, data, cfg, s.vocab.real, s.tokenizer.pad_id,
+                               at_step_end=guard.raise_if_stopping)
     if is_main_rank():
         (s.run_dir / "warmup_log.jsonl").write_text(
             "".join(json.dumps({"step": i, "loss": v}) + "\n" for i, v in enumerate(warmup_losses)))
+    done.kept.append("warmup_log.jsonl")
     warm_state = copy.deepcopy(student.state_dict())
 
     reports: dict[str, CalibrationReport] = {}
     difficulty: dict[str, dict[int, float]] = {}
     histories: dict[str, list[dict]] = {}
+    done.stage = "the base evaluation"
     report, rows = evaluate_model(student, held_out, s.tokenizer, cfg, s.vocab.real, desc="evaluate base")
     reports["base"], difficulty["base"] = report, accuracy_by_difficulty(rows)
     if is_main_rank():  # every rank evaluated the same generations; one writes them
         write_eval(s.run_dir / "eval", "base", report, rows)
     save_student(s, student, "base")
+    done.kept += ["eval/base_*", "base/student"]
 
     for name, rewrite in (("OPD", False), ("CaOPD", True)):
+        done.stage = f"{name} distillation"
         run_cfg = copy.deepcopy(cfg)
         run_cfg.calibration.rewrite = rewrite
         student.load_state_dict(warm_state)
@@ -98,18 +145,23 @@ def run_demo(cfg: CaOPDConfig) -> dict:
         torch.manual_seed(cfg.run.seed)
         trainer = Trainer(run_cfg, student, teacher, s.tokenizer, s.vocab.real, train, s.run_dir / name.lower(),
                           replay=warmup_replay(data, s.vocab.real, s.tokenizer.pad_id))
-        histories[name] = [asdict(e) for e in trainer.train(desc=f"{name} distill")]
+        trainer.truncate_history(0)  # the demo starts over: an earlier demo's log is not continued
+        histories[name] = [asdict(e) for e in trainer.train(desc=f"{name} distill",
+                                                            at_step_end=guard.raise_if_stopping)]
+        done.kept.append(f"{name.lower()}/{TRAIN_LOG}")
+        done.stage = f"the {name} evaluation"
         report, rows = evaluate_model(student, held_out, s.tokenizer, cfg, s.vocab.real, desc=f"evaluate {name}")
         reports[name], difficulty[name] = report, accuracy_by_difficulty(rows)
         if is_main_rank():
             write_eval(s.run_dir / "eval", name.lower(), report, rows)
         save_student(s, student, name.lower())
+        done.kept += [f"eval/{name.lower()}_*", f"{name.lower()}/student"]
         del teacher
 
     summary = {name: r.to_dict() for name, r in reports.items()}
     summary["accuracy_by_digits"] = difficulty
     if is_main_rank():
-        (s.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        (s.run_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
         plot_reliability(reports, str(s.run_dir / "reliability.png"),
                          title=f"Embedded default: digit-sum, {len(held_out)} held-out questions")
         if cfg.distill.diagnostics:
@@ -119,5 +171,5 @@ def run_demo(cfg: CaOPDConfig) -> dict:
         print("\n" + table)
         print("\naccuracy by number of digits: " + "; ".join(
             f"{k}: " + " ".join(f"{n}={a:.2f}" for n, a in v.items()) for k, v in difficulty.items()))
-        print(f"\nreliability diagram: {s.run_dir / 'reliability.png'}\nsummary: {s.run_dir / 'summary.json'}")
+        print(f"\nreliability diagram: {s.run_dir / 'reliability.png'}\nsummary: {s.run_dir / SUMMARY}")
     return summary
