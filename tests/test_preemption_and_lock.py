@@ -19,6 +19,7 @@ import pytest
 from caopd_megatron.config.loader import ConfigError
 from caopd_megatron.runtime import run_lock
 from caopd_megatron.runtime.distributed import derived_port, expand_nodelist, slurm_rendezvous
+from caopd_megatron.runtime.exit_codes import StopRequested
 from caopd_megatron.runtime.preemption import NO_STOP, TIME_BUDGET, StopGuard, describe_stop, parse_signal
 from caopd_megatron.runtime.run_lock import LOCK_NAME, LockOwner, RunLockedError, acquire_run_lock, try_lock
 from dist_harness import run_distributed
@@ -45,6 +46,16 @@ def test_second_sigint_interrupts_at_once():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.1)
+
+
+def test_unwinding_loops_raise_at_the_boundary_after_the_signal():
+    """``raise_if_stopping`` (the demo's check): silent until a signal arrives, then ``StopRequested`` naming it."""
+    with StopGuard(["SIGTERM"]) as guard:
+        guard.raise_if_stopping()
+        os.kill(os.getpid(), signal.SIGTERM)
+        with pytest.raises(StopRequested, match="^SIGTERM received$") as stop:
+            guard.raise_if_stopping()
+    assert stop.value.code == signal.SIGTERM
 
 
 def test_time_budget_stops_before_the_next_step_would_pass_it():

@@ -16,7 +16,8 @@ Design decisions:
 - Every user error (bad config key, bad file, impossible layout, missing dependency, a run directory in use
   by another job) ends as one line on stderr and exit code 2, never a traceback from inside megatron-core.
   ``--debug`` shows the traceback. A diverged step (non-finite loss or gradient norm, nothing applied or
-  saved) exits with code 4. The other exit codes are in ``runtime/exit_codes.py``.
+  saved) exits with code 4. A stop signal ends ``run`` with a checkpoint and ``demo`` at a step boundary, both
+  with one line and code 75. The other exit codes are in ``runtime/exit_codes.py``.
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ import logging
 import sys
 
 from caopd_megatron.runtime.exit_codes import (EXIT_DIVERGED, EXIT_DONE, EXIT_INTERRUPTED, EXIT_KEYBOARD_INTERRUPT,
-                                               EXIT_NOTHING_TO_DO, EXIT_USER_ERROR, NothingLeftToDo, PhaseOrderError)
+                                               EXIT_NOTHING_TO_DO, EXIT_USER_ERROR, NothingLeftToDo, PhaseOrderError,
+                                               StopRequested)
 from caopd_megatron.runtime.guard import TrainingDivergedError
 
 log = logging.getLogger("caopd")
@@ -108,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
             handler = getattr(phases, f"cmd_{args.command}")
         cfg = load_config(configs, list(args.overrides))
+        from caopd_megatron.runtime.distributed import is_main_rank
         from caopd_megatron.runtime.preemption import leave_together
 
         code = handler(cfg, args) or EXIT_DONE
@@ -126,9 +129,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"caopd {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print(f"caopd {args.command}: interrupted (second Ctrl-C); nothing saved since the last checkpoint",
-              file=sys.stderr)
+    except StopRequested as exc:  # a loop that does not checkpoint stopped at a step boundary (caopd demo)
+        if is_main_rank():
+            print(f"caopd {args.command}: {exc}", file=sys.stderr)
+        leave_together()
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the stop handlers were installed
+        print(f"caopd {args.command}: interrupted (Ctrl-C); nothing saved since the last checkpoint", file=sys.stderr)
         return EXIT_KEYBOARD_INTERRUPT
     finally:
         from caopd_megatron.runtime import distributed, run_lock

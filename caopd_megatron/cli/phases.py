@@ -102,6 +102,7 @@ def _save(s: Session, t: Trainer) -> None:
 
 
 def cmd_demo(cfg: CaOPDConfig, args: Namespace) -> None:
+    """The embedded default; a stop signal ends it with ``StopRequested`` (exit 75, one line)."""
     from caopd_megatron.pipeline.demo import run_demo
 
     run_demo(cfg)

@@ -27,10 +27,13 @@ import copy
 import json
 import logging
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
 from caopd_megatron.checkpointing.hf import save_megatron_checkpoint
+from caopd_megatron.checkpointing.run_dir import TRAIN_LOG
 from caopd_megatron.config.schema import CaOPDConfig
 from caopd_megatron.data.prompts import PromptRecord
 from caopd_megatron.evaluation.diagnostics_plot import plot_diagnostics
@@ -48,9 +51,12 @@ from caopd_megatron.pipeline.session import (
 from caopd_megatron.pipeline.train import Trainer
 from caopd_megatron.pipeline.warmup import WarmupData, run_warmup, warmup_replay
 from caopd_megatron.runtime.distributed import is_main_rank
+from caopd_megatron.runtime.exit_codes import StopRequested
+from caopd_megatron.runtime.preemption import StopGuard
 
 log = logging.getLogger(__name__)
 
+SUMMARY = "summary.json"
 COLUMNS = ("accuracy", "ece", "brier", "ocg", "spr", "auroc", "parse_rate")
 
 
@@ -95,13 +101,17 @@ class WarmStart:
     warmup_losses: list[float]
 
 
-def warm_up(cfg: CaOPDConfig) -> WarmStart:
-    """Open the session, build the student and run the supervised warm-up (``warmup_log.jsonl`` in the run)."""
-    s = open_session(cfg)
+StepHook = Optional[Callable[[], None]]  # called at each step boundary (a stop check may raise StopRequested)
+
+
+def warm_up(cfg: CaOPDConfig, session: Session | None = None, at_step_end: StepHook = None) -> WarmStart:
+    """Build the student and run the supervised warm-up (``warmup_log.jsonl`` in the run) in ``session``
+    (default: a session opened here)."""
+    s = session or open_session(cfg)
     train, held_out = train_prompts(s), eval_prompts(s)
     student = build_student(s)
     data = WarmupData(train, s.tokenizer, cfg, seed=cfg.run.seed)
-    losses = run_warmup(student, data, cfg, s.vocab.real, s.tokenizer.pad_id)
+    losses = run_warmup(student, data, cfg, s.vocab.real, s.tokenizer.pad_id, at_step_end=at_step_end)
     if is_main_rank():
         (s.run_dir / "warmup_log.jsonl").write_text(
             "".join(json.dumps({"step": i, "loss": v}) + "\n" for i, v in enumerate(losses)))
@@ -109,11 +119,12 @@ def warm_up(cfg: CaOPDConfig) -> WarmStart:
 
 
 def distill_from_warm_start(ws: WarmStart, run_cfg: CaOPDConfig, name: str,
-                            replay_data: WarmupData | None = None) -> list[dict]:
+                            replay_data: WarmupData | None = None, at_step_end: StepHook = None) -> list[dict]:
     """Reset the student to the warm start and distil it per ``run_cfg`` (``<run>/<name lower>/``); the log rows.
 
     The teacher is built from the warm student (``teacher.mode`` of the session); the replay rows come from
-    ``replay_data`` (default: the warm start's own row source, whose stream then moves on).
+    ``replay_data`` (default: the warm start's own row source, whose stream then moves on). The run starts
+    over: an earlier run's log in the same directory is not continued.
     """
     s, student = ws.session, ws.student
     student.load_state_dict(ws.state)
@@ -121,7 +132,8 @@ def distill_from_warm_start(ws: WarmStart, run_cfg: CaOPDConfig, name: str,
     torch.manual_seed(ws.cfg.run.seed)
     trainer = Trainer(run_cfg, student, teacher, s.tokenizer, s.vocab.real, ws.train, s.run_dir / name.lower(),
                       replay=warmup_replay(replay_data or ws.data, s.vocab.real, s.tokenizer.pad_id))
-    return [asdict(e) for e in trainer.train(desc=f"{name} distill")]
+    trainer.truncate_history(0)
+    return [asdict(e) for e in trainer.train(desc=f"{name} distill", at_step_end=at_step_end)]
 
 
 def evaluate_student(ws: WarmStart, name: str) -> tuple[CalibrationReport, dict[int, float]]:
@@ -134,23 +146,64 @@ def evaluate_student(ws: WarmStart, name: str) -> tuple[CalibrationReport, dict[
     return report, accuracy_by_difficulty(rows)
 
 
+class DemoProgress:
+    """The stage the demo is in and the outputs it has finished (relative to the run directory), for the one
+    line an interrupted demo ends with."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.stage = "start-up"
+        self.kept: list[str] = []
+
+    def interrupted(self, stop: StopRequested) -> StopRequested:
+        kept = ", ".join(self.kept) or "nothing"
+        return StopRequested(stop.code, f"{stop} during {self.stage}: stopped at a step boundary; kept in "
+                                        f"{self.run_dir}: {kept}; the demo does not resume, run `caopd demo` "
+                                        "again (same options) to start over")
+
+
 def run_demo(cfg: CaOPDConfig) -> dict:
-    ws = warm_up(cfg)
-    s, held_out = ws.session, ws.held_out
+    """The whole demo; returns the summary. A stop signal (``run.stop_signals``: Ctrl-C, SIGTERM, SIGUSR1)
+    ends it at the next warm-up or distillation step boundary with ``StopRequested`` naming what was kept: the
+    files of finished stages, each complete; the interrupted stage writes nothing."""
+    with StopGuard(cfg.run.stop_signals) as guard:
+        s = open_session(cfg)
+        done = DemoProgress(s.run_dir)
+        try:
+            return demo_stages(s, guard, done)
+        except StopRequested as stop:
+            raise done.interrupted(stop) from None
+
+
+def demo_stages(s: Session, guard: StopGuard, done: DemoProgress) -> dict:
+    cfg = s.cfg
+    if is_main_rank():  # an earlier demo's summary would describe another run until this one ends
+        for stale in (SUMMARY, "reliability.png", "diagnostics.png"):
+            (s.run_dir / stale).unlink(missing_ok=True)
+    done.stage = "warm-up"
+    ws = warm_up(cfg, s, at_step_end=guard.raise_if_stopping)
+    done.kept.append("warmup_log.jsonl")
+    held_out = ws.held_out
     reports: dict[str, CalibrationReport] = {}
     difficulty: dict[str, dict[int, float]] = {}
     histories: dict[str, list[dict]] = {}
+    done.stage = "the base evaluation"
     reports["base"], difficulty["base"] = evaluate_student(ws, "base")
+    done.kept += ["eval/base_*", "base/student"]
     for name, rewrite in (("OPD", False), ("CaOPD", True)):
+        done.stage = f"{name} distillation"
         run_cfg = copy.deepcopy(cfg)
         run_cfg.calibration.rewrite = rewrite
-        histories[name] = distill_from_warm_start(ws, run_cfg, name)
+        histories[name] = distill_from_warm_start(ws, run_cfg, name, at_step_end=guard.raise_if_stopping)
+        done.kept.append(f"{name.lower()}/{TRAIN_LOG}")
+        done.stage = f"the {name} evaluation"
         reports[name], difficulty[name] = evaluate_student(ws, name)
+        done.kept += [f"eval/{name.lower()}_*", f"{name.lower()}/student"]
 
     summary = {name: r.to_dict() for name, r in reports.items()}
     summary["accuracy_by_digits"] = difficulty
     if is_main_rank():
-        (s.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        (s.run_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
         plot_reliability(reports, str(s.run_dir / "reliability.png"),
                          title=f"Embedded default: digit-sum, {len(held_out)} held-out questions")
         if cfg.distill.diagnostics:
@@ -160,5 +213,5 @@ def run_demo(cfg: CaOPDConfig) -> dict:
         print("\n" + table)
         print("\naccuracy by number of digits: " + "; ".join(
             f"{k}: " + " ".join(f"{n}={a:.2f}" for n, a in v.items()) for k, v in difficulty.items()))
-        print(f"\nreliability diagram: {s.run_dir / 'reliability.png'}\nsummary: {s.run_dir / 'summary.json'}")
+        print(f"\nreliability diagram: {s.run_dir / 'reliability.png'}\nsummary: {s.run_dir / SUMMARY}")
     return summary

@@ -35,7 +35,7 @@ from caopd_megatron.models.teacher import ema_update
 from caopd_megatron.rollout.engine import prefix_rollout
 from caopd_megatron.runtime.distributed import is_main_rank
 from caopd_megatron.runtime.guard import CollapseWatch, at_step, json_number
-from caopd_megatron.runtime.progress import ExperimentTracker, progress
+from caopd_megatron.runtime.progress import ExperimentTracker, close_bar, progress
 
 log = logging.getLogger(__name__)
 
@@ -174,17 +174,25 @@ class Trainer:
         self.tracker.log(entry.step, asdict(entry))
         return entry
 
-    def train(self, steps: int | None = None, desc: str = "distill") -> list[StepLog]:
+    def train(self, steps: int | None = None, desc: str = "distill",
+              at_step_end: Callable[[], None] | None = None) -> list[StepLog]:
+        """``steps`` on-policy steps, then the log appended to ``train_log.jsonl``. ``at_step_end`` runs after every
+        step (the demo's stop check): when it raises, the loop ends there and nothing is written."""
         steps = self.cfg.distill.steps if steps is None else steps
         bar = progress(range(steps), desc=desc, unit="step")
-        for _ in bar:
-            e = self.train_step()
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{e.loss:.3f}", acc=f"{e.accuracy:.2f}", conf=f"{e.stated_confidence:.2f}",
-                                **short_diagnostics(e))
-            if self.cfg.logging.log_interval and e.step % self.cfg.logging.log_interval == 0:
-                log.info("%s step %d: loss %.4f acc %.3f stated conf %.3f empirical %.3f lr %.2e", desc, e.step,
-                         e.loss, e.accuracy, e.stated_confidence, e.empirical_confidence, e.lr)
+        try:
+            for _ in bar:
+                e = self.train_step()
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix(loss=f"{e.loss:.3f}", acc=f"{e.accuracy:.2f}", conf=f"{e.stated_confidence:.2f}",
+                                    **short_diagnostics(e))
+                if self.cfg.logging.log_interval and e.step % self.cfg.logging.log_interval == 0:
+                    log.info("%s step %d: loss %.4f acc %.3f stated conf %.3f empirical %.3f lr %.2e", desc, e.step,
+                             e.loss, e.accuracy, e.stated_confidence, e.empirical_confidence, e.lr)
+                if at_step_end is not None:
+                    at_step_end()
+        finally:
+            close_bar(bar)
         self.write_history()
         return self.history
 

@@ -24,6 +24,7 @@ import logging
 import math
 import random
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -36,7 +37,7 @@ from caopd_megatron.data.tokenizer import CONFIDENCE_TOKENS
 from caopd_megatron.distill.optim import build_optimizer, build_scheduler
 from caopd_megatron.distill.sft import SupervisedRows, one_hot_shard
 from caopd_megatron.distill.step import supervised_step
-from caopd_megatron.runtime.progress import progress
+from caopd_megatron.runtime.progress import close_bar, progress
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +135,10 @@ def warmup_replay(data: WarmupData, real_vocab_size: int, pad_id: int):
     return rows
 
 
-def run_warmup(model, data: WarmupData, cfg: CaOPDConfig, real_vocab_size: int, pad_id: int) -> list[float]:
-    """Train ``model`` in place for ``cfg.warmup.steps`` steps; returns the loss per step."""
+def run_warmup(model, data: WarmupData, cfg: CaOPDConfig, real_vocab_size: int, pad_id: int,
+               at_step_end: Callable[[], None] | None = None) -> list[float]:
+    """Train ``model`` in place for ``cfg.warmup.steps`` steps; returns the loss per step. ``at_step_end`` runs
+    after every step (the demo's stop check, which may raise)."""
     w = cfg.warmup
     opt = build_optimizer(model, cfg.optim, lr=w.lr)
     warmup_steps = min(50, w.steps // 10) if w.warmup_steps is None else w.warmup_steps
@@ -144,14 +147,19 @@ def run_warmup(model, data: WarmupData, cfg: CaOPDConfig, real_vocab_size: int, 
     losses: list[float] = []
     model.train()
     bar = progress(range(w.steps), desc="warm-up (SFT)", unit="step")
-    for step in bar:
-        rows = supervised_rows(data.batch(w.batch_size), data, pad_id)
-        # The training step of every layout: micro-batches through megatron's schedule, split over DP ranks.
-        losses.append(supervised_step(model, opt, sched, rows, real_vocab_size, cfg.distill.micro_batch_size,
-                                      w.grad_clip))
-        if hasattr(bar, "set_postfix") and step % 10 == 0:
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        if math.isnan(losses[-1]):
-            raise FloatingPointError(f"warm-up loss became NaN at step {step}")
+    try:
+        for step in bar:
+            rows = supervised_rows(data.batch(w.batch_size), data, pad_id)
+            # The training step of every layout: micro-batches through megatron's schedule, split over DP ranks.
+            losses.append(supervised_step(model, opt, sched, rows, real_vocab_size, cfg.distill.micro_batch_size,
+                                          w.grad_clip))
+            if hasattr(bar, "set_postfix") and step % 10 == 0:
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if math.isnan(losses[-1]):
+                raise FloatingPointError(f"warm-up loss became NaN at step {step}")
+            if at_step_end is not None:
+                at_step_end()
+    finally:  # a stop raised by at_step_end: take the bar off the terminal before the message
+        close_bar(bar)
     log.info("warm-up done: %d steps, final loss %.4f", w.steps, sum(losses[-20:]) / max(1, len(losses[-20:])))
     return losses

@@ -7,6 +7,8 @@ Design decisions:
   times), and the loop saves one checkpoint and exits with ``EXIT_INTERRUPTED``.
 - A time budget (``run.max_minutes_per_job``) stops at the first boundary where the elapsed time plus the
   longest step seen so far would pass the budget, so the job saves before the wall clock kills it.
+- A loop that does not checkpoint (``caopd demo``) unwinds instead: ``raise_if_stopping`` raises
+  ``StopRequested`` at the boundary, whose message the command line prints as one line (exit 75).
 - A second SIGINT raises ``KeyboardInterrupt`` at once (a person who presses Ctrl-C twice means it).
 - The loop exits with ``EXIT_INTERRUPTED`` (75, ``runtime/exit_codes.py``) so a batch script can requeue.
   Ranks leave a deliberate non-zero exit together (``leave_together``): with ``srun --kill-on-bad-exit`` the
@@ -23,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from caopd_megatron.config.loader import ConfigError
+from caopd_megatron.runtime.exit_codes import StopRequested
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +102,12 @@ class StopGuard:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             code = int(flag.item())
         return code
+
+    def raise_if_stopping(self) -> None:
+        """``agreed_stop`` (collective) for loops that unwind: raises ``StopRequested`` on a stop."""
+        code = self.agreed_stop()
+        if code != NO_STOP:
+            raise StopRequested(code, describe_stop(code))
 
 
 def leave_together() -> None:

@@ -39,6 +39,13 @@ def progress(items: Iterable[T], desc: str | None = None, total: int | None = No
     return tqdm(items, desc=desc, total=total, unit=unit, dynamic_ncols=True, leave=False, file=sys.stderr)
 
 
+def close_bar(bar: Iterable) -> None:
+    """Close a bar from ``progress`` now (a loop left by an exception); a plain iterable is left alone."""
+    close = getattr(bar, "close", None)
+    if close is not None:
+        close()
+
+
 def progress_bar(total: int, desc: str, unit: str = "it", enabled: bool = True) -> Any:
     """A tqdm bar of ``total`` items on stderr that the caller ``update``s by hand; None when not ``enabled``."""
     if not enabled:

@@ -10,7 +10,8 @@
 #
 # Exit codes of caopd (runtime/exit_codes.py): 0 done, 2 user error, 3 a phase found the run complete,
 # 75 stopped by a signal or the time budget after saving a checkpoint. On 75 the job requeues itself when it
-# was submitted with --requeue, else it exits 75 and a resubmission continues.
+# was submitted with --requeue (if the requeue is refused it exits 75), else it exits 75 and a resubmission
+# continues.
 
 if [ -n "${CAOPD_ENV_SETUP:-}" ]; then
     # shellcheck disable=SC1090
@@ -83,8 +84,9 @@ caopd_finish() {
     local rc=$1
     if [ "$rc" = 75 ] && scontrol show job "$SLURM_JOB_ID" 2>/dev/null | grep -q 'Requeue=1'; then
         echo "caopd launcher: checkpoint saved; requeueing job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0})"
-        scontrol requeue "$SLURM_JOB_ID"
-        exit 0
+        # Slurm holds the requeued job (AuthInfo cred_expire, 120 s by default) before it starts again.
+        if scontrol requeue "$SLURM_JOB_ID"; then exit 0; fi
+        echo "caopd launcher: scontrol requeue failed; the checkpoint is saved, resubmit to continue"
     fi
     echo "caopd launcher: exit code $rc at $(date +%T)"
     exit "$rc"
