@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 COMMON = dict(vocab_size=REAL_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
               num_key_value_heads=2, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=EOS)
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8, "beta_fast": 8.0, "beta_slow": 1.0}
 FAMILIES = {
     "llama": dict(cls="LlamaForCausalLM", cfg="LlamaConfig", shard="150KB",
                   kwargs=dict(max_position_embeddings=16384, tie_word_embeddings=False, rope_theta=500000.0,
@@ -56,6 +57,13 @@ FAMILIES = {
                   kwargs=dict(max_position_embeddings=512, tie_word_embeddings=False, rope_theta=500000.0,
                               sliding_window=4, layer_types=["sliding_attention", "full_attention",
                                                              "sliding_attention", "sliding_attention"])),
+    # The released long-context form: YaRN on the full-attention layers only; an original context of 8
+    # positions so that the ramp, the stretched frequencies and the attention factor all act on 12 tokens.
+    "olmo3_yarn": dict(cls="Olmo3ForCausalLM", cfg="Olmo3Config", shard=None,
+                       kwargs=dict(max_position_embeddings=32, tie_word_embeddings=False, rope_theta=500000.0,
+                                   sliding_window=4, layer_types=["sliding_attention", "full_attention",
+                                                                  "sliding_attention", "full_attention"],
+                                   rope_scaling=dict(YARN))),
 }
 TOKENS = torch.tensor([[5, 17, 42, 299, 7, 128, 64, 3, 250, 11, 90, 1],
                        [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 100, 200]])
