@@ -206,6 +206,34 @@ def test_tp1_pp1_logits_roundtrip_and_greedy_generation(family, converted, tmp_p
         assert gen.response_ids == theirs, f"{family}: greedy tokens differ for prompt {prompt}"
 
 
+def test_olmo3_yarn_reference_tells_the_rope_variants_apart(converted):
+    """The olmo3_yarn bar (logits <= 1e-4) discriminates: transformers' model with YaRN on every layer, or with
+    YaRN's attention factor set to 1, differs from the imported model by far more, and the import records
+    the factor transformers computes (0.1 ln 4 + 1)."""
+    import transformers
+
+    from caopd_megatron.models.rope import model_yarn_rope
+
+    c = converted["olmo3_yarn"]
+    model, cfg, _ = build_from_checkpoint(c["ckpt"])
+    assert model_yarn_rope(cfg).attention_scaling == pytest.approx(1.1386294361, abs=1e-9)
+    assert cfg.sliding_layers() == [True, False, True, False]
+    positions = torch.arange(TOKENS.size(1)).unsqueeze(0).expand_as(TOKENS)
+    with torch.no_grad():
+        ours = model(TOKENS, positions, attention_mask=None)[..., :REAL_VOCAB]
+    yarn_everywhere = {"full_attention": dict(YARN, rope_theta=500000.0), "sliding_attention": dict(YARN, rope_theta=500000.0)}
+    no_factor = {"full_attention": dict(YARN, rope_theta=500000.0, attention_factor=1.0),
+                 "sliding_attention": {"rope_type": "default", "rope_theta": 500000.0}}
+    spec = FAMILIES["olmo3_yarn"]
+    for variant in (yarn_everywhere, no_factor):
+        kwargs = {k: v for k, v in spec["kwargs"].items() if k not in ("rope_scaling", "rope_theta")}
+        hf = transformers.Olmo3ForCausalLM(transformers.Olmo3Config(**COMMON, **kwargs, rope_parameters=variant)).eval()
+        hf.load_state_dict(c["state"])
+        with torch.no_grad():
+            theirs = hf(TOKENS).logits
+        assert (ours - theirs).abs().max().item() > 1e-2, variant
+
+
 def test_export_dtype_option_and_tokenizer_loads(converted, tmp_path):
     import transformers
     from safetensors import safe_open
