@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 COMMON = dict(vocab_size=REAL_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
               num_key_value_heads=2, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=EOS)
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8, "beta_fast": 8.0, "beta_slow": 1.0}
 FAMILIES = {
     "llama": dict(cls="LlamaForCausalLM", cfg="LlamaConfig", shard="150KB",
                   kwargs=dict(max_position_embeddings=16384, tie_word_embeddings=False, rope_theta=500000.0,
@@ -56,6 +57,13 @@ FAMILIES = {
                   kwargs=dict(max_position_embeddings=512, tie_word_embeddings=False, rope_theta=500000.0,
                               sliding_window=4, layer_types=["sliding_attention", "full_attention",
                                                              "sliding_attention", "sliding_attention"])),
+    # The released long-context form: YaRN on the full-attention layers only; an original context of 8
+    # positions so that the ramp, the stretched frequencies and the attention factor all act on 12 tokens.
+    "olmo3_yarn": dict(cls="Olmo3ForCausalLM", cfg="Olmo3Config", shard=None,
+                       kwargs=dict(max_position_embeddings=32, tie_word_embeddings=False, rope_theta=500000.0,
+                                   sliding_window=4, layer_types=["sliding_attention", "full_attention",
+                                                                  "sliding_attention", "full_attention"],
+                                   rope_scaling=dict(YARN))),
 }
 TOKENS = torch.tensor([[5, 17, 42, 299, 7, 128, 64, 3, 250, 11, 90, 1],
                        [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 100, 200]])
@@ -196,6 +204,34 @@ def test_tp1_pp1_logits_roundtrip_and_greedy_generation(family, converted, tmp_p
         if EOS in theirs:
             theirs = theirs[: theirs.index(EOS) + 1]
         assert gen.response_ids == theirs, f"{family}: greedy tokens differ for prompt {prompt}"
+
+
+def test_olmo3_yarn_reference_tells_the_rope_variants_apart(converted):
+    """The olmo3_yarn bar (logits <= 1e-4) discriminates: transformers' model with YaRN on every layer, or with
+    YaRN's attention factor set to 1, differs from the imported model by far more, and the import records
+    the factor transformers computes (0.1 ln 4 + 1)."""
+    import transformers
+
+    from caopd_megatron.models.rope import model_yarn_rope
+
+    c = converted["olmo3_yarn"]
+    model, cfg, _ = build_from_checkpoint(c["ckpt"])
+    assert model_yarn_rope(cfg).attention_scaling == pytest.approx(1.1386294361, abs=1e-9)
+    assert cfg.sliding_layers() == [True, False, True, False]
+    positions = torch.arange(TOKENS.size(1)).unsqueeze(0).expand_as(TOKENS)
+    with torch.no_grad():
+        ours = model(TOKENS, positions, attention_mask=None)[..., :REAL_VOCAB]
+    yarn_everywhere = {"full_attention": dict(YARN, rope_theta=500000.0), "sliding_attention": dict(YARN, rope_theta=500000.0)}
+    no_factor = {"full_attention": dict(YARN, rope_theta=500000.0, attention_factor=1.0),
+                 "sliding_attention": {"rope_type": "default", "rope_theta": 500000.0}}
+    spec = FAMILIES["olmo3_yarn"]
+    for variant in (yarn_everywhere, no_factor):
+        kwargs = {k: v for k, v in spec["kwargs"].items() if k not in ("rope_scaling", "rope_theta")}
+        hf = transformers.Olmo3ForCausalLM(transformers.Olmo3Config(**COMMON, **kwargs, rope_parameters=variant)).eval()
+        hf.load_state_dict(c["state"])
+        with torch.no_grad():
+            theirs = hf(TOKENS).logits
+        assert (ours - theirs).abs().max().item() > 1e-2, variant
 
 
 def test_export_dtype_option_and_tokenizer_loads(converted, tmp_path):

@@ -8,11 +8,13 @@ tokens, round trip), and here
 - one distillation step on an OLMo-style student and teacher (padded micro-batches) against the per-example
   unpadded reference gradient, and the weights it writes;
 - the refusals: config keys that contradict each other, the TE spec / FP8 with any of the three features,
-  a TP size that splits a key/value head, per-layer-type RoPE parameters that differ.
+  a TP size that splits a key/value head, per-layer-type RoPE parameters that differ (YaRN on the
+  full-attention layers aside: imported as transformers reads it), YaRN keys that contradict.
 """
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -107,6 +109,7 @@ def test_projection_qk_norm_refuses_a_tp_size_that_splits_a_kv_head():
 
 def test_olmo3_rope_must_agree_across_layer_types():
     from caopd_megatron.checkpointing.hf import UnsupportedArchitectureError, hf_config_to_model_config
+    from caopd_megatron.config.schema import ModelConfig
 
     hf = dict(architectures=["Olmo3ForCausalLM"], model_type="olmo3", hidden_size=64, num_attention_heads=4,
               num_key_value_heads=2, num_hidden_layers=2, intermediate_size=96, vocab_size=300, sliding_window=4,
@@ -116,10 +119,30 @@ def test_olmo3_rope_must_agree_across_layer_types():
                                                                        "sliding_attention": default}})
     assert (family.architecture, cfg.rotary_base, cfg.rope_scaling) == ("Olmo3ForCausalLM", 500000.0, False)
     assert cfg.sliding_layers() == [True, False] and cfg.norm_placement == "post"
-    # The released long-context checkpoints: YaRN on the full-attention layers only (legacy spelling).
+    # The released long-context checkpoints: YaRN on the full-attention layers only (legacy spelling);
+    # transformers' defaults for the betas and the attention factor.
     yarn = {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 8192}
-    with pytest.raises(UnsupportedArchitectureError, match="RoPE type 'yarn' is not supported"):
-        hf_config_to_model_config({**hf, "rope_theta": 500000.0, "rope_scaling": yarn})
+    cfg, _ = hf_config_to_model_config({**hf, "rope_theta": 500000.0, "rope_scaling": yarn})
+    assert (cfg.yarn_factor, cfg.yarn_original_max_position_embeddings, cfg.rotary_base) == (8.0, 8192, 500000.0)
+    assert (cfg.yarn_beta_fast, cfg.yarn_beta_slow, cfg.yarn_attention_factor) == (32.0, 1.0, None)
+    # DeepSeek-style mscale pair: the factor transformers derives is recorded explicitly.
+    cfg, _ = hf_config_to_model_config({**hf, "rope_parameters": {
+        "full_attention": {**yarn, "rope_theta": 500000.0, "mscale": 1.0, "mscale_all_dim": 0.5},
+        "sliding_attention": default}})
+    assert cfg.yarn_attention_factor == pytest.approx((0.1 * math.log(8) + 1) / (0.05 * math.log(8) + 1))
+    # YaRN on the sliding layers, and other RoPE types, stay refused in one line.
+    with pytest.raises(UnsupportedArchitectureError, match="RoPE type 'yarn' is not supported here"):
+        hf_config_to_model_config({**hf, "rope_parameters": {"full_attention": default,
+                                                             "sliding_attention": {**yarn, "rope_theta": 500000.0}}})
+    with pytest.raises(UnsupportedArchitectureError, match="RoPE type 'longrope' is not supported here"):
+        hf_config_to_model_config({**hf, "rope_parameters": {"full_attention": {**default, "rope_type": "longrope"},
+                                                             "sliding_attention": default}})
+    with pytest.raises(UnsupportedArchitectureError, match="truncate=false"):
+        hf_config_to_model_config({**hf, "rope_scaling": {**yarn, "truncate": False}})
+    with pytest.raises(ValueError, match="yarn_factor and model.rope_scaling"):
+        ModelConfig(yarn_factor=4.0, rope_scaling=True)
+    with pytest.raises(ValueError, match="model.yarn_beta_slow must be > 0"):
+        ModelConfig(yarn_factor=4.0, yarn_beta_slow=0.0)
     other = {"rope_type": "default", "rope_theta": 10000.0}
     with pytest.raises(UnsupportedArchitectureError, match="different RoPE per layer type.*one RoPE to every layer"):
         hf_config_to_model_config({**hf, "rope_parameters": {"full_attention": default, "sliding_attention": other}})

@@ -65,6 +65,13 @@ class ModelConfig:
     # every layer when sliding_window is set. Local layer spec only (model.transformer_impl=local or auto).
     sliding_window: Optional[int] = None
     layer_types: Optional[List[str]] = None
+    # YaRN RoPE on the full-attention layers (every layer sliding_layers() leaves full; sliding ones keep plain
+    # RoPE at rotary_base), OLMo-3's long-context form. None = plain RoPE everywhere. Not with rope_scaling.
+    yarn_factor: Optional[float] = None  # context stretch factor (> 0)
+    yarn_original_max_position_embeddings: int = 4096  # the context the model was pretrained on
+    yarn_beta_fast: float = 32.0  # rotations over that context above which frequencies are kept
+    yarn_beta_slow: float = 1.0  # ... below which they are divided by yarn_factor (a linear ramp between)
+    yarn_attention_factor: Optional[float] = None  # factor on cos/sin; None = 0.1 * ln(yarn_factor) + 1
     init_method_std: float = 0.02
     params_dtype: ParamsDtype = "float32"
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
@@ -84,6 +91,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"model.sliding_window must be >= 1, got {self.sliding_window}")
+        self.check_yarn()
         if self.layer_types is None:
             return
         if len(self.layer_types) != self.num_layers:
@@ -94,6 +102,19 @@ class ModelConfig:
                              f"{', '.join(map(repr, get_args(LayerType)))}")
         if "sliding_attention" in self.layer_types and self.sliding_window is None:
             raise ValueError("model.layer_types has sliding_attention layers but model.sliding_window is not set")
+
+    def check_yarn(self) -> None:
+        if self.yarn_factor is None:
+            return
+        if self.rope_scaling:
+            raise ValueError("model.yarn_factor and model.rope_scaling (Llama-3 scaling) exclude each other")
+        positive = {"yarn_factor": self.yarn_factor, "yarn_beta_fast": self.yarn_beta_fast,
+                    "yarn_beta_slow": self.yarn_beta_slow,
+                    "yarn_original_max_position_embeddings": self.yarn_original_max_position_embeddings,
+                    "yarn_attention_factor": 1.0 if self.yarn_attention_factor is None else self.yarn_attention_factor}
+        for key, value in positive.items():
+            if not value > 0:
+                raise ValueError(f"model.{key} must be > 0, got {value}")
 
     def qk_norm_over_projection(self) -> bool:
         """Is there a QK norm, over all heads of each projection (OLMo-2/3)?"""

@@ -9,7 +9,8 @@ Design decisions:
   projection reduced over TP (``qk_norm_scope=projection``), and sliding-window layers (``sliding_window``,
   ``layer_types``; megatron's ``window_size`` / ``window_attn_skip_freq`` carry them to our core attention,
   ``models/kv_cache_attention.py``). TE's spec has none of them: with ``transformer_impl=auto`` such a model
-  takes the local spec, with ``transformer_engine`` (or FP8, which needs TE) it is refused by name.
+  takes the local spec, with ``transformer_engine`` (or FP8, which needs TE) it is refused by name. YaRN on
+  the full-attention layers (``yarn_*``, ``models/rope.py``) is a parameter of our self-attention (any spec).
 - Layer spec: Transformer Engine's when TE is usable (and asked for or ``auto``), megatron-core's local
   spec otherwise, self-attention as ``models.kv_cache_attention.SlotCachedSelfAttention`` (megatron's, plus
   the rollout cache's rotate-once path); ``transformer_impl=transformer_engine`` without a usable TE is an
@@ -45,6 +46,7 @@ import torch.nn.functional as F
 
 from caopd_megatron.config.schema import ModelConfig, ParallelConfig, ParamsDtype
 from caopd_megatron.models.fp8 import cuda_capability, fp8_transformer_kwargs
+from caopd_megatron.models.rope import model_yarn_rope
 from caopd_megatron.parallel.state import copy_from_full_depth
 from caopd_megatron.runtime.backend import Backend, BackendError, fused_softmax_kernels_present
 
@@ -196,8 +198,11 @@ def layer_spec(model: ModelConfig, backend: Backend, config):
     else:
         spec = get_gpt_layer_local_spec(qk_layernorm=per_head_qk_norm, normalization="RMSNorm")
     # megatron's classes with the rollout cache's path (rotated keys cached; GQA without repeated heads).
-    spec.submodules.self_attention.module = (ProjectionQKNormSelfAttention if projection_qk_norm
-                                             else SlotCachedSelfAttention)
+    attention = spec.submodules.self_attention
+    attention.module = ProjectionQKNormSelfAttention if projection_qk_norm else SlotCachedSelfAttention
+    yarn = model_yarn_rope(model)
+    if yarn is not None:  # the full-attention layers' own RoPE (the model's table stays plain RoPE)
+        attention.params = {**attention.params, "yarn": yarn}
     if te:
         return spec
     if model.norm_placement == "post":

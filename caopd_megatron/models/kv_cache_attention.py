@@ -44,6 +44,8 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.utils import is_layer_window_attention
 
+from caopd_megatron.models.rope import YarnRope
+
 
 class SlotKVCache(StaticInferenceContext):
     """KV cache of ``slots`` rows of up to ``max_len`` tokens each (plus one trash position for pads)."""
@@ -55,8 +57,7 @@ class SlotKVCache(StaticInferenceContext):
         self.write_pos: torch.Tensor | None = None  # [b, s] cache position (= RoPE position) of each token
         self.write_index: torch.Tensor | None = None  # [s*b] flat (slot, position) index of each token
         self.read_len = 0
-        self._freqs: torch.Tensor | None = None
-        self._table: torch.Tensor | None = None
+        self._freqs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(table) -> (table, angles)
 
     def plan(self, write_pos: torch.Tensor, read_len: int, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Set the next forward's layout; returns its attention mask ``[b, 1, s, read_len]`` (True = masked).
@@ -69,17 +70,18 @@ class SlotKVCache(StaticInferenceContext):
         self.rows, self.read_len = rows, read_len
         slots = rows if rows is not None else torch.arange(b, device=write_pos.device)
         self.write_index = (write_pos.t() + slots * self.max_sequence_length).reshape(-1)  # [s*b] into [S*(L+1)]
-        self.write_pos, self._freqs, self._table = write_pos, None, None
+        self.write_pos, self._freqs = write_pos, {}
         keys = torch.arange(read_len, device=write_pos.device)
         return keys.view(1, 1, 1, -1) > write_pos.unsqueeze(1).unsqueeze(-1)
 
     def freqs(self, table: torch.Tensor) -> torch.Tensor:
-        """RoPE angles ``[s, b, 1, d]`` of the fed tokens from megatron's ``[L, 1, 1, d]`` table (once per forward)."""
-        if self._table is not table:
+        """RoPE angles ``[s, b, 1, d]`` of the fed tokens from a ``[L, 1, 1, d]`` table (once per forward and
+        table: layers of different RoPE kinds hold different tables)."""
+        cached = self._freqs.get(id(table))
+        if cached is None or cached[0] is not table:
             b, s = self.write_pos.shape
-            self._freqs = table[self.write_pos.t().reshape(-1)].view(s, b, 1, table.size(-1))
-            self._table = table
-        return self._freqs
+            cached = self._freqs[id(table)] = (table, table[self.write_pos.t().reshape(-1)].view(s, b, 1, table.size(-1)))
+        return cached[1]
 
     def buffers(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's ``(K, V)`` buffers, allocated on first use like ``key`` / ``value`` ``[s, b, g, d]``."""
@@ -114,7 +116,43 @@ class SlotKVCache(StaticInferenceContext):
 
 
 class SlotCachedSelfAttention(SelfAttention):
-    """megatron's ``SelfAttention``; with a ``SlotKVCache`` it caches rotated keys at per-token positions."""
+    """megatron's ``SelfAttention``; with a ``SlotKVCache`` it caches rotated keys at per-token positions.
+
+    ``yarn``: the model's YaRN RoPE, used by this layer when it is a full-attention one (not a sliding-window
+    layer): the model's ``[L, 1, 1, d]`` table is swapped for this layer's own of the same length, and q and k
+    ``[s, b, heads/tp, d]`` are multiplied by its attention factor before rotation (rotation is linear, so
+    this is the factor on cos and sin), on every path: training, plain forwards and the slot cache, whose
+    keys are stored rotated with this layer's table and factor.
+    """
+
+    def __init__(self, config, submodules, layer_number: int = 1, *args, yarn: YarnRope | None = None, **kwargs):
+        super().__init__(config, submodules, layer_number, *args, **kwargs)
+        sliding = is_layer_window_attention(config.window_size, config.window_attn_skip_freq, layer_number)
+        self.own_rope = None if sliding else yarn
+        self._own_table: torch.Tensor | None = None
+
+    def own_rope_table(self, like: torch.Tensor) -> torch.Tensor:
+        """This layer's angles, as long as the model's table ``like`` and on its device (built once per length)."""
+        table = self._own_table
+        if table is None or table.size(0) != like.size(0) or table.device != like.device:
+            table = self._own_table = self.own_rope.angles(like.size(0), like.device)
+        return table
+
+    def forward(self, hidden_states, attention_mask, *args, rotary_pos_emb=None, **kwargs):
+        if self.own_rope is not None and rotary_pos_emb is not None:
+            if isinstance(rotary_pos_emb, tuple) or self.pg_collection.cp.size() > 1:
+                raise ValueError("YaRN full-attention layers take megatron's single RoPE table, without context parallelism")
+            rotary_pos_emb = self.own_rope_table(rotary_pos_emb)
+        return super().forward(hidden_states, attention_mask, *args, rotary_pos_emb=rotary_pos_emb, **kwargs)
+
+    def get_query_key_value_tensors(self, hidden_states, key_value_states=None, output_gate=False, split_qkv=True):
+        qkv = super().get_query_key_value_tensors(hidden_states, key_value_states, output_gate, split_qkv)
+        if self.own_rope is None or self.own_rope.attention_scaling == 1.0:
+            return qkv
+        if not split_qkv:
+            raise ValueError("YaRN full-attention layers need q and k split before RoPE (apply_rope_fusion off)")
+        scale = self.own_rope.attention_scaling
+        return (qkv[0] * scale, qkv[1] * scale, *qkv[2:])
 
     def _adjust_key_value_for_inference(self, inference_context, query, key, value, rotary_pos_emb,
                                         rotary_pos_cos=None, rotary_pos_sin=None, rotary_pos_cos_sin=None,

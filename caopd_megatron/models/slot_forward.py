@@ -73,6 +73,8 @@ def refusal(model) -> str | None:
         if type(attn) is not SlotCachedSelfAttention or type(attn.core_attention) is not GroupedSlotAttention \
                 or attn.core_attention.softmax_offset is not None or attn.core_attention.window:
             return "attention is not the slot cache's full local attention"
+        if attn.own_rope is not None:
+            return "a layer with its own (YaRN) RoPE table"
         if not all(isinstance(n, torch.nn.RMSNorm) for n in (layer.input_layernorm, layer.pre_mlp_layernorm)):
             return "layer norms are not torch's RMSNorm"
         if type(mlp) is not MLP or any(m.bias is not None for m in (attn.linear_proj, mlp.linear_fc1, mlp.linear_fc2)):

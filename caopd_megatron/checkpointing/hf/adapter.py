@@ -14,14 +14,15 @@ Design decisions:
   Mistral from Llama, so a checkpoint trained from scratch exports as Llama; an imported Mistral keeps its
   recorded architecture. Anything else is refused by name with the supported list, and so is any config
   switch the megatron model built by ``models/builder.py`` cannot reproduce (o_proj/MLP biases, sliding
-  windows outside OLMo-3, non-SiLU activations, partial rotary, RoPE types other than default and llama3,
-  OLMo-3 RoPE parameters that differ between layer types) - a silently different model is worse than an
-  error.
+  windows outside OLMo-3, non-SiLU activations, partial rotary, RoPE types other than default and llama3
+  (and yarn on OLMo-3's full-attention layers), OLMo-3 RoPE parameters that otherwise differ between layer
+  types) - a silently different model is worse than an error.
 - OLMo-3 names: HF's ``post_attention_layernorm`` is a real post-attention norm there (in Llama it is the
   pre-MLP norm), so it maps to ``post_self_attn_layernorm``; its q/k norm weights are ``[heads * head_dim]``
   / ``[kv_heads * head_dim]`` in HF's head order, which is megatron's, so they copy unchanged (TP shards are
-  contiguous runs of heads). RoPE is one parameter set per layer type there; export writes the same set
-  for both.
+  contiguous runs of heads). RoPE is one parameter set per layer type there: the released long-context
+  checkpoints put YaRN on the full-attention layers only (``model.yarn_*``, ``models/rope.py``); export
+  writes YaRN for that type (attention factor explicit) and the base RoPE for the sliding one.
 - Keys are megatron-core's *distributed-checkpoint* keys (``decoder.layers.self_attention.linear_qkv.weight``
   with a leading layer axis of size ``num_layers``), not module names. These keys are layout-free: a
   tensor's global shape does not depend on TP or PP, which is why one checkpoint loads under any layout.
@@ -53,7 +54,8 @@ import torch
 
 from caopd_megatron.checkpointing.hf.checkpoint_dir import installed_megatron_core_version
 from caopd_megatron.checkpointing.hf.safetensors_io import ConversionError
-from caopd_megatron.config.schema import ModelConfig, ParamsDtype
+from caopd_megatron.config.schema import LayerType, ModelConfig, ParamsDtype
+from caopd_megatron.models.rope import default_attention_factor, model_yarn_rope
 
 # megatron-core 0.16 ``RotaryEmbedding._apply_scaling`` constants (only ``factor`` is configurable there).
 MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -140,8 +142,9 @@ def check_family_matches(family: Family, model_cfg: ModelConfig) -> None:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
-    """(rope_theta, scaling dict or None) from either the transformers-5 or the legacy spelling."""
+def _rope_from_hf(hf: dict[str, Any], allow_yarn: bool = False) -> tuple[float, dict[str, Any] | None, dict[str, Any] | None]:
+    """(rope_theta, llama3 scaling dict or None, ``ModelConfig`` yarn_* keys or None) from either the
+    transformers-5 or the legacy spelling; YaRN only where ``allow_yarn`` (OLMo-3's full-attention layers)."""
     params = hf.get("rope_parameters")
     legacy = hf.get("rope_scaling")
     if isinstance(params, dict) and any(isinstance(v, dict) for v in params.values()):
@@ -159,10 +162,13 @@ def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     if float(scaling.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) or 1.0) != 1.0:
         raise UnsupportedArchitectureError("partial rotary embeddings (partial_rotary_factor != 1) are not supported")
     if rope_type in (None, "default"):
-        return float(theta), None
+        return float(theta), None, None
+    if rope_type == "yarn" and allow_yarn:
+        return float(theta), None, _yarn_from_hf(scaling, hf)
     if rope_type != "llama3":
-        raise UnsupportedArchitectureError(
-            f"RoPE type {rope_type!r} is not supported; supported: default, llama3 (megatron-core's Llama-3 scaling)")
+        supported = "default, llama3 (megatron-core's Llama-3 scaling)" + (", yarn" if allow_yarn else
+                                                                           "; yarn on OLMo-3's full-attention layers only")
+        raise UnsupportedArchitectureError(f"RoPE type {rope_type!r} is not supported here; supported: {supported}")
     llama3 = dict(scaling)
     llama3.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings"))
     for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
@@ -173,28 +179,51 @@ def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
             raise UnsupportedArchitectureError(
                 f"llama3 RoPE scaling with {key}={llama3[key]}: megatron-core {installed_megatron_core_version()} hard-codes "
                 f"{key}={expected} (only 'factor' is configurable), so this model cannot be reproduced")
-    return float(theta), llama3
+    return float(theta), llama3, None
 
 
-def _rope_per_layer_type(hf: dict[str, Any], layer_kinds: set[str]) -> tuple[float, dict[str, Any] | None]:
+def _yarn_from_hf(scaling: dict[str, Any], hf: dict[str, Any]) -> dict[str, Any]:
+    """``ModelConfig`` yarn_* keys for an HF ``rope_type="yarn"`` parameter set, read as transformers reads it
+    (``factor`` defaults to max / original positions; falsy betas to 32 / 1; the attention factor is explicit,
+    or a ratio of ``mscale`` / ``mscale_all_dim`` when both are set, or the default)."""
+    original = scaling.get("original_max_position_embeddings")
+    if original is None:
+        raise UnsupportedArchitectureError("yarn RoPE scaling without 'original_max_position_embeddings' in the HF config")
+    if scaling.get("truncate", True) is False:
+        raise UnsupportedArchitectureError("yarn RoPE scaling with truncate=false is not supported")
+    factor = scaling.get("factor")
+    factor = float(factor) if factor is not None else float(_require(hf, "max_position_embeddings")) / float(original)
+    attention = scaling.get("attention_factor")
+    mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    if attention is None and mscale and mscale_all_dim:
+        attention = default_attention_factor(factor, mscale) / default_attention_factor(factor, mscale_all_dim)
+    return dict(yarn_factor=factor, yarn_original_max_position_embeddings=int(original),
+                yarn_beta_fast=float(scaling.get("beta_fast") or 32.0),
+                yarn_beta_slow=float(scaling.get("beta_slow") or 1.0),
+                yarn_attention_factor=None if attention is None else float(attention))
+
+
+def _rope_per_layer_type(hf: dict[str, Any], layer_kinds: set[str]) -> tuple[float, dict[str, Any] | None, dict[str, Any] | None]:
     """OLMo-3's RoPE: one parameter set per layer type (nested ``rope_parameters``; in the legacy spelling
     ``rope_scaling`` applies to the full-attention layers only, as transformers reads it). The megatron model
-    has one RoPE for every layer, so the types in use must agree."""
+    has one base RoPE for every layer plus, optionally, YaRN on the full-attention layers; beyond that the
+    types in use must agree."""
     params = hf.get("rope_parameters")
-    per_kind = {}
+    per_kind, yarn = {}, None
     for kind in sorted(layer_kinds):
         if isinstance(params, dict) and any(isinstance(v, dict) for v in params.values()):
             own = {**hf, "rope_parameters": params.get(kind) or {"rope_type": "default"}, "rope_scaling": None}
         else:
             own = hf if kind == "full_attention" else {**hf, "rope_scaling": None}
-        per_kind[kind] = _rope_from_hf(own)
+        theta, llama3, kind_yarn = _rope_from_hf(own, allow_yarn=kind == "full_attention")
+        per_kind[kind], yarn = (theta, llama3), kind_yarn or yarn
     if len(set(map(repr, per_kind.values()))) > 1:
         described = "; ".join(f"{kind}: theta={theta:g}, scaling={scaling}"
                               for kind, (theta, scaling) in per_kind.items())
         raise UnsupportedArchitectureError(
             f"different RoPE per layer type ({described}) is not supported: the megatron model applies one RoPE "
-            "to every layer")
-    return next(iter(per_kind.values()))
+            "to every layer (YaRN on the full-attention layers aside)")
+    return (*next(iter(per_kind.values())), yarn)
 
 
 def _require(hf: dict[str, Any], key: str) -> Any:
@@ -246,9 +275,9 @@ def hf_config_to_model_config(hf: dict[str, Any], make_vocab_size_divisible_by: 
     hf = {"rope_theta": family.default_rope_theta, **hf}
     if family.sliding_layers:
         layer_types = list(layer_types or ["full_attention"] * int(_require(hf, "num_hidden_layers")))
-        theta, llama3 = _rope_per_layer_type(hf, set(layer_types))
+        theta, llama3, yarn = _rope_per_layer_type(hf, set(layer_types))
     else:
-        theta, llama3 = _rope_from_hf(hf)
+        theta, llama3, yarn = _rope_from_hf(hf)
     if theta != int(theta):
         raise UnsupportedArchitectureError(f"rope_theta={theta} is not an integer; megatron-core takes an integer rotary_base")
     dtype = str(hf.get("dtype") or hf.get("torch_dtype") or "float32").replace("torch.", "")
@@ -269,12 +298,36 @@ def hf_config_to_model_config(hf: dict[str, Any], make_vocab_size_divisible_by: 
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
         **family.switches(),
+        **(yarn or {}),
         sliding_window=int(_require(hf, "sliding_window")) if has_sliding_layers else None,
         layer_types=layer_types if family.sliding_layers else None,
         init_method_std=float(hf.get("initializer_range", 0.02)),
         params_dtype=dtype if dtype in get_args(ParamsDtype) else "float32",
     )
     return cfg, family
+
+
+def model_rope_parameters(cfg: ModelConfig) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The model-wide RoPE as HF writes it: (``rope_parameters``, legacy ``rope_scaling`` or None)."""
+    theta = float(cfg.rotary_base)
+    if not cfg.rope_scaling:
+        return {"rope_type": "default", "rope_theta": theta}, None
+    rope_scaling = {"rope_type": "llama3", "factor": float(cfg.rope_scaling_factor), **MEGATRON_LLAMA3_ROPE}
+    return {**rope_scaling, "rope_theta": theta}, rope_scaling
+
+
+def olmo3_rope_parameters(cfg: ModelConfig) -> dict[str, dict[str, Any]]:
+    """OLMo-3's per-layer-type ``rope_parameters`` for ``cfg``: the model-wide RoPE on both types, YaRN on
+    the full-attention layers when ``cfg.yarn_factor`` is set (the attention factor written explicitly, so
+    every transformers release reads the same number)."""
+    per_kind = {kind: dict(model_rope_parameters(cfg)[0]) for kind in get_args(LayerType)}
+    yarn = model_yarn_rope(cfg)
+    if yarn is not None:
+        per_kind["full_attention"] = {"rope_type": "yarn", "rope_theta": yarn.theta, "factor": yarn.factor,
+                                      "original_max_position_embeddings": yarn.original_max_position_embeddings,
+                                      "beta_fast": yarn.beta_fast, "beta_slow": yarn.beta_slow,
+                                      "attention_factor": yarn.attention_scaling}
+    return per_kind
 
 
 # Non-architecture keys carried over from the source HF config on export (token ids, cache switch).
@@ -291,11 +344,7 @@ def model_config_to_hf_config(cfg: ModelConfig, family: Family, *, dtype: str,
     heads = cfg.num_attention_heads
     head_dim = cfg.kv_channels or cfg.hidden_size // heads
     theta = float(cfg.rotary_base)
-    rope_parameters: dict[str, Any] = {"rope_type": "default", "rope_theta": theta}
-    rope_scaling = None
-    if cfg.rope_scaling:
-        rope_scaling = {"rope_type": "llama3", "factor": float(cfg.rope_scaling_factor), **MEGATRON_LLAMA3_ROPE}
-        rope_parameters = {**rope_scaling, "rope_theta": theta}
+    rope_parameters, rope_scaling = model_rope_parameters(cfg)
     out: dict[str, Any] = {
         "architectures": [family.architecture],
         "model_type": family.model_type,
@@ -326,9 +375,9 @@ def model_config_to_hf_config(cfg: ModelConfig, family: Family, *, dtype: str,
     elif family.model_type == "mistral":
         out.update(sliding_window=None)
     elif family.model_type == "olmo3":
-        # One RoPE for every layer type; transformers 5 reads the nested form, older releases rope_theta.
+        # Nested per layer type (transformers 5); older releases read rope_theta only.
         out.update(attention_bias=False, sliding_window=cfg.sliding_window, rope_scaling=None,
-                   rope_parameters={kind: dict(rope_parameters) for kind in ("full_attention", "sliding_attention")},
+                   rope_parameters=olmo3_rope_parameters(cfg),
                    layer_types=["sliding_attention" if s else "full_attention" for s in cfg.sliding_layers()])
     else:
         out.update(use_sliding_window=False, sliding_window=None)

@@ -45,6 +45,7 @@ from caopd_megatron.checkpointing.hf.adapter import (
     layer_indices,
     megatron_global_shape,
     model_config_to_hf_config,
+    olmo3_rope_parameters,
     tensor_rules,
     to_hf,
 )
@@ -311,12 +312,16 @@ def _verify_with_transformers(out: Path, cfg: Any) -> None:
     rope = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
     per_layer_type = {kind: params for kind, params in rope.items() if isinstance(params, dict)}  # OLMo-3
     checks = {}
-    for kind, params in (per_layer_type or {"": rope}).items():
-        theta = params.get("rope_theta", getattr(hf, "rope_theta", None))
-        suffix = f" ({kind})" if kind else ""
-        checks[f"rope_theta{suffix}"] = (float(theta) if theta is not None else None, float(cfg.rotary_base))
-        checks[f"rope_type{suffix}"] = (params.get("rope_type", params.get("type", "default")),
-                                        "llama3" if cfg.rope_scaling else "default")
+    if per_layer_type:  # every parameter written per layer type, as transformers reads it back
+        written = olmo3_rope_parameters(cfg)
+        for kind, params in written.items():
+            for key, value in params.items():
+                checks[f"rope_parameters[{kind}][{key}]"] = (per_layer_type.get(kind, {}).get(key), value)
+    else:
+        theta = rope.get("rope_theta", getattr(hf, "rope_theta", None))
+        checks["rope_theta"] = (float(theta) if theta is not None else None, float(cfg.rotary_base))
+        checks["rope_type"] = (rope.get("rope_type", rope.get("type", "default")),
+                               "llama3" if cfg.rope_scaling else "default")
     if any(cfg.sliding_layers()):
         checks["layer_types"] = (list(getattr(hf, "layer_types", None) or []),
                                  ["sliding_attention" if s else "full_attention" for s in cfg.sliding_layers()])
