@@ -97,6 +97,7 @@ def test_a_model_it_cannot_copy_keeps_megatrons_forward(runtime, monkeypatch):  
     (dict(sliding_window=3, layer_types=["sliding_attention", "full_attention"]),
      "attention is not the slot cache's full local attention"),
     (dict(qk_layernorm=True, qk_norm_scope="projection"), "attention is not the slot cache's full local attention"),
+    (dict(yarn_factor=4.0, yarn_original_max_position_embeddings=8), "a layer with its own (YaRN) RoPE table"),
 ])
 def test_olmo3_layers_keep_megatrons_forward_and_their_samples(runtime, switches, reason):  # noqa: F811
     """OLMo-3's layers (post-sublayer norms, sliding windows, whole-projection QK norm) are not copied: refused by
