@@ -6,6 +6,7 @@ OPD's OCG >= +0.15, CaOPD's |OCG| <= 0.05, CaOPD's ECE <= half of OPD's, CaOPD's
 
     python benchmarks/bench_demo_seeds.py                 # seeds 1 2 3, results in benchmarks/results/
     python benchmarks/bench_demo_seeds.py --seeds 1 --out /tmp/r -- distill.steps=300
+    python benchmarks/bench_demo_seeds.py --seeds 1 2 3 4 5 --previous benchmarks/results/demo_seeds.json  # adds 4, 5
 """
 from __future__ import annotations
 
@@ -37,12 +38,18 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--reuse", action="store_true", help="keep a seed's finished run (its summary.json) instead of rerunning it")
+    ap.add_argument("--previous", type=Path, help="an earlier run's demo_seeds.json: its seeds are taken from it, not rerun")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(args.previous.read_text()) if args.previous else {}
     runs = {}
     for seed in args.seeds:
+        if str(seed) in previous:
+            runs[seed] = previous[str(seed)]
+            print(f"seed {seed}: taken from {args.previous}", flush=True)
+            continue
         run_dir = out / f"demo_seed{seed}"
         if args.reuse and (run_dir / "summary.json").is_file() and (run_dir / "seconds.txt").is_file():
             summary = json.loads((run_dir / "summary.json").read_text())
