@@ -66,8 +66,10 @@ def choose_engine(choice: str, cuda: bool, flash_attention: bool) -> tuple[str, 
 
 
 @functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=None)
 def engine_for_this_process(choice: str) -> str:
-    """``choose_engine`` with this process's CUDA and flash-attn; logs the choice (once per choice)."""
+    """``choose_engine`` with this process's CUDA and flash-attn (both fixed for a process), resolved and logged
+    once per choice: the session resolves it at start-up, every rollout step then reads the cached answer."""
     flash = any(importlib.util.find_spec(m) is not None for m in FLASH_ATTENTION_MODULES)
     engine, reason = choose_engine(choice, torch.cuda.is_available(), flash)
     log.info("rollout engine: %s", reason)
