@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import caopd_megatron.models.kv_cache_attention as kv_cache
+import caopd_megatron.models.slot_forward as slot_forward
 from caopd_megatron.rollout.continuous import SlotDecoder
 from caopd_megatron.rollout.reference import decision_margin, full_forward_logits, generate_without_cache
 from caopd_megatron.rollout.sampler import SamplingParams, generate
@@ -109,9 +110,11 @@ def test_finished_rows_leave_and_waiting_sequences_take_their_slots(model, monke
     assert rec.decodes[0] == (4, 1)
 
 
-def test_keys_are_rotated_once_when_they_enter_the_cache(model, monkeypatch):
+@pytest.mark.parametrize("path", ["megatron", "lean"])
+def test_keys_are_rotated_once_when_they_enter_the_cache(model, monkeypatch, path):
     """megatron's static path rotates the whole cached K (``[t, b, ...]``) at every step; here RoPE only ever
-    sees the tokens the forward feeds."""
+    sees the tokens the forward feeds: on megatron's forward (kept for models the lean one does not copy) and
+    on the lean forward, which rotates a group's query and key heads in one call."""
     fed, rotated = [], []
     rope = kv_cache.apply_rotary_pos_emb
     monkeypatch.setattr(kv_cache, "apply_rotary_pos_emb", lambda t, *a, **k: rotated.append(t.size(0)) or rope(t, *a, **k))
@@ -119,14 +122,23 @@ def test_keys_are_rotated_once_when_they_enter_the_cache(model, monkeypatch):
 
     q_rope = attention.apply_rotary_pos_emb
     monkeypatch.setattr(attention, "apply_rotary_pos_emb", lambda t, *a, **k: rotated.append(t.size(0)) or q_rope(t, *a, **k))
+    lean_rope, heads = slot_forward.rotate, []
+    monkeypatch.setattr(slot_forward, "rotate", lambda t, *a: rotated.append(t.size(0)) or heads.append(t.shape[2:4])
+                        or lean_rope(t, *a))
+    if path == "megatron":
+        monkeypatch.setattr(slot_forward, "refusal", lambda m: "forced off")
     original = SlotDecoder._logits
     monkeypatch.setattr(SlotDecoder, "_logits", lambda d, tokens, *a, **k: fed.append(tokens.size(1)) or original(d, tokens, *a, **k))
     generate(model, [[1, 2, 3, 4, 5, 6]] * 2, SamplingParams(max_new_tokens=6, temperature=0.0), eos_id=NEVER,
              real_vocab_size=REAL_VOCAB)
     layers = 2
     assert fed == [6] + [1] * 5
-    # Per forward and layer: the new keys once, the queries once; each as long as the fed tokens.
-    assert rotated == [n for n in fed for _ in range(2 * layers)]
+    # Per forward and layer: the new keys once, the queries once (together on the lean path); each as long as
+    # the fed tokens.
+    assert rotated == [n for n in fed for _ in range((2 if path == "megatron" else 1) * layers)]
+    cfg = model.config
+    groups = cfg.num_query_groups or cfg.num_attention_heads
+    assert heads == ([] if path == "megatron" else [(groups, cfg.num_attention_heads // groups + 1)] * len(rotated))
 
 
 def test_rollout_uses_the_current_weights_and_its_logprobs_match_a_recomputed_forward(runtime):  # noqa: F811

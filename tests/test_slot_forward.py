@@ -34,15 +34,19 @@ def _model(runtime, **overrides):  # noqa: F811
     return model.eval()
 
 
-def _plans():
-    """(tokens [b, s], write positions [b, s], read length, fed slots or None) per forward: a prefill of three
-    prompts (lengths 5, 2, 4, left-padded; trash position 12) into slots 2, 0, 3, then three decode steps of
-    slots 0..3 (slot 1 started empty at position 0)."""
+def _plans(kind: str = "padded"):
+    """(tokens [b, s], write positions [b, s], read length, fed slots or None) per forward, then three decode
+    steps of slots 0..3. ``padded``: a prefill of three prompts (lengths 5, 2, 4, left-padded; trash position 12)
+    into slots 2, 0, 3 (slot 1 starts empty at position 0). ``fresh``: four 5-token prompts into slots 0..3, no
+    padding, nothing cached before (the causal-kernel prefill)."""
     trash = 12
-    tokens = torch.tensor([[5, 9, 3, 7, 1], [0, 0, 0, 8, 2], [0, 6, 6, 4, 30]])
-    write = torch.tensor([[0, 1, 2, 3, 4], [trash] * 3 + [0, 1], [trash, 0, 1, 2, 3]])
-    plans = [(tokens, write, 5, torch.tensor([2, 0, 3]))]
-    lengths = torch.tensor([2, 0, 5, 4])
+    if kind == "fresh":
+        tokens = torch.tensor([[5, 9, 3, 7, 1], [8, 2, 2, 8, 0], [6, 6, 4, 30, 1], [3, 1, 4, 1, 5]])
+        plans, lengths = [(tokens, torch.arange(5).expand(4, 5), 5, None)], torch.full((4,), 5)
+    else:
+        tokens = torch.tensor([[5, 9, 3, 7, 1], [0, 0, 0, 8, 2], [0, 6, 6, 4, 30]])
+        write = torch.tensor([[0, 1, 2, 3, 4], [trash] * 3 + [0, 1], [trash, 0, 1, 2, 3]])
+        plans, lengths = [(tokens, write, 5, torch.tensor([2, 0, 3]))], torch.tensor([2, 0, 5, 4])
     for step in range(3):
         plans.append((torch.tensor([[11 + step], [3], [17], [25 - step]]), lengths.unsqueeze(1).clone(),
                       int(lengths.max()) + 1, None))
@@ -50,15 +54,23 @@ def _plans():
     return plans
 
 
+@pytest.mark.parametrize("prefill", ["padded", "fresh"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @torch.inference_mode()
-def test_lean_logits_and_cache_equal_megatrons_bitwise(runtime, variant):  # noqa: F811
+def test_lean_logits_and_cache_equal_megatrons_bitwise(runtime, variant, prefill, monkeypatch):  # noqa: F811
+    """The lean path (RoPE factors once per forward, q and k rotated together, the causal kernel for a fresh
+    prefill) against megatron's forward, which rotates per tensor and attends under the explicit mask."""
     model = _model(runtime, **VARIANTS[variant])
     assert slot_forward.refusal(model) is None
     lean = slot_forward.SlotForward(model)
     ours, theirs = SlotKVCache(4, 12), SlotKVCache(4, 12)
-    for tokens, write, read_len, rows in _plans():
+    kernels = []
+    original = slot_forward.grouped_attention
+    monkeypatch.setattr(slot_forward, "grouped_attention",
+                        lambda q, k, v, visible, scale: kernels.append(visible is None) or original(q, k, v, visible, scale))
+    for step, (tokens, write, read_len, rows) in enumerate(_plans(prefill)):
         mask = ours.plan(write, read_len, rows)
+        assert ours.causal == (prefill == "fresh" and step == 0)
         got = lean.logits(tokens, ours, mask)
         mask = theirs.plan(write, read_len, rows)
         want = model(tokens, write, attention_mask=mask, inference_context=theirs, runtime_gather_output=True)[:, -1]
@@ -67,6 +79,41 @@ def test_lean_logits_and_cache_equal_megatrons_bitwise(runtime, variant):  # noq
     for layer, (k, v) in ours.key_value_memory_dict.items():
         k_ref, v_ref = theirs.key_value_memory_dict[layer]
         assert torch.equal(k[:, :12], k_ref[:, :12]) and torch.equal(v[:, :12], v_ref[:, :12])  # trash aside
+    layers = len(lean.layers)
+    assert kernels == [prefill == "fresh"] * layers + [False] * 3 * layers  # causal kernel: the fresh prefill only
+
+
+def test_rotate_is_megatrons_rope_bit_for_bit(runtime):  # noqa: F811
+    """``rotate`` with ``rope_factors`` (one call on a group's q and k heads) against megatron's
+    ``apply_rotary_pos_emb`` on each tensor, at angles up to 4k positions (large arguments round differently)."""
+    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+
+    model = _model(runtime)
+    gen = torch.Generator().manual_seed(0)
+    table = model.rotary_pos_emb(4096)  # [L, 1, 1, d]
+    positions = torch.randint(0, 4096, (6, 3), generator=gen)  # [s, b]
+    freqs = table[positions.reshape(-1)].view(6, 3, 1, table.size(-1))
+    qk = torch.randn(6, 3, 2, 3, table.size(-1), generator=gen) * 5  # [s, b, groups, r + 1, d]
+    cos, signed_sin = slot_forward.rope_factors(freqs)
+    got = slot_forward.rotate(qk, cos.unsqueeze(3), signed_sin.unsqueeze(3))
+    cfg = model.config
+    want_q = apply_rotary_pos_emb(qk[:, :, :, :2].reshape(6, 3, 4, -1), freqs, config=cfg)
+    want_k = apply_rotary_pos_emb(qk[:, :, :, 2], freqs, config=cfg)
+    assert torch.equal(got[:, :, :, :2].reshape(6, 3, 4, -1), want_q) and torch.equal(got[:, :, :, 2], want_k)
+    assert not torch.equal(slot_forward.rotate(qk, cos.unsqueeze(3), torch.sin(freqs).unsqueeze(3)), got)
+
+
+def test_only_a_fresh_unpadded_prefill_is_causal():
+    """``SlotKVCache.causal`` (the lean path's causal-kernel switch): every row at positions 0..s-1 and nothing
+    else read; a padded row, a row starting mid-cache or a longer read keeps the explicit mask."""
+    ctx = SlotKVCache(2, 8)
+    fresh = torch.arange(4).expand(2, 4)
+    ctx.plan(fresh, 4)
+    assert ctx.causal
+    for write, read_len in ((fresh, 5), (torch.tensor([[0, 1, 2, 3], [8, 0, 1, 2]]), 4),
+                            (torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4]]), 4), (torch.tensor([[4], [4]]), 5)):
+        ctx.plan(write, read_len)
+        assert not ctx.causal
 
 
 def test_generate_is_bitwise_the_same_with_and_without_the_lean_forward(runtime, monkeypatch):  # noqa: F811

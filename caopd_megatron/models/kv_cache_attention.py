@@ -57,6 +57,7 @@ class SlotKVCache(StaticInferenceContext):
         self.write_pos: torch.Tensor | None = None  # [b, s] cache position (= RoPE position) of each token
         self.write_index: torch.Tensor | None = None  # [s*b] flat (slot, position) index of each token
         self.read_len = 0
+        self.causal = False  # this forward is a fresh unpadded prefill: every row at positions 0..s-1, read_len s
         self._freqs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(table) -> (table, angles)
 
     def plan(self, write_pos: torch.Tensor, read_len: int, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -72,6 +73,7 @@ class SlotKVCache(StaticInferenceContext):
         self.write_index = (write_pos.t() + slots * self.max_sequence_length).reshape(-1)  # [s*b] into [S*(L+1)]
         self.write_pos, self._freqs = write_pos, {}
         keys = torch.arange(read_len, device=write_pos.device)
+        self.causal = read_len == write_pos.size(1) and bool((write_pos == keys).all())
         return keys.view(1, 1, 1, -1) > write_pos.unsqueeze(1).unsqueeze(-1)
 
     def freqs(self, table: torch.Tensor) -> torch.Tensor:
@@ -99,11 +101,14 @@ class SlotKVCache(StaticInferenceContext):
     def store(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the fed tokens' rotated ``key`` and ``value`` ``[s, b, g, d]`` at their planned positions and
         return what the forward attends over: ``[read_len, b, g, d]`` each (a view of the slot-major buffers when
-        the fed slots are ``0..b-1``, a gather of the planned rows otherwise)."""
+        the fed slots are ``0..b-1``, a gather of the planned rows otherwise; a fresh unpadded prefill's own
+        ``key`` and ``value``, which are exactly those cache positions, when ``causal``)."""
         k_buf, v_buf = self.buffers(layer, key, value)
         s, b, groups, dim = key.shape
         k_buf.view(-1, groups, dim).index_copy_(0, self.write_index, key.reshape(s * b, groups, dim))
         v_buf.view(-1, groups, v_buf.size(-1)).index_copy_(0, self.write_index, value.reshape(s * b, groups, -1))
+        if self.causal:
+            return key, value
         rows = slice(0, b) if self.rows is None else self.rows
         return k_buf[rows, :self.read_len].transpose(0, 1), v_buf[rows, :self.read_len].transpose(0, 1)
 
@@ -223,12 +228,12 @@ class GroupedSlotAttention(DotProductAttention):
         return grouped_attention(query, key, value, ~masked, scale)
 
 
-def grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible: torch.Tensor,
+def grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible: torch.Tensor | None,
                       scale: float) -> torch.Tensor:
     """torch's fused attention with grouped query heads: ``query`` ``[s, b, g*r, d]``, ``key`` / ``value``
-    ``[L, b, g, d]``, ``visible`` ``[b, 1, s, L]`` (True = attended) -> ``[s, b, g*r*d]``."""
+    ``[L, b, g, d]``, ``visible`` ``[b, 1, s, L]`` (True = attended; None: causal, ``L == s``) -> ``[s, b, g*r*d]``."""
     s, b, heads, d = query.shape
     context = torch.nn.functional.scaled_dot_product_attention(
         query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3),
-        attn_mask=visible, scale=scale, enable_gqa=True)  # [b, g*r, s, d]
+        attn_mask=visible, is_causal=visible is None, scale=scale, enable_gqa=True)  # [b, g*r, s, d]
     return context.permute(2, 0, 1, 3).reshape(s, b, heads * d)

@@ -9,7 +9,16 @@ Design decisions:
   in-place residual adds. ``tests/test_slot_forward.py`` holds it bitwise to megatron's forward.
 - Only models it can copy exactly (``refusal``): TP = PP = 1, the builder's local pre-norm spec, RoPE, full
   attention. Others (TE, TP / PP > 1, OLMo-3's post-norm / sliding-window layers) keep megatron's forward.
-- Parameters are read per rollout: an optimizer step updates them in place, the next rollout sees it.
+- RoPE: the fed tokens' cos / sin are taken once per forward (megatron takes them per layer and per tensor,
+  with ``mscale`` 1) and, without QK norms, the query and key heads of a group, adjacent in megatron's fused QKV
+  rows, rotate in one call. Same elementwise formula (``t * cos + rotate_half(t) * sin``), same bits.
+- A fresh unpadded prefill (every row's positions ``0..s-1``, nothing cached before; ``SlotKVCache.causal``)
+  attends over the forward's own keys and values with torch's causal kernel instead of reading the cache
+  back under an explicit mask: the same scores and softmax, bit for bit (``tests/test_slot_forward.py``).
+- The embedding is the lookup megatron's ``VocabParallelEmbedding`` ends in at TP = 1 (no masking, no
+  all-reduce); eval mode, so no dropout (the sampler switches the model to eval for the rollout).
+- Parameters are read per rollout, as transposed views: an optimizer step updates them in place, the next
+  rollout sees it.
 Tensors: tokens ``[b, s]``; activations ``[s, b, h]`` as in megatron; logits ``[b, V]`` (padded vocabulary).
 """
 from __future__ import annotations
@@ -32,18 +41,31 @@ class _Layer:
     number: int
     attn_norm: torch.nn.RMSNorm
     mlp_norm: torch.nn.RMSNorm
-    qkv: torch.Tensor  # [(heads + 2 * groups) * d, h] (megatron's per-group [q..., k, v] row layout)
+    qkv_t: torch.Tensor  # [h, (heads + 2 * groups) * d] (megatron's per-group [q..., k, v] layout), a view
     qkv_bias: torch.Tensor | None
     q_norm: torch.nn.Module | None
     k_norm: torch.nn.Module | None
-    proj: torch.Tensor  # [h, heads * d]
-    fc1: torch.Tensor  # [2 * ffn, h] (gate rows, then linear rows)
-    fc2: torch.Tensor  # [h, ffn]
+    proj_t: torch.Tensor  # [heads * d, h]
+    fc1_t: torch.Tensor  # [h, 2 * ffn] (gate columns, then linear columns)
+    fc2_t: torch.Tensor  # [ffn, h]
     scale: float  # attention softmax scale
 
 
 def _rms(norm: torch.nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, norm.normalized_shape, norm.weight, norm.eps)
+
+
+def rope_factors(freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cos, signed sin)`` of RoPE angles ``freqs`` ``[..., d]`` for ``rotate``: the sine's first half negated."""
+    sin = torch.sin(freqs)
+    half = sin.size(-1) // 2
+    return torch.cos(freqs), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def rotate(t: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """megatron's unfused, non-interleaved RoPE (``mscale`` 1) on ``t`` ``[..., d]``: ``t * cos + [-t2, t1] * sin``.
+    Written ``t * cos + [t2, t1] * [-sin1, sin2]``: a sign flip commutes with rounding, so the bits are megatron's."""
+    return t * cos + t.roll(t.size(-1) // 2, dims=-1) * signed_sin
 
 
 def _norm(module: torch.nn.Module | None) -> torch.nn.Module | None:
@@ -58,9 +80,10 @@ def refusal(model) -> str | None:
     cfg = gpt.config
     if groups.tp.size() > 1 or groups.pp.size() > 1:
         return "tensor or pipeline parallel"
-    if not (gpt.pre_process and gpt.post_process) or gpt.position_embedding_type != "rope":
+    if not (gpt.pre_process and gpt.post_process) or gpt.position_embedding_type != "rope" \
+            or gpt.embedding.add_position_embedding or gpt.embedding.tokentype_embeddings is not None:
         return "not a whole RoPE GPTModel"
-    if cfg.multi_latent_attention or cfg.no_rope_freq or cfg.attention_output_gate or cfg.fp32_residual_connection \
+    if cfg.multi_latent_attention or cfg.no_rope_freq or cfg.rotary_interleaved or cfg.apply_rope_fusion or cfg.attention_output_gate or cfg.fp32_residual_connection \
             or cfg.activation_func is not F.silu or not cfg.gated_linear_unit or cfg.flash_decode \
             or cfg.activation_func_clamp_value is not None or cfg.fp8 or cfg.inference_fuse_tp_communication:
         return "a transformer config option it does not copy"
@@ -92,17 +115,18 @@ class SlotForward:
         self.gpt, self.cfg = gpt, gpt.config
         self.cp_group = model_groups(model).cp
         self.final_norm = gpt.decoder.final_layernorm
-        self.output = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights \
-            else gpt.output_layer.weight
+        self.embedding = gpt.embedding.word_embeddings.weight  # [V, h]
+        self.output_t = (gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights
+                         else gpt.output_layer.weight).t()  # [h, V]
         self.layers = []
         for layer in gpt.decoder.layers:
             attn, mlp = layer.self_attention, layer.mlp
             core = attn.core_attention
             self.layers.append(_Layer(
-                attn.layer_number, layer.input_layernorm, layer.pre_mlp_layernorm, attn.linear_qkv.weight,
+                attn.layer_number, layer.input_layernorm, layer.pre_mlp_layernorm, attn.linear_qkv.weight.t(),
                 attn.linear_qkv.bias if self.cfg.add_qkv_bias else None, _norm(attn.q_layernorm),
                 _norm(attn.k_layernorm),
-                attn.linear_proj.weight, mlp.linear_fc1.weight, mlp.linear_fc2.weight,
+                attn.linear_proj.weight.t(), mlp.linear_fc1.weight.t(), mlp.linear_fc2.weight.t(),
                 core.softmax_scale * (core.scale_mask_softmax.scale or 1.0)))
         first = gpt.decoder.layers[0].self_attention
         self.groups = first.num_query_groups_per_partition
@@ -112,31 +136,40 @@ class SlotForward:
     def logits(self, tokens: torch.Tensor, ctx: SlotKVCache, mask: torch.Tensor) -> torch.Tensor:
         """Last-column logits ``[b, V]`` of ``tokens`` ``[b, s]`` fed as ``ctx.plan`` laid out (``mask`` is the
         plan's ``[b, 1, s, read_len]``, True = masked)."""
-        hidden = self.gpt.embedding(input_ids=tokens, position_ids=None)  # [s, b, h]
-        table = self.gpt.rotary_pos_emb(ctx.max_sequence_length)
-        visible = ~mask
+        hidden = F.embedding(tokens, self.embedding).transpose(0, 1).contiguous()  # [s, b, h]
+        freqs = ctx.freqs(self.gpt.rotary_pos_emb(ctx.max_sequence_length))  # [s, b, 1, d]
+        rope = rope_factors(freqs)
+        visible = None if ctx.causal else ~mask
         for layer in self.layers:
-            hidden = self._layer(layer, hidden, ctx, table, visible)
+            hidden = self._layer(layer, hidden, ctx, rope, visible)
         hidden = _rms(self.final_norm, hidden)[-1:]
-        return torch.matmul(hidden, self.output.t())[0]
+        return torch.matmul(hidden, self.output_t)[0]
 
-    def _layer(self, layer: _Layer, hidden: torch.Tensor, ctx: SlotKVCache, table: torch.Tensor,
-               visible: torch.Tensor) -> torch.Tensor:
+    def _layer(self, layer: _Layer, hidden: torch.Tensor, ctx: SlotKVCache,
+               rope: tuple[torch.Tensor, torch.Tensor], visible: torch.Tensor | None) -> torch.Tensor:
+        """One layer on ``hidden`` ``[s, b, h]``; ``rope``: the fed tokens' ``rope_factors`` ``[s, b, 1, d]``;
+        ``visible`` ``[b, 1, s, read_len]`` (None: a fresh unpadded prefill, causal over the fed tokens)."""
         s, b, _ = hidden.shape
         d, r = self.head_dim, self.per_group
-        qkv = torch.matmul(_rms(layer.attn_norm, hidden), layer.qkv.t())
+        qkv = torch.matmul(_rms(layer.attn_norm, hidden), layer.qkv_t)
         if layer.qkv_bias is not None:
             qkv = qkv + layer.qkv_bias
-        query, key, value = torch.split(qkv.view(s, b, self.groups, (r + 2) * d), [r * d, d, d], dim=3)
-        query = query.reshape(s, b, -1, d)
-        if layer.q_norm is not None:
-            query = layer.q_norm(query)
-        if layer.k_norm is not None:
-            key = layer.k_norm(key)
-        key, value = ctx.store(layer.number, ctx.rotate(key, table, self.cfg, self.cp_group), value)
-        query = ctx.rotate(query, table, self.cfg, self.cp_group)
-        attended = torch.matmul(grouped_attention(query, key, value, visible, layer.scale), layer.proj.t())
+        qkv = qkv.view(s, b, self.groups, (r + 2) * d)
+        value = qkv[..., (r + 1) * d:]
+        cos, sin = rope
+        if layer.q_norm is None and layer.k_norm is None:  # q and k heads of a group rotate together
+            qk = rotate(qkv[..., :(r + 1) * d].unflatten(-1, (r + 1, d)), cos.unsqueeze(3), sin.unsqueeze(3))
+            query, key = qk[:, :, :, :r].reshape(s, b, -1, d), qk[:, :, :, r]
+        else:
+            query, key = qkv[..., :r * d].reshape(s, b, -1, d), qkv[..., r * d:(r + 1) * d]
+            if layer.q_norm is not None:
+                query = layer.q_norm(query)
+            if layer.k_norm is not None:
+                key = layer.k_norm(key)
+            query, key = rotate(query, cos, sin), rotate(key, cos, sin)
+        key, value = ctx.store(layer.number, key, value)
+        attended = torch.matmul(grouped_attention(query, key, value, visible, layer.scale), layer.proj_t)
         hidden = attended.add_(hidden)
-        gate, linear = torch.chunk(torch.matmul(_rms(layer.mlp_norm, hidden), layer.fc1.t()), 2, dim=-1)
-        mlp = torch.matmul(F.silu(gate) * (linear + self.cfg.glu_linear_offset), layer.fc2.t())
+        gate, linear = torch.chunk(torch.matmul(_rms(layer.mlp_norm, hidden), layer.fc1_t), 2, dim=-1)
+        mlp = torch.matmul(F.silu(gate) * (linear + self.cfg.glu_linear_offset), layer.fc2_t)
         return mlp.add_(hidden)
