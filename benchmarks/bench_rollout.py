@@ -14,8 +14,10 @@ rows (copies of one prompt) emit EOS as their first token while the others never
 padding and this engine retires. Peak memory: the largest resident-set growth during the call, sampled by
 a thread every 2 ms.
 
-Also measured: the shared-prefix prefill (K = 8 copies of a 512-token prompt with 1 new token vs one copy)
-and retirement (half the rows ending at once vs none).
+Also measured (``--parts mechanisms``): the shared-prefix prefill (K = 8 copies of a 512-token prompt with 1
+new token vs one copy) and retirement (half the rows ending at once vs none, beside the floor a retiring
+engine cannot beat: a batch of only the rows that go on), at ``--retire-prompts`` prompt lengths. And
+(``--parts breakdown``) where each side's time goes: dense products, fused attention, everything else.
 
     python benchmarks/bench_rollout.py --quick    # a few minutes; writes benchmarks/results/rollout.{json,md}
     python benchmarks/bench_rollout.py            # the whole grid (batch 1/8/32/128, prompts 16/512, K 1/8)
@@ -157,8 +159,9 @@ def bench_grid(args, hf, ours, vocab: int) -> list[dict]:
     return rows
 
 
-def bench_mechanisms(args, ours, vocab: int) -> dict:
-    """Shared-prefix prefill and retirement, engine only, medians of interleaved repetitions."""
+def bench_mechanisms(args, ours, vocab: int) -> list[dict]:
+    """Shared-prefix prefill and retirement, engine only, medians of interleaved repetitions; one row per
+    retirement prompt length (``--retire-prompts``), each carrying the vocabulary's prefill ratio."""
     from caopd_megatron.rollout.sampler import SamplingParams, generate
 
     rng = random.Random(1)
@@ -168,24 +171,77 @@ def bench_mechanisms(args, ours, vocab: int) -> dict:
     for _ in range(args.reps):
         pre["one"].append(measure(lambda: generate(ours, [prompt], one, eos_id=NEVER, real_vocab_size=vocab))[0])
         pre["k8"].append(measure(lambda: generate(ours, [prompt] * 8, one, eos_id=NEVER, real_vocab_size=vocab))[0])
+    prefill = dict(prefill_one_s=statistics.median(pre["one"]), prefill_k8_s=statistics.median(pre["k8"]))
+    prefill["prefill_k8_over_one"] = prefill["prefill_k8_s"] / prefill["prefill_one_s"]
+    return [dict(vocab=vocab, **prefill, **bench_retirement(args, ours, vocab, n)) for n in args.retire_prompts]
+
+
+def bench_retirement(args, ours, vocab: int, prompt_len: int) -> dict:
+    """Batch 64, greedy, ``--new-tokens``: half the rows end at their first token (``half_end``) vs none
+    (``all_long``), against the floor a retiring engine can reach: a batch of only the rows that go on
+    (``live_only``). ``prefill``: the prompts with one new token, the part every run shares."""
+    from caopd_megatron.rollout.sampler import SamplingParams, generate
+
     batch = 64
-    prompts, eos = workload(vocab, batch, 128, 1, True, None, ours)
+    prompts, eos = workload(vocab, batch, prompt_len, 1, True, None, ours)
+    live = prompts[batch // 2:]  # the rows that never emit EOS
     greedy = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0)
-    first = SamplingParams(max_new_tokens=1, temperature=0.0)  # the prefill (and first token) both runs share
-    ret = {"all_long": [], "half_end": [], "prefill": []}
+    first = SamplingParams(max_new_tokens=1, temperature=0.0)
+    runs = {"all_long": (prompts, NEVER, greedy), "half_end": (prompts, eos, greedy), "live_only": (live, NEVER, greedy),
+            "prefill": (prompts, NEVER, first)}
+    times = {k: [] for k in runs}
     for _ in range(args.reps):
-        for key, e, p in (("all_long", NEVER, greedy), ("half_end", eos, greedy), ("prefill", NEVER, first)):
-            ret[key].append(measure(lambda: generate(ours, prompts, p, eos_id=e, real_vocab_size=vocab,
-                                                     batch_size=batch))[0])
-    med = {k: statistics.median(v) for k, v in {**pre, **ret}.items()}
-    return dict(vocab=vocab, prefill_one_s=med["one"], prefill_k8_s=med["k8"],
-                prefill_k8_over_one=med["k8"] / med["one"], all_long_s=med["all_long"],
-                half_end_s=med["half_end"], half_end_over_all_long=med["half_end"] / med["all_long"],
-                shared_prefill_s=med["prefill"],
+        for key, (p, e, params) in runs.items():
+            times[key].append(measure(lambda: generate(ours, p, params, eos_id=e, real_vocab_size=vocab,
+                                                       batch_size=batch))[0])
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return dict(retire_prompt=prompt_len, all_long_s=med["all_long"], half_end_s=med["half_end"],
+                live_only_s=med["live_only"], shared_prefill_s=med["prefill"],
+                half_end_over_all_long=med["half_end"] / med["all_long"],
+                live_only_over_all_long=med["live_only"] / med["all_long"],
                 decode_half_over_all=(med["half_end"] - med["prefill"]) / (med["all_long"] - med["prefill"]))
 
 
-def markdown(args, rows: list[dict], mech: list[dict], commands: list[str]) -> str:
+DENSE_OPS = {"aten::mm", "aten::addmm", "aten::bmm"}
+
+
+def op_seconds(fn, reps: int) -> dict[str, float]:
+    """CPU seconds of ``fn()`` by kind: dense products and the fused attention kernel (their self time in one
+    run under torch's profiler, after a warm-up run; the profiler times ops by the clock, so run this on a
+    quiet machine), and everything else (the median unprofiled time of ``reps`` runs minus those two: the
+    other ops and the Python between them, without the profiler's overhead)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    total = statistics.median(measure(fn)[0] for _ in range(reps))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = prof.key_averages()
+    dense = sum(e.self_cpu_time_total for e in events if e.key in DENSE_OPS) / 1e6
+    attention = sum(e.self_cpu_time_total for e in events if "scaled_dot_product" in e.key) / 1e6
+    return dict(dense=dense, attention=attention, other=total - dense - attention)
+
+
+def bench_breakdown(args, hf, ours, vocab: int) -> list[dict]:
+    """Where the time goes, engine vs HF, for the no-EOS K = 1 cells at batch >= 8: both sides run the same
+    products and attention on the same weights, so HF's time over ours can at most reach HF's time over our
+    dense + attention time (``ceiling``)."""
+    rows = []
+    for batch, prompt_len in itertools.product([b for b in args.batches if b >= 8], args.prompts):
+        prompts, eos = workload(vocab, batch, prompt_len, 1, False, hf, ours)
+        parts = {e: op_seconds(run_engine(e, hf, ours, prompts, eos, vocab, args.new_tokens, False, 0), args.reps)
+                 for e in ("engine", "hf")}
+        row = dict(vocab=vocab, batch=batch, prompt=prompt_len, new_tokens=args.new_tokens)
+        for e, p in parts.items():
+            row.update({f"{e}_{k}_s": v for k, v in p.items()})
+        mine = parts["engine"]
+        row["ceiling"] = sum(parts["hf"].values()) / (mine["dense"] + mine["attention"])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def markdown(args, rows: list[dict], mech: list[dict], commands: list[str], breakdown: list[dict]) -> str:
     def values(key: str, default: int) -> str:  # what the rows (possibly from several parts) were run with
         return "/".join(map(str, sorted({r.get(key, default) for r in rows})))
 
@@ -203,11 +259,26 @@ def markdown(args, rows: list[dict], mech: list[dict], commands: list[str]) -> s
         lines.append(f"| {r['vocab']} | {r['batch']} | {r['prompt']} | {r['k']} | {'yes' if r['early_eos'] else 'no'} "
                      f"| {r['engine_tok_s']:.0f} | {r['hf_tok_s']:.0f} | {nc} | {r['engine_vs_hf']:.2f}x | {ncr} "
                      f"| {r['engine_peak_mib']:.0f} / {r['hf_peak_mib']:.0f} |")
-    lines += ["", "| vocab | prefill K=8 x 512 tokens / one prefill | half the rows ending at once / none (batch 64, "
-              "128-token prompts, greedy) | the same, decode only (shared prefill subtracted) |", "|---|---|---|---|"]
+    lines += ["", "Shared-prefix prefill and retirement (batch 64, greedy; half the rows end at their first token; the "
+              "floor: a batch of only the rows that go on, which a retiring engine cannot beat):", "",
+              "| vocab | prefill K=8 x 512 tokens / one prefill | prompt tokens | half the rows ending / none "
+              "| floor: live rows only / none | half ending / none, decode only (shared prefill subtracted) |",
+              "|---|---|---|---|---|---|"]
     for m in mech:
-        lines.append(f"| {m['vocab']} | {m['prefill_k8_over_one']:.2f} | {m['half_end_over_all_long']:.2f} "
-                     f"| {m.get('decode_half_over_all', float('nan')):.2f} |")
+        floor = f"{m['live_only_over_all_long']:.2f}" if "live_only_over_all_long" in m else "-"
+        lines.append(f"| {m['vocab']} | {m['prefill_k8_over_one']:.2f} | {m.get('retire_prompt', 128)} "
+                     f"| {m['half_end_over_all_long']:.2f} | {floor} | {m.get('decode_half_over_all', float('nan')):.2f} |")
+    if breakdown:
+        lines += ["", "Where the time goes (K = 1, no EOS; CPU seconds: dense products / fused attention (their time in "
+                  "one profiled run) / everything else (the median unprofiled time minus those)). Both sides do the same products and attention on the same "
+                  "weights; `ceiling` = HF's total over our dense + attention, the most any cut of the rest can reach:",
+                  "", "| vocab | batch | prompt | engine s | HF s | engine/HF | ceiling |", "|---|---|---|---|---|---|---|"]
+        for r in breakdown:
+            ours_s = " / ".join(f"{r[f'engine_{k}_s']:.3f}" for k in ("dense", "attention", "other"))
+            hf_s = " / ".join(f"{r[f'hf_{k}_s']:.3f}" for k in ("dense", "attention", "other"))
+            total = lambda e: sum(r[f"{e}_{k}_s"] for k in ("dense", "attention", "other"))  # noqa: E731
+            lines.append(f"| {r['vocab']} | {r['batch']} | {r['prompt']} | {ours_s} | {hf_s} "
+                         f"| {total('hf') / total('engine'):.2f}x | {r['ceiling']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -223,9 +294,13 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-early-eos", dest="early_eos", action="store_false", help="skip the early-EOS rows")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--retire-prompts", type=int, nargs="+", default=[16, 128],
+                    help="prompt lengths of the retirement measurement (mechanisms part)")
     ap.add_argument("--nocache-limit", type=int, default=1024, help="run the no-cache loop up to batch x prompt")
-    ap.add_argument("--parts", nargs="+", choices=["grid", "mechanisms"], default=["grid", "mechanisms"],
-                    help="what to run: the engine/HF/no-cache grid, the prefill and retirement measurements")
+    ap.add_argument("--parts", nargs="+", choices=["grid", "mechanisms", "breakdown"],
+                    default=["grid", "mechanisms", "breakdown"],
+                    help="what to run: the engine/HF/no-cache grid, the prefill and retirement measurements, the "
+                         "profiled split of each side's time")
     ap.add_argument("--merge", action="store_true",
                     help="add to the results already in --out (rows of the same configuration are replaced), "
                          "so the grid can run in parts")
@@ -243,40 +318,44 @@ def main() -> None:
 
     detect_backend()  # installs the CPU shims megatron-core needs without CUDA
     distributed.initialize(ParallelConfig(), seed=0)  # a world of one with megatron-core's parallel state
-    previous: dict = {}
+    previous: dict = {section: [] for section in SECTION_KEYS}
+    previous["commands"] = []
     for path in ([args.out.with_suffix(".json")] + args.merge_from) if args.merge else []:
         part = json.loads(path.read_text()) if path.is_file() else {}
-        previous = dict(commands=previous.get("commands", []) + part.get("commands", []),
-                        rows=merged(previous.get("rows", []), part.get("rows", []), ROW_KEY),
-                        mechanisms=merged(previous.get("mechanisms", []), part.get("mechanisms", []), ("vocab",)))
+        for m in part.get("mechanisms", []):
+            m.setdefault("retire_prompt", 128)  # results written before the prompt length was a choice
+        previous["commands"] += part.get("commands", [])
+        for section, key in SECTION_KEYS.items():
+            previous[section] = merged(previous[section], part.get(section, []), key)
     command = f"python benchmarks/bench_rollout.py {' '.join(sys.argv[1:])}"
-    commands = [c for c in previous.get("commands", []) if c != command] + ([command] if args.vocabs else [])
-    rows, mech = [], []
-    all_rows, all_mech = previous.get("rows", []), previous.get("mechanisms", [])
+    commands = [c for c in previous["commands"] if c != command] + ([command] if args.vocabs else [])
+    new: dict[str, list[dict]] = {section: [] for section in SECTION_KEYS}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for vocab in args.vocabs:  # results written after each vocabulary, so a long run leaves figures
             hf, ours, real = build_pair(vocab, Path(tmp) / str(vocab))
             if "grid" in args.parts:
-                rows += bench_grid(args, hf, ours, real)
+                new["rows"] += bench_grid(args, hf, ours, real)
             if "mechanisms" in args.parts:
-                mech.append(bench_mechanisms(args, ours, real))
-                print(json.dumps(mech[-1]), flush=True)
-            all_rows = merged(previous.get("rows", []), rows, ROW_KEY)
-            all_mech = merged(previous.get("mechanisms", []), mech, ("vocab",))
-            write_results(args, all_rows, all_mech, commands)
-    write_results(args, all_rows, all_mech, commands)
+                new["mechanisms"] += bench_mechanisms(args, ours, real)
+                print(json.dumps(new["mechanisms"][-len(args.retire_prompts):]), flush=True)
+            if "breakdown" in args.parts:
+                new["breakdown"] += bench_breakdown(args, hf, ours, real)
+            write_results(args, previous, new, commands)
+    write_results(args, previous, new, commands)
 
 
-def write_results(args, rows: list[dict], mech: list[dict], commands: list[str]) -> None:
-    results = dict(commands=commands, rows=rows, mechanisms=mech)
+def write_results(args, previous: dict, new: dict, commands: list[str]) -> None:
+    """The previous results with this run's rows folded in, as ``--out``.json and .md."""
+    results = dict(commands=commands, **{s: merged(previous[s], new[s], k) for s, k in SECTION_KEYS.items()})
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
-    text = markdown(args, rows, mech, commands)
+    text = markdown(args, results["rows"], results["mechanisms"], commands, results["breakdown"])
     args.out.with_suffix(".md").write_text(text)
     print(text)
 
 
-ROW_KEY = ("vocab", "batch", "prompt", "k", "early_eos")
+SECTION_KEYS = {"rows": ("vocab", "batch", "prompt", "k", "early_eos"), "mechanisms": ("vocab", "retire_prompt"),
+                "breakdown": ("vocab", "batch", "prompt")}
 
 
 def merged(old: list[dict], new: list[dict], key: tuple[str, ...]) -> list[dict]:
