@@ -414,7 +414,7 @@ def test_mistral_sliding_window_imports_on_every_layer_and_contradictions_are_re
     mixed = ["sliding_attention", "full_attention"] * 2
     with pytest.raises(UnsupportedArchitectureError, match=r"layer_types \['full_attention', 'sliding_attention'\]"):
         hf_config_to_model_config({**base, "sliding_window": 1024, "layer_types": mixed})
-    with pytest.raises(UnsupportedArchitectureError, match="here sliding_attention"):
+    with pytest.raises(UnsupportedArchitectureError, match=r"sliding_window=1024 to every layer \(all sliding_attention\)"):
         hf_config_to_model_config({**base, "sliding_window": 1024, "layer_types": ["full_attention"] * 4})
     with pytest.raises(UnsupportedArchitectureError, match="sliding_window=0: a window needs >= 1 token"):
         hf_config_to_model_config({**base, "sliding_window": 0})
@@ -433,10 +433,9 @@ def test_mistral_window_reference_applies_the_window(converted):
         ours = model(TOKENS, positions, attention_mask=None)[..., :REAL_VOCAB]
     for attn in ("eager", "sdpa"):
         for window, same in ((4, True), (None, False)):
-            hf_cfg = transformers.MistralConfig(**COMMON, **{**FAMILIES["mistral_window"]["kwargs"], "sliding_window": window})
-            hf_cfg._attn_implementation = attn
-            hf = transformers.MistralForCausalLM(hf_cfg).eval()
-            hf.load_state_dict(c["state"])
+            hf = transformers.MistralForCausalLM.from_pretrained(c["hf_dir"], attn_implementation=attn,
+                                                                 sliding_window=window, dtype=torch.float32).eval()
+            assert (hf.config._attn_implementation, hf.config.sliding_window) == (attn, window)
             with torch.no_grad():
                 diff = (ours - hf(TOKENS).logits).abs().max().item()
             assert (diff <= 1e-4) if same else (diff > 1e-2), (attn, window, diff)

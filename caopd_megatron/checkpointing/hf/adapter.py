@@ -61,6 +61,7 @@ from caopd_megatron.models.rope import default_attention_factor, model_yarn_rope
 
 # megatron-core 0.16 ``RotaryEmbedding._apply_scaling`` constants (only ``factor`` is configurable there).
 MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+DEFAULT_CONTEXT = 2048  # max_position_embeddings of an HF config that names none
 
 
 class UnsupportedArchitectureError(ConversionError):
@@ -301,7 +302,7 @@ def hf_config_to_model_config(hf: dict[str, Any], make_vocab_size_divisible_by: 
         kv_channels=head_dim,
         vocab_size=int(_require(hf, "vocab_size")),
         make_vocab_size_divisible_by=make_vocab_size_divisible_by,
-        max_position_embeddings=int(hf.get("max_position_embeddings") or 2048),
+        max_position_embeddings=int(hf.get("max_position_embeddings") or DEFAULT_CONTEXT),
         rotary_base=float(theta),
         rope_scaling=llama3 is not None,
         rope_scaling_factor=float(llama3["factor"]) if llama3 else ModelConfig.rope_scaling_factor,
@@ -324,7 +325,7 @@ def _every_layer_window(hf: dict[str, Any], family: Family) -> int | None:
     if not family.window_on_every_layer:
         return None
     window = hf.get("sliding_window")
-    context = int(hf.get("max_position_embeddings") or 0)
+    context = int(hf.get("max_position_embeddings") or DEFAULT_CONTEXT)
     if window is not None and int(window) < 1:
         raise UnsupportedArchitectureError(f"{family.architecture} with sliding_window={window}: a window needs >= 1 token")
     window = int(window) if window is not None and int(window) < context else None
@@ -333,7 +334,7 @@ def _every_layer_window(hf: dict[str, Any], family: Family) -> int | None:
     if layer_types is not None and set(layer_types) != {kind}:
         raise UnsupportedArchitectureError(
             f"{family.architecture} with layer_types {sorted(set(layer_types))} is not supported: transformers' "
-            f"{family.architecture} applies sliding_window={hf.get('sliding_window')} (here {kind}) to every layer")
+            f"{family.architecture} applies sliding_window={hf.get('sliding_window')} to every layer (all {kind})")
     return window
 
 
