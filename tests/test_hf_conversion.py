@@ -11,7 +11,8 @@ redrawn so a swapped or mis-laid tensor cannot hide behind an init value):
   rollout sampler (``rollout.sampler.generate``, temperature 0) on the imported checkpoint;
 - the families cover: GQA (4 heads / 2 groups), Llama-3 rope scaling (Llama), QKV bias + tied embeddings +
   single-file safetensors (Qwen2), QK norm + head_dim != hidden/heads (Qwen3), post-sublayer norms + QK
-  norm over the whole projection + sliding-window layers shorter than the test sequences (OLMo-3),
+  norm over the whole projection + sliding-window layers shorter than the test sequences (OLMo-3), a
+  window on every layer shorter than the test sequences and than the greedy rollouts (Mistral),
   sharded safetensors with an index (Llama, Qwen3, OLMo-3), and a real vocabulary (300) padded differently
   under TP 1 (384) and 2 (512);
 - errors: unsupported architecture, missing/corrupt files, shape mismatches (tensor and both shapes
@@ -48,6 +49,10 @@ FAMILIES = {
     "mistral": dict(cls="MistralForCausalLM", cfg="MistralConfig", shard=None,
                     kwargs=dict(max_position_embeddings=4096, tie_word_embeddings=False, rope_theta=1000000.0,
                                 sliding_window=None, head_dim=16)),
+    # A window on every layer: 4 tokens < the 12 test tokens and the 4-15 token greedy rollouts.
+    "mistral_window": dict(cls="MistralForCausalLM", cfg="MistralConfig", shard=None,
+                           kwargs=dict(max_position_embeddings=4096, tie_word_embeddings=False, rope_theta=1000000.0,
+                                       sliding_window=4, head_dim=16)),
     "qwen2": dict(cls="Qwen2ForCausalLM", cfg="Qwen2Config", shard=None,
                   kwargs=dict(max_position_embeddings=512, tie_word_embeddings=True, rope_theta=1000000.0)),
     "qwen3": dict(cls="Qwen3ForCausalLM", cfg="Qwen3Config", shard="150KB",
@@ -392,15 +397,99 @@ def test_unsupported_architecture_is_named_with_the_supported_list(converted, tm
         import_hf_checkpoint(src, tmp_path / "out", show_progress=False)
 
 
-def test_mistral_sliding_window_shorter_than_the_context_is_refused(converted):
+def test_mistral_sliding_window_imports_on_every_layer_and_contradictions_are_refused(converted):
     from caopd_megatron.checkpointing.hf import UnsupportedArchitectureError, hf_config_to_model_config
 
     base = json.loads((converted["mistral"]["hf_dir"] / "config.json").read_text())
     assert base["model_type"] == "mistral" and base["sliding_window"] is None
-    with pytest.raises(UnsupportedArchitectureError, match="sliding_window=1024 < max_position_embeddings=4096"):
-        hf_config_to_model_config({**base, "sliding_window": 1024})
-    cfg, family = hf_config_to_model_config({**base, "sliding_window": 4096})  # a window as long as the context
+    cfg, family = hf_config_to_model_config({**base, "sliding_window": 1024})
     assert family.architecture == "MistralForCausalLM" and not cfg.add_qkv_bias and not cfg.qk_layernorm
+    assert (cfg.sliding_window, cfg.layer_types, cfg.sliding_layers()) == (1024, None, [True] * 4)
+    for full in (None, 4096, 8192):  # null, or a window as long as the context or longer: full attention
+        cfg, _ = hf_config_to_model_config({**base, "sliding_window": full})
+        assert cfg.sliding_window is None and cfg.sliding_layers() == [False] * 4, full
+    cfg, _ = hf_config_to_model_config({**base, "sliding_window": 1024, "layer_types": ["sliding_attention"] * 4})
+    assert cfg.sliding_window == 1024 and cfg.layer_types is None
+    # transformers' Mistral ignores layer_types and slides every layer: kinds that disagree are refused.
+    mixed = ["sliding_attention", "full_attention"] * 2
+    with pytest.raises(UnsupportedArchitectureError, match=r"layer_types \['full_attention', 'sliding_attention'\]"):
+        hf_config_to_model_config({**base, "sliding_window": 1024, "layer_types": mixed})
+    with pytest.raises(UnsupportedArchitectureError, match=r"sliding_window=1024 to every layer \(all sliding_attention\)"):
+        hf_config_to_model_config({**base, "sliding_window": 1024, "layer_types": ["full_attention"] * 4})
+    with pytest.raises(UnsupportedArchitectureError, match="sliding_window=0: a window needs >= 1 token"):
+        hf_config_to_model_config({**base, "sliding_window": 0})
+
+
+def test_mistral_window_reference_applies_the_window(converted):
+    """The mistral_window bar (logits <= 1e-4) discriminates: transformers' eager and sdpa attention agree with
+    the imported model, and the same weights without the window differ from it by far more."""
+    import transformers
+
+    c = converted["mistral_window"]
+    model, cfg, _ = build_from_checkpoint(c["ckpt"])
+    assert (cfg.sliding_window, cfg.layer_types) == (4, None)
+    positions = torch.arange(TOKENS.size(1)).unsqueeze(0).expand_as(TOKENS)
+    with torch.no_grad():
+        ours = model(TOKENS, positions, attention_mask=None)[..., :REAL_VOCAB]
+    for attn in ("eager", "sdpa"):
+        for window, same in ((4, True), (None, False)):
+            hf = transformers.MistralForCausalLM.from_pretrained(c["hf_dir"], attn_implementation=attn,
+                                                                 sliding_window=window, dtype=torch.float32).eval()
+            assert (hf.config._attn_implementation, hf.config.sliding_window) == (attn, window)
+            with torch.no_grad():
+                diff = (ours - hf(TOKENS).logits).abs().max().item()
+            assert (diff <= 1e-4) if same else (diff > 1e-2), (attn, window, diff)
+
+
+def test_mistral_window_export_config_and_from_scratch_family(converted, tmp_path):
+    """An imported Mistral with a window exports the config transformers reads as the source's; the same
+    weights saved without a source architecture export as Mistral (window on every layer), window-free
+    Llama switches as Llama; a window on some layers with Llama switches is refused before anything is written."""
+    import transformers
+
+    from caopd_megatron.checkpointing.hf import UnsupportedArchitectureError, save_megatron_checkpoint
+    from caopd_megatron.checkpointing.hf.adapter import check_family_matches, infer_family
+    from caopd_megatron.config.schema import ModelConfig
+
+    c = converted["mistral_window"]
+    summary = export(c["ckpt"], tmp_path / "imported")
+    assert summary.architecture == "MistralForCausalLM" and "imported" in summary.architecture_from
+    fields = ("architectures", "model_type", "sliding_window", "max_position_embeddings", "rope_parameters",
+              "head_dim", "num_key_value_heads", "tie_word_embeddings", "rms_norm_eps")
+    source = transformers.AutoConfig.from_pretrained(c["hf_dir"]).to_dict()
+    written = transformers.AutoConfig.from_pretrained(tmp_path / "imported").to_dict()
+    assert {k: written[k] for k in fields} == {k: source[k] for k in fields}
+    assert written["sliding_window"] == 4
+
+    for family, expected in (("mistral_window", "MistralForCausalLM"), ("mistral", "LlamaForCausalLM")):
+        model, cfg, vocab = build_from_checkpoint(converted[family]["ckpt"])
+        saved = save_megatron_checkpoint(tmp_path / f"{family}_scratch", model, cfg, real_vocab_size=vocab.real)
+        summary = export(saved, tmp_path / f"{family}_scratch_hf")
+        assert summary.architecture == expected and "inferred" in summary.architecture_from
+        hf_cfg = json.loads((tmp_path / f"{family}_scratch_hf" / "config.json").read_text())
+        assert hf_cfg.get("sliding_window") == cfg.sliding_window
+        hf = getattr(transformers, expected).from_pretrained(tmp_path / f"{family}_scratch_hf", dtype=torch.float32).eval()
+        assert all(torch.equal(hf.state_dict()[k], v) for k, v in converted[family]["state"].items())
+        with torch.no_grad():
+            assert (hf(TOKENS).logits - converted[family]["logits"]).abs().max().item() == 0.0
+    assert "sliding_window=4 on every layer" in export(tmp_path / "mistral_window_scratch", tmp_path / "again").architecture_from
+
+    some_layers = ModelConfig(num_layers=2, vocab_size=REAL_VOCAB, sliding_window=4,
+                              layer_types=["sliding_attention", "full_attention"])
+    assert infer_family(ModelConfig(num_layers=2, vocab_size=REAL_VOCAB)).architecture == "LlamaForCausalLM"
+    with pytest.raises(UnsupportedArchitectureError, match="MistralForCausalLM applies sliding_window=4 to every layer"):
+        check_family_matches(infer_family(some_layers), some_layers)
+
+
+def test_export_read_back_catches_a_lost_window(converted, tmp_path, monkeypatch):
+    """The exporter's transformers read-back compares the window: a config written without it is refused."""
+    from caopd_megatron.checkpointing.hf import ConversionError, exporter
+
+    write = exporter.model_config_to_hf_config
+    monkeypatch.setattr(exporter, "model_config_to_hf_config",
+                        lambda *a, **kw: {**write(*a, **kw), "sliding_window": None})
+    with pytest.raises(ConversionError, match=r"'sliding_window': \(None, 4\)"):
+        export(converted["mistral_window"]["ckpt"], tmp_path / "out")
 
 
 def test_unsupported_rope_and_bias_settings_are_refused(converted, tmp_path):

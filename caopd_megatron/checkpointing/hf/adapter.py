@@ -6,15 +6,17 @@ how every HF tensor name and layout maps onto a megatron-core distributed-checkp
 
 Design decisions:
 - Supported: ``LlamaForCausalLM``, ``MistralForCausalLM`` (the Llama layout under its own config keys:
-  ``sliding_window``, no bias switches), ``Qwen2ForCausalLM`` (QKV bias), ``Qwen3ForCausalLM`` (per-head
-  QK RMSNorm) and ``Olmo3ForCausalLM`` (post-sublayer norms, QK RMSNorm over the whole projection,
-  sliding-window layers). A ``Family`` is the ``ModelConfig`` switches it fixes; the rest is shared. A
-  Mistral ``sliding_window`` shorter than ``max_position_embeddings`` is refused (its layers attend over the
-  whole context here); a window at least that long is full attention. Nothing in a ``ModelConfig`` tells
-  Mistral from Llama, so a checkpoint trained from scratch exports as Llama; an imported Mistral keeps its
-  recorded architecture. Anything else is refused by name with the supported list, and so is any config
-  switch the megatron model built by ``models/builder.py`` cannot reproduce (o_proj/MLP biases, sliding
-  windows outside OLMo-3, non-SiLU activations, partial rotary, RoPE types other than default and llama3
+  ``sliding_window`` on every layer, no bias switches), ``Qwen2ForCausalLM`` (QKV bias),
+  ``Qwen3ForCausalLM`` (per-head QK RMSNorm) and ``Olmo3ForCausalLM`` (post-sublayer norms, QK RMSNorm over
+  the whole projection, sliding-window layers). A ``Family`` is the ``ModelConfig`` switches it fixes; the
+  rest is shared. A Mistral ``sliding_window`` shorter than ``max_position_embeddings`` imports as
+  ``ModelConfig.sliding_window`` with no ``layer_types`` (every layer slides, as transformers' Mistral
+  does); null or at least the context is full attention. Mistral ``layer_types`` (transformers ignores
+  them) are refused unless they agree with that. Export picks Mistral for Llama switches with every layer
+  sliding and Llama for window-free ones; an imported model keeps its recorded architecture. Anything else
+  is refused by name with the supported list, and so is any config switch the megatron model built by
+  ``models/builder.py`` cannot reproduce (o_proj/MLP biases, sliding windows outside Mistral and OLMo-3,
+  non-SiLU activations, partial rotary, RoPE types other than default and llama3
   (and yarn on OLMo-3's full-attention layers), OLMo-3 RoPE parameters that otherwise differ between layer
   types) - a silently different model is worse than an error.
 - OLMo-3 names: HF's ``post_attention_layernorm`` is a real post-attention norm there (in Llama it is the
@@ -59,6 +61,7 @@ from caopd_megatron.models.rope import default_attention_factor, model_yarn_rope
 
 # megatron-core 0.16 ``RotaryEmbedding._apply_scaling`` constants (only ``factor`` is configurable there).
 MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+DEFAULT_CONTEXT = 2048  # max_position_embeddings of an HF config that names none
 
 
 class UnsupportedArchitectureError(ConversionError):
@@ -78,6 +81,7 @@ class Family:
     qk_norm_scope: str = "head"  # ModelConfig.qk_norm_scope
     norm_placement: str = "pre"  # ModelConfig.norm_placement (post: OLMo-3)
     sliding_layers: bool = False  # per-layer sliding-window attention (``layer_types``, OLMo-3)
+    window_on_every_layer: bool = False  # one ``sliding_window`` for all layers, no ``layer_types`` (Mistral)
     default_rope_theta: float = 10000.0  # what transformers assumes when the config names no rope_theta
 
     def switches(self) -> dict[str, Any]:
@@ -88,7 +92,8 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     "LlamaForCausalLM": Family("LlamaForCausalLM", "llama", qkv_bias=False, qk_norm=False),
-    "MistralForCausalLM": Family("MistralForCausalLM", "mistral", qkv_bias=False, qk_norm=False),
+    "MistralForCausalLM": Family("MistralForCausalLM", "mistral", qkv_bias=False, qk_norm=False,
+                                 window_on_every_layer=True),
     "Qwen2ForCausalLM": Family("Qwen2ForCausalLM", "qwen2", qkv_bias=True, qk_norm=False),
     "Qwen3ForCausalLM": Family("Qwen3ForCausalLM", "qwen3", qkv_bias=False, qk_norm=True),
     "Olmo3ForCausalLM": Family("Olmo3ForCausalLM", "olmo3", qkv_bias=False, qk_norm=True,
@@ -115,10 +120,13 @@ def config_switches(model_cfg: ModelConfig) -> dict[str, Any]:
 
 
 def infer_family(model_cfg: ModelConfig) -> Family:
-    """The family whose switches match a ``ModelConfig`` (for checkpoints trained without an HF source)."""
+    """The family whose switches match a ``ModelConfig`` (for checkpoints trained without an HF source):
+    Llama's switches with a sliding window are Mistral (Llama has no window; Mistral slides every layer)."""
     wanted = config_switches(model_cfg)
     for name in ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Olmo3ForCausalLM"):
         if FAMILIES[name].switches() == wanted:
+            if name == "LlamaForCausalLM" and any(model_cfg.sliding_layers()):
+                return FAMILIES["MistralForCausalLM"]
             return FAMILIES[name]
     described = ", ".join(f"{key}={value}" for key, value in wanted.items())
     raise UnsupportedArchitectureError(
@@ -131,10 +139,16 @@ def check_family_matches(family: Family, model_cfg: ModelConfig) -> None:
         expected = ", ".join(f"{key}={value}" for key, value in family.switches().items())
         found = ", ".join(f"{key}={value}" for key, value in have.items())
         raise UnsupportedArchitectureError(f"{family.architecture} needs {expected}; the model config has {found}")
-    if any(model_cfg.sliding_layers()) and not family.sliding_layers:
-        raise UnsupportedArchitectureError(
-            f"{family.architecture} export has no sliding-window layers; the model config has "
-            f"sliding_window={model_cfg.sliding_window}")
+    sliding = model_cfg.sliding_layers()
+    if any(sliding) and not family.sliding_layers:
+        if not family.window_on_every_layer:
+            raise UnsupportedArchitectureError(
+                f"{family.architecture} export has no sliding-window layers; the model config has "
+                f"sliding_window={model_cfg.sliding_window}")
+        if not all(sliding):
+            raise UnsupportedArchitectureError(
+                f"{family.architecture} applies sliding_window={model_cfg.sliding_window} to every layer; the "
+                f"model config's layer_types mix kinds ({model_cfg.layer_types})")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -255,14 +269,10 @@ def hf_config_to_model_config(hf: dict[str, Any], make_vocab_size_divisible_by: 
             f"{family.architecture} with attention_bias=true is not supported: it also puts a bias on o_proj, "
             "which the megatron model does not have")
     layer_types = hf.get("layer_types")
-    if not family.sliding_layers and (hf.get("use_sliding_window")
-                                      or any(t != "full_attention" for t in (layer_types or []))):
+    every_layer_window = _every_layer_window(hf, family)
+    if (not family.sliding_layers and not family.window_on_every_layer
+            and (hf.get("use_sliding_window") or any(t != "full_attention" for t in (layer_types or [])))):
         raise UnsupportedArchitectureError(f"{family.architecture} with sliding-window attention layers is not supported")
-    window = hf.get("sliding_window") if family.model_type == "mistral" else None
-    if window is not None and int(window) < int(hf.get("max_position_embeddings") or 0):
-        raise UnsupportedArchitectureError(
-            f"{family.architecture} with sliding_window={window} < max_position_embeddings="
-            f"{hf.get('max_position_embeddings')} is not supported (the megatron model attends over the whole context)")
     if int(hf.get("pretraining_tp", 1) or 1) != 1:
         raise UnsupportedArchitectureError("pretraining_tp != 1 is not supported")
 
@@ -282,6 +292,7 @@ def hf_config_to_model_config(hf: dict[str, Any], make_vocab_size_divisible_by: 
         raise UnsupportedArchitectureError(f"rope_theta={theta} is not an integer; megatron-core takes an integer rotary_base")
     dtype = str(hf.get("dtype") or hf.get("torch_dtype") or "float32").replace("torch.", "")
     has_sliding_layers = family.sliding_layers and "sliding_attention" in layer_types
+    window = int(_require(hf, "sliding_window")) if has_sliding_layers else every_layer_window
     cfg = ModelConfig(
         num_layers=int(_require(hf, "num_hidden_layers")),
         hidden_size=hidden,
@@ -291,7 +302,7 @@ def hf_config_to_model_config(hf: dict[str, Any], make_vocab_size_divisible_by: 
         kv_channels=head_dim,
         vocab_size=int(_require(hf, "vocab_size")),
         make_vocab_size_divisible_by=make_vocab_size_divisible_by,
-        max_position_embeddings=int(hf.get("max_position_embeddings") or 2048),
+        max_position_embeddings=int(hf.get("max_position_embeddings") or DEFAULT_CONTEXT),
         rotary_base=float(theta),
         rope_scaling=llama3 is not None,
         rope_scaling_factor=float(llama3["factor"]) if llama3 else ModelConfig.rope_scaling_factor,
@@ -299,12 +310,32 @@ def hf_config_to_model_config(hf: dict[str, Any], make_vocab_size_divisible_by: 
         norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
         **family.switches(),
         **(yarn or {}),
-        sliding_window=int(_require(hf, "sliding_window")) if has_sliding_layers else None,
+        sliding_window=window,
         layer_types=layer_types if family.sliding_layers else None,
         init_method_std=float(hf.get("initializer_range", 0.02)),
         params_dtype=dtype if dtype in get_args(ParamsDtype) else "float32",
     )
     return cfg, family
+
+
+def _every_layer_window(hf: dict[str, Any], family: Family) -> int | None:
+    """The window a family that slides every layer (Mistral) applies, or None when it attends over the whole
+    context (``sliding_window`` null or at least ``max_position_embeddings``). Its ``layer_types``, which
+    transformers' Mistral ignores, must name that one kind on every layer."""
+    if not family.window_on_every_layer:
+        return None
+    window = hf.get("sliding_window")
+    context = int(hf.get("max_position_embeddings") or DEFAULT_CONTEXT)
+    if window is not None and int(window) < 1:
+        raise UnsupportedArchitectureError(f"{family.architecture} with sliding_window={window}: a window needs >= 1 token")
+    window = int(window) if window is not None and int(window) < context else None
+    kind = "full_attention" if window is None else "sliding_attention"
+    layer_types = hf.get("layer_types")
+    if layer_types is not None and set(layer_types) != {kind}:
+        raise UnsupportedArchitectureError(
+            f"{family.architecture} with layer_types {sorted(set(layer_types))} is not supported: transformers' "
+            f"{family.architecture} applies sliding_window={hf.get('sliding_window')} to every layer (all {kind})")
+    return window
 
 
 def model_rope_parameters(cfg: ModelConfig) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -373,7 +404,7 @@ def model_config_to_hf_config(cfg: ModelConfig, family: Family, *, dtype: str,
     elif family.model_type == "qwen3":
         out.update(attention_bias=False, use_sliding_window=False, sliding_window=None)
     elif family.model_type == "mistral":
-        out.update(sliding_window=None)
+        out.update(sliding_window=cfg.sliding_window)  # check_family_matches: every layer or none
     elif family.model_type == "olmo3":
         # Nested per layer type (transformers 5); older releases read rope_theta only.
         out.update(attention_bias=False, sliding_window=cfg.sliding_window, rope_scaling=None,

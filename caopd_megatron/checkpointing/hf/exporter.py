@@ -16,9 +16,11 @@ Design decisions:
   at least the real vocabulary. Padded vocabulary rows are dropped.
 - ``config.json`` is written from the ``ModelConfig`` (the truth for the weights), with token ids from the
   imported model's config when there is one, else from the checkpoint's tokenizer. When transformers is
-  importable, the written config is read back with ``AutoConfig`` and its RoPE and shapes are compared with
-  the model config, so an export transformers would misread fails here instead of producing a subtly
-  different model.
+  importable, the written config is read back with ``AutoConfig`` and its RoPE, sliding window and shapes are
+  compared with the model config, so an export transformers would misread fails here instead of producing a
+  subtly different model.
+- The architecture is the recorded source one (or ``architecture=``), else inferred from the switches (a
+  window on every layer makes Llama's switches Mistral); the summary says which and why.
 - The output folder must be new or empty (``overwrite=True`` replaces it): a half-old, half-new folder is
   never produced.
 """
@@ -80,10 +82,11 @@ class ExportSummary:
     tokenizer_files: list[str] = field(default_factory=list)
     vocab_rows_dropped: int = 0  # padded rows removed from the embedding (and the untied head)
     seconds: float = 0.0
+    architecture_from: str = ""  # why this architecture: requested, the imported model's, or inferred
 
     def describe(self) -> str:
         tok = ", ".join(self.tokenizer_files) if self.tokenizer_files else "none (the checkpoint has no tokenizer/)"
-        return (f"exported {self.architecture} -> {self.out_dir}\n"
+        return (f"exported {self.architecture} ({self.architecture_from}) -> {self.out_dir}\n"
                 f"  {self.tensors_written} tensors, {self.bytes_written / 2**20:.1f} MiB ({self.dtype}) in "
                 f"{self.seconds:.1f}s; {self.vocab_rows_dropped} padded vocabulary rows dropped per vocabulary tensor\n"
                 f"  files: {', '.join(self.files)}\n"
@@ -206,7 +209,7 @@ def export_hf_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: st
     info = read_checkpoint_info(ckpt)
     cfg = load_model_config(ckpt)
     cfg.vocab_size = info.real_vocab_size
-    family = _family(architecture or info.source_architecture, cfg)
+    family, architecture_from = _family(architecture, info.source_architecture, cfg)
     d = Dims.of(cfg)
     rules = tensor_rules(cfg, family)
     reader = DistCheckpointReader(ckpt)
@@ -264,20 +267,27 @@ def export_hf_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: st
         k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf_config.get(k) is not None}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
     tok_files = copy_tokenizer_files(ckpt / TOKENIZER_DIR, out)
-    _verify_with_transformers(out, cfg)
-    return ExportSummary(out_dir=str(out), architecture=family.architecture, tensors_written=len(plan),
+    _verify_with_transformers(out, cfg, family)
+    return ExportSummary(out_dir=str(out), architecture=family.architecture, architecture_from=architecture_from,
+                         tensors_written=len(plan),
                          bytes_written=writer.bytes_written, dtype=dtype,
                          files=files + ["config.json", "generation_config.json"], tokenizer_files=tok_files,
                          vocab_rows_dropped=max(padded_rows.values()) - d.vocab,
                          seconds=time.time() - start)
 
 
-def _family(name: Optional[str], cfg: Any) -> Family:
-    if name is None:
-        return infer_family(cfg)
-    family = family_by_name(name)
+def _family(requested: Optional[str], recorded: Optional[str], cfg: Any) -> tuple[Family, str]:
+    """The export family, checked against the model config before anything is written, and why it is that one."""
+    if requested or recorded:
+        family = family_by_name(requested or recorded)
+        reason = "requested" if requested else "the imported model's architecture"
+    else:
+        family = infer_family(cfg)
+        reason = "inferred from the model config's switches"
+        if family.window_on_every_layer and cfg.sliding_window is not None:
+            reason += f" with sliding_window={cfg.sliding_window} on every layer"
     check_family_matches(family, cfg)
-    return family
+    return family, reason
 
 
 def _read_optional_json(path: Path) -> Optional[dict[str, Any]]:
@@ -302,7 +312,7 @@ def _tokenizer_ids(folder: Path) -> dict[str, Any]:
     return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
 
 
-def _verify_with_transformers(out: Path, cfg: Any) -> None:
+def _verify_with_transformers(out: Path, cfg: Any, family: Family) -> None:
     """Read the written config back with transformers (when installed) and compare what decides the weights."""
     try:
         from transformers import AutoConfig
@@ -322,9 +332,10 @@ def _verify_with_transformers(out: Path, cfg: Any) -> None:
         checks["rope_theta"] = (float(theta) if theta is not None else None, float(cfg.rotary_base))
         checks["rope_type"] = (rope.get("rope_type", rope.get("type", "default")),
                                "llama3" if cfg.rope_scaling else "default")
-    if any(cfg.sliding_layers()):
+    if family.sliding_layers and any(cfg.sliding_layers()):
         checks["layer_types"] = (list(getattr(hf, "layer_types", None) or []),
                                  ["sliding_attention" if s else "full_attention" for s in cfg.sliding_layers()])
+    if any(cfg.sliding_layers()) or family.window_on_every_layer:  # Mistral: None = no window (its default is 4096)
         checks["sliding_window"] = (getattr(hf, "sliding_window", None), cfg.sliding_window)
     checks.update({
         "num_hidden_layers": (hf.num_hidden_layers, cfg.num_layers),
