@@ -48,10 +48,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_demo_end_to_end_reduced(tmp_path: Path) -> None:
-    out = tmp_path / "demo"
-    proc = caopd("demo", *TINY, "warmup.steps=15", "warmup.batch_size=32", "distill.steps=3",
-                 f"run.output_dir={out}")
+def test_demo_end_to_end_reduced(tiny_demo) -> None:
+    out, proc = tiny_demo.out, tiny_demo.proc
     for name in ("base", "OPD", "CaOPD"):
         assert name in proc.stdout
     summary = json.loads((out / "summary.json").read_text())

@@ -96,10 +96,8 @@ def test_gates_and_verdict():
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("compare") / "demo"
-    caopd("demo", *TINY, "warmup.steps=15", "warmup.batch_size=32", "distill.steps=3", f"run.output_dir={out}")
-    return out
+def demo_run(tiny_demo) -> Path:
+    return tiny_demo.out
 
 
 def test_compare_command_on_demo_students_and_an_hf_folder(demo_run: Path, tmp_path: Path):

@@ -4,6 +4,8 @@ References: an uninterrupted demo of the same configuration (the files of the st
 signal must equal its files: warm-up log, base evaluation, base student weights, compared exactly), and
 what an interrupted demo must leave: exit 75, one line on stderr naming the signal, the stage and the kept
 files, no traceback, nothing of the interrupted stage or after it (no summary, no OPD log or student).
+The uninterrupted demo is the rerun that completes the warm-up-interrupted one (same command, same directory,
+which the interruption left empty): one demo fewer than a separate reference run.
 """
 from __future__ import annotations
 
@@ -65,12 +67,23 @@ def last_line(stderr: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("reference") / "demo"
-    err = run.parent / "stderr.txt"
-    proc = start_demo(run, "distill.steps=2", stderr=err)
-    assert proc.wait(timeout=900) == 0, err.read_text()[-3000:]
-    return run
+def warmup_sigterm(tmp_path_factory) -> dict:
+    """SIGTERM in a demo's warm-up, then the same command rerun in the same directory to the end: what the
+    signalled run returned and left, and the rerun's exit code and directory (the uninterrupted reference)."""
+    run = tmp_path_factory.mktemp("warmup_sigterm") / "demo"
+    err, rerun_err = run.parent / "stderr.txt", run.parent / "rerun_stderr.txt"
+    proc = start_demo(run, "warmup.steps=5000", "distill.steps=2", stderr=err)
+    code, stderr = signal_when_logged(proc, err, "student: ", signal.SIGTERM)
+    left = [name for name in ("warmup_log.jsonl", "eval", "base", "summary.json", "caopd.lock") if (run / name).exists()]
+    again = start_demo(run, "warmup.steps=15", "distill.steps=2", stderr=rerun_err)
+    return dict(run=run, code=code, stderr=stderr, left=left, rerun_code=again.wait(timeout=900),
+                rerun_stderr=rerun_err.read_text())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(warmup_sigterm) -> Path:
+    assert warmup_sigterm["rerun_code"] == 0, warmup_sigterm["rerun_stderr"][-3000:]
+    return warmup_sigterm["run"]
 
 
 def test_ctrl_c_during_opd_keeps_the_finished_stages(uninterrupted, tmp_path):
@@ -96,18 +109,14 @@ def test_ctrl_c_during_opd_keeps_the_finished_stages(uninterrupted, tmp_path):
     assert not (run / "caopd.lock").exists()
 
 
-def test_sigterm_during_warmup_keeps_nothing_and_a_rerun_completes(tmp_path):
+def test_sigterm_during_warmup_keeps_nothing_and_a_rerun_completes(warmup_sigterm):
     """SIGTERM in the warm-up: nothing of the demo's outputs is written, the lock is released, and rerunning
     the same command in the same directory completes."""
-    run, err = tmp_path / "demo", tmp_path / "stderr.txt"
-    proc = start_demo(run, "warmup.steps=5000", "distill.steps=2", stderr=err)
-    code, stderr = signal_when_logged(proc, err, "student: ", signal.SIGTERM)
+    run, code, stderr = warmup_sigterm["run"], warmup_sigterm["code"], warmup_sigterm["stderr"]
     assert code == EXIT_INTERRUPTED, stderr[-3000:]
     assert "Traceback" not in stderr
     assert last_line(stderr).startswith(f"caopd demo: SIGTERM received during warm-up: stopped at a step boundary; "
                                         f"kept in {run}: nothing;")
-    assert not any((run / name).exists() for name in ("warmup_log.jsonl", "eval", "base", "summary.json"))
-    assert not (run / "caopd.lock").exists()
-    again = start_demo(run, "warmup.steps=15", "distill.steps=2", stderr=err)
-    assert again.wait(timeout=900) == 0, err.read_text()[-3000:]
+    assert warmup_sigterm["left"] == []  # no warm-up log, eval, base student, summary or lock
+    assert warmup_sigterm["rerun_code"] == 0, warmup_sigterm["rerun_stderr"][-3000:]
     assert json.loads((run / "summary.json").read_text()).keys() >= {"base", "OPD", "CaOPD"}

@@ -1,7 +1,8 @@
 """vOPD, mixed KL and the diagnostics at TP = 1 and 2 (gloo) against the fp64 torch.nn.functional references
 of tests/test_objectives.py and tests/test_losses.py on the full logits; the diagnostics must ride on the
 loss's one forward collective. vOPD on the fused path (output layer + loss, chunked) must equal the unfused
-vOPD of the same logits on the same ranks and the fp64 reference through the matmul."""
+vOPD of the same logits on the same ranks and the fp64 reference through the matmul. Each world (TP = 1, 2)
+is launched once for both tests (``launched``): a launch costs more than the losses."""
 import pytest
 import torch
 import torch.distributed as dist
@@ -113,10 +114,27 @@ def _worker(rank, world):
     return out
 
 
+def _both_workers(rank, world):
+    return {"unfused": _worker(rank, world), "fused": _fused_vopd_worker(rank, world)}
+
+
+@pytest.fixture(scope="module")
+def launched():
+    """``launched(world)``: every rank's results of both workers, from one launch per world size."""
+    worlds: dict[int, list[dict]] = {}
+
+    def results(world: int) -> list[dict]:
+        if world not in worlds:
+            worlds[world] = run_distributed(_both_workers, world)
+        return worlds[world]
+
+    return results
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 2])
-def test_objectives_and_diagnostics_match_the_reference_under_tensor_parallelism(world):
-    per_rank = run_distributed(_worker, world)
+def test_objectives_and_diagnostics_match_the_reference_under_tensor_parallelism(world, launched):
+    per_rank = [r["unfused"] for r in launched(world)]
     student, teacher, tokens = _inputs()
     h_s, h_t, tail = (t.reshape(-1) for t in reference_diagnostics(student, teacher, TOP_K, TEMPERATURE, REAL))
     for key in per_rank[0]:
@@ -151,8 +169,8 @@ def test_objectives_and_diagnostics_match_the_reference_under_tensor_parallelism
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 2])
-def test_fused_vopd_equals_unfused_vopd_under_tensor_parallelism(world):
-    per_rank = run_distributed(_fused_vopd_worker, world)
+def test_fused_vopd_equals_unfused_vopd_under_tensor_parallelism(world, launched):
+    per_rank = [r["fused"] for r in launched(world)]
     hs, ws, ht, wt, tokens, grad_out = fused_vopd_inputs(vocab_s=40, vocab_t=48, real=FUSED_REAL)
     for key in per_rank[0]:
         baseline, clip, chunk = key

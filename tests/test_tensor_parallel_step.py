@@ -3,6 +3,8 @@
 Reference: the same models (megatron-core's CPU initialisation builds the full master weight from the seed and
 splits it, so TP=1 and TP=2 hold the same weights) run in a one-process world. Compared: the loss, the
 gradient of a TP-replicated parameter (final norm), and the gathered gradient of the vocab-parallel output layer.
+Each world (one process, two processes) is launched once and computes every divergence in turn from zeroed
+gradients (module fixtures): a launch costs more than the losses.
 """
 from __future__ import annotations
 
@@ -29,7 +31,10 @@ def _examples():
     return out
 
 
-def _losses_under_tp(rank: int, world: int, tp: int, divergence: str) -> dict:
+DIVERGENCES = ("reverse_kl", "jsd")
+
+
+def _losses_under_tp(rank: int, world: int, tp: int) -> dict[str, dict]:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
@@ -55,26 +60,40 @@ def _losses_under_tp(rank: int, world: int, tp: int, divergence: str) -> dict:
     ex = _examples()
     s_batch = pack([e.student_prompt_ids for e in ex], [e.response_ids for e in ex], 0)
     t_batch = pack([e.teacher_prompt_ids for e in ex], [e.response_ids for e in ex], 0)
-    cfg = DistillConfig(loss=divergence)
-    loss = distill_loss(student, teacher, s_batch, t_batch, cfg, VOCAB)
-    loss.backward()
-    out_grad = gather_from_tensor_model_parallel_region(student.output_layer.weight.grad.t().contiguous()).t()
-    norm_grad = student.decoder.final_layernorm.weight.grad.clone()
-    student.zero_grad()
-    sft = sft_loss(student, t_batch, VOCAB)
-    sft.backward()
-    sft_grad = gather_from_tensor_model_parallel_region(student.output_layer.weight.grad.t().contiguous()).t()
     assert parallel_state.get_tensor_model_parallel_world_size() == tp
-    return {"loss": float(loss), "out_grad": out_grad[:VOCAB].clone(), "norm_grad": norm_grad,
-            "sft": float(sft), "sft_grad": sft_grad[:VOCAB].clone()}
+    results = {}
+    for divergence in DIVERGENCES:
+        student.zero_grad()
+        loss = distill_loss(student, teacher, s_batch, t_batch, DistillConfig(loss=divergence), VOCAB)
+        loss.backward()
+        out_grad = gather_from_tensor_model_parallel_region(student.output_layer.weight.grad.t().contiguous()).t()
+        norm_grad = student.decoder.final_layernorm.weight.grad.clone()
+        student.zero_grad()
+        sft = sft_loss(student, t_batch, VOCAB)
+        sft.backward()
+        sft_grad = gather_from_tensor_model_parallel_region(student.output_layer.weight.grad.t().contiguous()).t()
+        results[divergence] = {"loss": float(loss), "out_grad": out_grad[:VOCAB].clone(), "norm_grad": norm_grad,
+                               "sft": float(sft), "sft_grad": sft_grad[:VOCAB].clone()}
+    return results
+
+
+@pytest.fixture(scope="module")
+def single_process() -> dict[str, dict]:
+    (ref,) = run_distributed(_losses_under_tp, 1, 1)
+    return ref
+
+
+@pytest.fixture(scope="module")
+def tp2_ranks() -> list[dict[str, dict]]:
+    return run_distributed(_losses_under_tp, 2, 2)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("divergence", ["reverse_kl", "jsd"])
-def test_tp2_equals_single_process(divergence: str) -> None:
-    (ref,) = run_distributed(_losses_under_tp, 1, 1, divergence)
-    r0, r1 = run_distributed(_losses_under_tp, 2, 2, divergence)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_tp2_equals_single_process(divergence: str, single_process: dict, tp2_ranks: list) -> None:
+    ref, (r0, r1) = single_process[divergence], [r[divergence] for r in tp2_ranks]
     assert ref["loss"] > 0
+    assert len({r["loss"] for r in single_process.values()}) == len(DIVERGENCES)  # each pass its own divergence
     for r in (r0, r1):
         assert r["loss"] == pytest.approx(ref["loss"], rel=1e-5, abs=1e-6)
         assert r["sft"] == pytest.approx(ref["sft"], rel=1e-5)
