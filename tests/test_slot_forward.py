@@ -94,7 +94,7 @@ def test_rotate_is_megatrons_rope_bit_for_bit(runtime):  # noqa: F811
     positions = torch.randint(0, 4096, (6, 3), generator=gen)  # [s, b]
     freqs = table[positions.reshape(-1)].view(6, 3, 1, table.size(-1))
     qk = torch.randn(6, 3, 2, 3, table.size(-1), generator=gen) * 5  # [s, b, groups, r + 1, d]
-    cos, signed_sin = slot_forward.rope_factors(freqs)
+    cos, signed_sin = slot_forward.rope_factors(freqs, qk.dtype)
     got = slot_forward.rotate(qk, cos.unsqueeze(3), signed_sin.unsqueeze(3))
     cfg = model.config
     want_q = apply_rotary_pos_emb(qk[:, :, :, :2].reshape(6, 3, 4, -1), freqs, config=cfg)

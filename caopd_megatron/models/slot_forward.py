@@ -55,11 +55,12 @@ def _rms(norm: torch.nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, norm.normalized_shape, norm.weight, norm.eps)
 
 
-def rope_factors(freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(cos, signed sin)`` of RoPE angles ``freqs`` ``[..., d]`` for ``rotate``: the sine's first half negated."""
-    sin = torch.sin(freqs)
+def rope_factors(freqs: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cos, signed sin)`` of RoPE angles ``freqs`` ``[..., d]`` for ``rotate`` on ``dtype`` activations (cast
+    after the float32 cos / sin, as megatron does): the sine's first half negated."""
+    sin = torch.sin(freqs).to(dtype)
     half = sin.size(-1) // 2
-    return torch.cos(freqs), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+    return torch.cos(freqs).to(dtype), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
 
 def rotate(t: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -138,7 +139,7 @@ class SlotForward:
         plan's ``[b, 1, s, read_len]``, True = masked)."""
         hidden = F.embedding(tokens, self.embedding).transpose(0, 1).contiguous()  # [s, b, h]
         freqs = ctx.freqs(self.gpt.rotary_pos_emb(ctx.max_sequence_length))  # [s, b, 1, d]
-        rope = rope_factors(freqs)
+        rope = rope_factors(freqs, hidden.dtype)
         visible = None if ctx.causal else ~mask
         for layer in self.layers:
             hidden = self._layer(layer, hidden, ctx, rope, visible)
