@@ -84,7 +84,8 @@ def refusal(model) -> str | None:
     if not (gpt.pre_process and gpt.post_process) or gpt.position_embedding_type != "rope" \
             or gpt.embedding.add_position_embedding or gpt.embedding.tokentype_embeddings is not None:
         return "not a whole RoPE GPTModel"
-    if cfg.multi_latent_attention or cfg.no_rope_freq or cfg.rotary_interleaved or cfg.apply_rope_fusion or cfg.attention_output_gate or cfg.fp32_residual_connection \
+    if cfg.multi_latent_attention or cfg.no_rope_freq or cfg.rotary_interleaved or cfg.apply_rope_fusion \
+            or cfg.attention_output_gate or cfg.fp32_residual_connection \
             or cfg.activation_func is not F.silu or not cfg.gated_linear_unit or cfg.flash_decode \
             or cfg.activation_func_clamp_value is not None or cfg.fp8 or cfg.inference_fuse_tp_communication:
         return "a transformer config option it does not copy"
@@ -114,7 +115,6 @@ class SlotForward:
     def __init__(self, model):
         gpt = unwrap(model)
         self.gpt, self.cfg = gpt, gpt.config
-        self.cp_group = model_groups(model).cp
         self.final_norm = gpt.decoder.final_layernorm
         self.embedding = gpt.embedding.word_embeddings.weight  # [V, h]
         self.output_t = (gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights
